@@ -1,0 +1,95 @@
+"""The KitError tree. Every error a user can meet carries one sentence and one fix.
+
+The CLI and the TUI show `str(err)` and `err.hint`; a traceback only with KIT_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+
+class KitError(Exception):
+    """Base of every error the kit reports to a user."""
+
+    hint = "run with KIT_DEBUG=1 for details"
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def one_line(self) -> str:
+        return f"{self} — {self.hint}"
+
+
+class ManifestError(KitError):
+    """A profile or bundle.json is malformed, unsafe or of an unknown version."""
+
+    hint = "rebuild the stick with `kit build`, or fix the profile file"
+
+
+class UnsafePathError(ManifestError):
+    """A path in a manifest would leave the bundle (absolute, `..`, a link, a device)."""
+
+    hint = "this manifest is unsafe; rebuild the stick from a trusted machine"
+
+
+class IncompleteBundleError(KitError):
+    """The stick was not finished (a build was interrupted)."""
+
+    hint = "run the same `kit build` again to finish it"
+    exit_code = 3
+
+
+class BundleNotFoundError(KitError):
+    hint = "pass the stick's folder (the one holding KIT/), or set KIT_BUNDLE"
+
+
+class IntegrityError(KitError):
+    """Bytes on the stick do not match the manifest."""
+
+    hint = "run `kit verify` to see every damaged file; copy the stick again from a good one"
+    exit_code = 4
+
+
+class SignatureError(IntegrityError):
+    hint = "the stick was changed after it was signed, or signed by someone else; do not trust it"
+
+
+class NotVerifiedError(IntegrityError):
+    """Something tried to load a file whose hash was not checked in this process."""
+
+    hint = "verify the file first (kit.integrity.verify_file); this is a bug in the caller"
+
+
+class OfflineViolation(KitError):
+    """Something tried to reach the network while the kit runs offline."""
+
+    hint = "the kit never uses the network when it runs; report which component tried"
+
+
+class KernelError(KitError):
+    """No CPU kernel variant works on this host."""
+
+    hint = "run `kit doctor` to see the probe table; this runtime may not suit this CPU"
+
+
+class EngineError(KitError):
+    """The model could not be loaded or run."""
+
+    hint = "run `kit doctor` to see what the kit chose; try a smaller model or context"
+
+
+class PlanError(KitError):
+    """No model on the stick fits this host, or an override does not fit."""
+
+    hint = "run `kit doctor` to see what fits; free memory or choose a smaller model"
+
+
+class SourceError(KitError):
+    """A model source in a profile could not be fetched or did not match its pin."""
+
+    hint = "check the profile's source entry and your network; `kit lock` re-pins it"
+
+
+class BuildError(KitError):
+    hint = "fix the cause and run the same `kit build` again; finished files are kept"
