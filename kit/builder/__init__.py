@@ -1,0 +1,161 @@
+"""`kit build`: profile → a complete stick, or one that says it is incomplete.
+
+Order matters for crash safety: INCOMPLETE marker first, then files (each atomic and resumable),
+then bundle.json and the hand-check sums, and only then the marker goes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kit import __version__
+from kit.builder import fs, stage
+from kit.errors import BuildError
+from kit.fsutil import atomic_write
+from kit.integrity import hash_file, sums_text
+from kit.manifest import BundleManifest, FileEntry, ModelEntry, RuntimeEntry, load_profile
+from kit.paths import KIT_DIRNAME, MANIFEST_NAME
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class BuildResult:
+    target: Path
+    manifest: BundleManifest
+    copied: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.manifest.files)
+
+    def to_dict(self) -> dict:
+        return {"target": str(self.target), "files": len(self.manifest.files),
+                "bytes": self.total_bytes(), "copied": self.copied, "kept": self.kept,
+                "seconds": round(self.seconds, 2), "warnings": self.warnings,
+                "models": [m.id for m in self.manifest.models],
+                "runtimes": [r.platform for r in self.manifest.runtimes]}
+
+    def summary(self) -> str:
+        lines = [f"stick ready at {self.target}: {len(self.manifest.files)} files, "
+                 f"{self.total_bytes() / 1e6:.0f} MB ({self.copied} copied, {self.kept} already there) "
+                 f"in {self.seconds:.1f} s",
+                 f"models: {', '.join(m.id for m in self.manifest.models)}",
+                 f"runtimes: {', '.join(r.platform for r in self.manifest.runtimes) or 'none'}"]
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
+          runtimes: list[Path] = (), freeze: bool = True, cache_dir: Path | None = None,
+          report: Report = lambda s: None) -> BuildResult:
+    from kit.builder import sources
+    from kit.builder.sticktext import write_stick_texts
+
+    start = time.monotonic()
+    profile = load_profile(profile_path)
+    parsed = [(m, sources.parse_source(m.source, profile_dir=profile_path.parent)) for m in profile.models]
+    kit_dir = target / KIT_DIRNAME
+    result_warnings: list[str] = []
+
+    fstype = fs.filesystem_type(target if target.exists() else target.parent)
+    if fs.is_fat32(fstype):
+        result_warnings.append("the target is FAT32: large models are split into shards, and Linux "
+                               "will not run programs from it; exFAT is the better format for a stick")
+        max_file_size = min(max_file_size or fs.FAT32_MAX_FILE, fs.FAT32_MAX_FILE)
+    if max_file_size is not None and max_file_size < 1 << 20:
+        raise BuildError(f"--max-file-size {max_file_size} is too small", "use at least 1048576 (1 MiB)")
+
+    kit_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(kit_dir / "INCOMPLETE", f"build started {_now()} by kit {__version__}\n".encode())
+    cache = cache_dir or _default_cache()
+    copied = kept = 0
+    files: list[FileEntry] = []
+    models: list[ModelEntry] = []
+
+    for model, source in parsed:
+        report(f"model {model.id}: fetching")
+        src = sources.fetch(source, cache / "sources", progress=None)
+        entries, n_copied = _stage_model(model.id, src, kit_dir, cache, max_file_size, report)
+        copied += n_copied
+        kept += len(entries) - n_copied
+        files += entries
+        models.append(_model_entry(model, [e.path for e in entries], kit_dir))
+
+    runtime_entries: list[RuntimeEntry] = []
+    runtime_dirs = []
+    if freeze:
+        from kit.builder.freeze import freeze_runtime
+
+        report("freezing the runtime for this host with PyInstaller")
+        runtime_dirs.append(freeze_runtime(cache / "freeze", report=report))
+    for path in runtimes:
+        from kit.builder.freeze import import_runtime
+
+        runtime_dirs.append(import_runtime(path, cache / "imported"))
+    for rt in runtime_dirs:
+        entries, n_copied = stage.stage_tree(rt.folder, kit_dir, f"runtimes/{rt.platform}")
+        files += entries
+        copied += n_copied
+        kept += len(entries) - n_copied
+        runtime_entries.append(RuntimeEntry(rt.platform, f"runtimes/{rt.platform}/{rt.entry}"))
+
+    keep = {f.path for f in files}
+    for under in ("models", "runtimes"):
+        stage.remove_stale(kit_dir, keep, under)
+
+    manifest = BundleManifest(kit_version=__version__, created=_now(), profile=profile.name,
+                              models=tuple(models), runtimes=tuple(runtime_entries), files=tuple(files),
+                              presets=profile.presets)
+    write_stick_texts(target, manifest)
+    atomic_write(kit_dir / "B3SUMS", sums_text(manifest, "blake3").encode())
+    atomic_write(kit_dir / "SHA256SUMS", sums_text(manifest, "sha256").encode())
+    atomic_write(kit_dir / MANIFEST_NAME, manifest.to_json())
+    (kit_dir / "INCOMPLETE").unlink()
+    return BuildResult(target, manifest, copied, kept, time.monotonic() - start, result_warnings)
+
+
+def _default_cache() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("survival-kit"))
+
+
+def _stage_model(model_id: str, src: Path, kit_dir: Path, cache: Path, max_file_size: int | None,
+                 report: Report) -> tuple[list[FileEntry], int]:
+    """Copy a model (split into shards when it is too big for the medium) onto the stick."""
+    parts = [src]
+    if max_file_size is not None and src.stat().st_size > max_file_size:
+        from kit.builder.split import split_gguf
+
+        report(f"model {model_id}: splitting into shards of at most {max_file_size} bytes")
+        parts = split_gguf(src, cache / "shards" / model_id, max_file_size)
+    entries, copied = [], 0
+    for part in parts:
+        digest = hash_file(part, sha256=True)
+        entry, did_copy = stage.stage_file(part, kit_dir, f"models/{model_id}/{part.name}",
+                                           source_digest=digest)
+        report(f"model {model_id}: {part.name} {'copied' if did_copy else 'already on the stick'}")
+        entries.append(entry)
+        copied += did_copy
+    return entries, copied
+
+
+def _model_entry(model, paths: list[str], kit_dir: Path) -> ModelEntry:
+    """Facts for the planner come from the staged, hashed GGUF and go into the manifest, so the
+    runtime can plan without parsing a model it has not verified yet."""
+    from kit.ggufmeta import read_facts
+
+    facts = read_facts([kit_dir.joinpath(*p.split("/")) for p in paths])
+    return ModelEntry(id=model.id, name=model.name, files=tuple(paths), quant=facts.quant,
+                      params=facts.n_params, context_length=facts.n_ctx_train, licence=model.licence,
+                      chat_format=model.chat_format, facts=facts.to_dict())

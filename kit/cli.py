@@ -1,0 +1,320 @@
+"""The command line: parse, call the core, render data or one-line errors.
+
+Commands return data; render_* functions turn it into text. `--json` prints the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from kit import __version__
+from kit.errors import KitError
+from kit.paths import debug_enabled
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+class ProgressLine:
+    """A single self-rewriting progress line on a terminal; silent when stderr is not one."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last = -1.0
+
+    def __call__(self, p) -> None:
+        if not self.tty or p.all_total == 0:
+            return
+        pct = 100 * p.all_done / p.all_total
+        if pct - self.last < 1 and p.all_done < p.all_total:
+            return
+        self.last = pct
+        eta = f", {p.eta:.0f} s left" if p.eta is not None else ""
+        sys.stderr.write(f"\r{self.label}: {pct:3.0f}%  {_human_bytes(p.rate)}/s{eta}   ")
+        if p.all_done >= p.all_total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+# OS errors a user can meet, as one sentence and a fix each (others fall to the last handler).
+OS_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "free space on the target or use a bigger stick, then rerun"),
+    errno.EIO: ("the stick could not be read (was it pulled out?)",
+                "plug the stick back in and start again; run `kit verify` if it keeps failing"),
+    errno.EROFS: ("the target is read-only", "choose a writable folder or unlock the stick"),
+    errno.EACCES: ("permission denied", "choose a folder you may write to"),
+    errno.ENOENT: ("a file or folder does not exist", "check the path you gave"),
+}
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_verify(args) -> int:
+    from kit import integrity
+    from kit.manifest import load_bundle_manifest
+    from kit.paths import find_bundle
+
+    bundle = find_bundle(args.stick)
+    manifest = load_bundle_manifest(bundle)
+    progress = None if args.json else ProgressLine("verifying")
+    report = integrity.verify_bundle(bundle.kit, manifest, progress=progress)
+    if args.json:
+        _print_json(report.to_dict() | {"stick": str(bundle.root)})
+    else:
+        print(render_verify(report))
+    return 0 if report.ok else 4
+
+
+def render_verify(report) -> str:
+    lines = []
+    for f in report.files:
+        if f.state != "ok":
+            lines.append(f"  {f.state.upper():10} {f.path}: {f.detail}")
+    c = report.counts()
+    rate = report.bytes_hashed / report.seconds if report.seconds else 0
+    summary = (f"{c['ok']} files ok, {c['corrupt']} corrupt, {c['missing']} missing, "
+               f"{c['unexpected']} unexpected ({_human_bytes(report.bytes_hashed)} in "
+               f"{report.seconds:.1f} s, {_human_bytes(rate)}/s)")
+    verdict = "The stick is intact." if report.ok else \
+        "The stick is damaged: do not trust the files above. Copy it again from a good stick."
+    return "\n".join([*lines, summary, verdict])
+
+
+def _overrides(args):
+    from kit.plan import Overrides
+
+    return Overrides(model=args.model, n_ctx=args.ctx, threads=args.threads,
+                     gpu_layers=args.gpu_layers)
+
+
+def cmd_doctor(args) -> int:
+    from kit import launch
+
+    report = launch.doctor(args.stick, _overrides(args), refresh=args.refresh,
+                           on_probe=None if args.json else _print_probe)
+    if args.json:
+        _print_json(report)
+    else:
+        print(render_doctor(report))
+    return 0 if report.get("plan") else 1
+
+
+def _print_probe(result) -> None:
+    print(f"  probed {result.variant}: {result.state} {result.detail}".rstrip(), file=sys.stderr)
+
+
+def render_doctor(report: dict) -> str:
+    host = report["host"]
+    out = [f"Host: {host['os']}-{host['arch']}, {host['cpu_name']}",
+           f"      {host['physical_cores']} cores ({host['logical_cores']} threads), "
+           f"RAM {_human_bytes(host['ram_total'])} total, {_human_bytes(host['ram_available'])} available"
+           + (f", limit {_human_bytes(host['memory_limit'])}" if host.get("memory_limit") else "")]
+    for g in host["gpus"]:
+        vram = _human_bytes(g["vram_total"]) if g.get("vram_total") else "unknown"
+        out.append(f"      GPU: {g['name']} ({g['backend']}, {vram})")
+    if not host["gpus"]:
+        out.append("      GPU: none found")
+    for note in host["notes"]:
+        out.append(f"      note: {note}")
+    kernel = report.get("kernel")
+    if kernel:
+        out.append("")
+        out.append(f"CPU kernels ({'cached verdict' if kernel['cached'] else 'probed now'}):")
+        out.append(f"  {'variant':16} {'state':8} {'prompt tok/s':>12} {'gen tok/s':>10}  detail")
+        for r in sorted(kernel["results"], key=lambda r: (r["state"] != "ok", r["seconds"] or 0)):
+            mark = "*" if r["variant"] == kernel["chosen"] else " "
+            pp = f"{r['prompt_tps']:.0f}" if r["prompt_tps"] else "-"
+            tg = f"{r['gen_tps']:.1f}" if r["gen_tps"] else "-"
+            out.append(f"{mark} {r['variant']:16} {r['state']:8} {pp:>12} {tg:>10}  {r['detail']}")
+        out.append(f"  chosen: {kernel['chosen']}")
+    plan = report.get("plan")
+    out.append("")
+    if plan:
+        out.append(render_plan(plan))
+    if report.get("error"):
+        out.append(f"No plan: {report['error']}")
+    return "\n".join(out)
+
+
+def render_plan(plan: dict) -> str:
+    out = [f"Plan: model {plan['model_id']}, context {plan['n_ctx']}, {plan['threads']} threads, "
+           f"{plan['gpu_layers']} GPU layers, CPU kernel {plan.get('cpu_variant') or '-'}"]
+    for v in plan.get("verdicts", []):
+        out.append(f"  model {v.get('model_id', '')}: {v.get('reason', '')}")
+    for d in plan.get("decisions", []):
+        out.append(f"  {d.get('what', d.get('topic', ''))}: {d.get('reason', '')}")
+    return "\n".join(out)
+
+
+def cmd_ask(args) -> int:
+    from kit import launch
+
+    question = " ".join(args.question).strip()
+    if not question:
+        raise KitError("the question is empty", 'write it after ask: kit ask "How do I purify water?"')
+    session = launch.start(args.stick, _overrides(args),
+                           on_progress=ProgressLine("checking the model"),
+                           on_status=lambda s: print(s, file=sys.stderr))
+    messages = session.messages(question, preset=args.preset)
+    for token in session.engine.stream(messages, max_tokens=args.max_tokens):
+        sys.stdout.write(token)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    stats = session.engine.last_stats
+    if stats and not args.quiet:
+        print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, model "
+              f"{session.plan.model_id}, kernel {session.plan.cpu_variant}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from kit import launch
+
+    return launch.run_chat(args.stick, _overrides(args))
+
+
+def cmd_build(args) -> int:
+    from kit.builder import build
+
+    result = build(Path(args.profile), Path(args.target), max_file_size=args.max_file_size,
+                   runtimes=[Path(r) for r in args.runtime], freeze=not args.no_freeze,
+                   report=lambda s: print(s, file=sys.stderr))
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(result.summary())
+    return 0
+
+
+def cmd_lock(args) -> int:
+    from kit.builder.lock import lock_profile
+
+    changes = lock_profile(Path(args.profile))
+    print("\n".join(changes) if changes else "already locked: nothing changed")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from kit import kernels
+
+    result = kernels.run_probe_child(Path(args.variant), Path(args.model), args.blake3, args.threads)
+    print(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+# ---------------------------------------------------------------- parser
+
+def _add_stick(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stick", metavar="DIR", help="the stick (folder holding KIT/); "
+                   "default: KIT_BUNDLE, or the stick this runtime is on")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model id to use instead of the best fit")
+    p.add_argument("--ctx", type=int, help="context length in tokens")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (0 = CPU only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kit", description="Survival Kit: a verified, offline LLM on a stick.")
+    parser.add_argument("--version", action="version", version=f"kit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("verify", help="check every file of a stick against its manifest")
+    p.add_argument("stick", nargs="?", help="the stick (default: KIT_BUNDLE or this runtime's stick)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("doctor", help="show the host, the CPU kernel probe and the launch plan")
+    _add_stick(p)
+    _add_overrides(p)
+    p.add_argument("--refresh", action="store_true", help="probe the CPU kernels again")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("ask", help="ask one question and stream the answer")
+    p.add_argument("question", nargs="+")
+    _add_stick(p)
+    _add_overrides(p)
+    p.add_argument("--preset", help="system prompt preset id from the stick")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("-q", "--quiet", action="store_true", help="no statistics line")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="open the chat")
+    _add_stick(p)
+    _add_overrides(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("build", help="build a stick from a profile")
+    p.add_argument("--profile", required=True, help="manifests/<name>.toml")
+    p.add_argument("--target", required=True, help="folder to build the stick in (e.g. a mounted stick)")
+    p.add_argument("--max-file-size", type=int, help="split models into GGUF shards above this many bytes")
+    p.add_argument("--runtime", action="append", default=[], metavar="PATH",
+                   help="import a runtime built on another OS/arch (folder or archive); repeatable")
+    p.add_argument("--no-freeze", action="store_true", help="do not freeze a runtime for this host")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("lock", help="pin revisions and hashes of a profile's models (needs network)")
+    p.add_argument("profile")
+    p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("_probe", help=argparse.SUPPRESS)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--blake3", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_probe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        if getattr(sys, "frozen", False):  # the stick's launcher with no arguments: open the chat
+            args = parser.parse_args(["chat"])
+        else:
+            parser.print_help()
+            return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nkit: stopped", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # every error ends as one sentence and a fix, never a bare traceback
+        if debug_enabled():
+            traceback.print_exc()
+        what, fix, code = describe_error(err)
+        print(f"kit: {what}\n  what to do: {fix}", file=sys.stderr)
+        return code
+
+
+def describe_error(err: Exception) -> tuple[str, str, int]:
+    """The one table from exceptions to (sentence, fix, exit code)."""
+    if isinstance(err, KitError):
+        return str(err), err.hint, err.exit_code
+    if isinstance(err, OSError) and err.errno in OS_ERRORS:
+        what, fix = OS_ERRORS[err.errno]
+        return what + (f" ({err.filename})" if err.filename else ""), fix, 1
+    return (f"unexpected error: {type(err).__name__}: {err}",
+            "run again with KIT_DEBUG=1 and report the output", 70)

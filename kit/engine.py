@@ -1,0 +1,193 @@
+"""The ONLY module that imports llama_cpp: load a verified model, stream a chat, stop on request.
+
+Also FakeEngine, a scriptable stand-in for fast UI tests (simonw/llm's MockModel.enqueue style).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from kit import integrity, kernels
+from kit.errors import EngineError
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+DEFAULT_MAX_TOKENS = 512
+_loaded_variants: set[str] = set()
+_variant_lock = threading.Lock()
+
+
+@dataclass
+class GenStats:
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    first_token_s: float | None = None
+    context_used: int = 0  # tokens in the context after this answer
+    stopped: bool = False  # True when the user stopped it
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChatEngine(Protocol):
+    model_id: str
+    n_ctx: int
+    last_stats: GenStats | None
+
+    def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+               stop: threading.Event | None = None) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
+
+
+def ensure_variant(path: Path) -> None:
+    """Load a (probed) CPU variant once per process; its bytes must have been verified."""
+    with _variant_lock:
+        if str(path) in _loaded_variants:
+            return
+        kernels.load_variant(path)
+        _loaded_variants.add(str(path))
+
+
+def _import_llama():
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as exc:  # OSError: a shared library failed to load
+        raise EngineError(f"the llama.cpp runtime could not start: {exc}",
+                          "reinstall with build/install.sh, or use the stick's own runtime") from None
+    return llama_cpp
+
+
+@dataclass
+class LlamaEngine:
+    """A loaded model. Construct with `LlamaEngine.load(...)`."""
+
+    llm: object
+    model_id: str
+    n_ctx: int
+    last_stats: GenStats | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, files: Sequence[Path], *, model_id: str, n_ctx: int, threads: int,
+             gpu_layers: int = 0, chat_format_fallback: str | None = None,
+             variant: Path | None = None, seed: int | None = None) -> LlamaEngine:
+        for f in files:  # every shard: llama.cpp opens the rest from the first
+            integrity.require_verified(f)
+        if variant is not None:
+            ensure_variant(variant)
+        llama_cpp = _import_llama()
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(files[0]), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                n_gpu_layers=gpu_layers, verbose=False, seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise EngineError(f"llama.cpp could not load {files[0].name}: {exc}") from None
+        # A GGUF without a chat template (Gemma 3 270M is a base model) gets the manifest's
+        # fallback format. Templates from metadata are rendered by llama-cpp-python in a Jinja
+        # sandbox (ImmutableSandboxedEnvironment): no code runs from model metadata.
+        if "tokenizer.chat_template" not in llm.metadata and chat_format_fallback:
+            llm.chat_format = chat_format_fallback
+        return cls(llm=llm, model_id=model_id, n_ctx=n_ctx)
+
+    def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+               stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]:
+        stats = GenStats()
+        self.last_stats = stats
+        with self._lock:
+            start = time.perf_counter()
+            try:
+                chunks = self.llm.create_chat_completion(
+                    messages=list(messages), stream=True, max_tokens=max_tokens,
+                    temperature=temperature, repeat_penalty=1.1)
+                for chunk in chunks:
+                    if stop is not None and stop.is_set():
+                        chunks.close()
+                        stats.stopped = True
+                        break
+                    text = chunk["choices"][0]["delta"].get("content")
+                    if not text:
+                        continue
+                    if stats.first_token_s is None:
+                        stats.first_token_s = time.perf_counter() - start
+                    stats.completion_tokens += 1
+                    stats.seconds = time.perf_counter() - start
+                    yield text
+            except ValueError as exc:  # llama-cpp-python's "Requested tokens exceed context window"
+                raise EngineError(f"the conversation no longer fits the context: {exc}",
+                                  "start a new conversation (the context is full)") from None
+            finally:
+                stats.context_used = int(getattr(self.llm, "n_tokens", 0))
+
+    def close(self) -> None:
+        close = getattr(self.llm, "close", None)
+        if close:
+            close()
+
+
+def benchmark(model: Path, *, threads: int, prompt_tokens: int, gen_tokens: int,
+              gpu_layers: int = 0) -> dict:
+    """Time a real batch decode and greedy generation (the kernel probe and `kit bench`)."""
+    integrity.require_verified(model)
+    llama_cpp = _import_llama()
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=max(256, prompt_tokens + gen_tokens + 16),
+                          n_batch=prompt_tokens, n_threads=threads, n_threads_batch=threads,
+                          n_gpu_layers=gpu_layers, verbose=False)
+    text = "The survival kit carries water, food, a map, a radio and a first aid box. " * 16
+    tokens = llm.tokenize(text.encode())[:prompt_tokens]
+    llm.eval(tokens[:8])  # warm up: first-use costs are not the kernel's speed
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    prompt_done = time.perf_counter()
+    for _ in range(gen_tokens):
+        llm.eval([llm.sample(temp=0.0)])
+    end = time.perf_counter()
+    return {"prompt_tps": len(tokens) / (prompt_done - start),
+            "gen_tps": gen_tokens / (end - prompt_done), "seconds": end - start,
+            "prompt_tokens": len(tokens), "gen_tokens": gen_tokens}
+
+
+@dataclass
+class FakeEngine:
+    """Scriptable engine for UI tests: enqueue answers (lists of tokens) or exceptions."""
+
+    model_id: str = "fake"
+    n_ctx: int = 2048
+    delay: float = 0.0
+    last_stats: GenStats | None = None
+    queue: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+
+    def enqueue(self, *answers: Sequence[str] | str | Exception) -> None:
+        for a in answers:
+            self.queue.append(a.split(" ") if isinstance(a, str) else a)
+
+    def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        self.prompts.append(list(messages))
+        answer = self.queue.pop(0) if self.queue else ["(no", "answer", "queued)"]
+        if isinstance(answer, Exception):
+            raise answer
+        stats = GenStats(context_used=sum(len(m["content"].split()) for m in messages))
+        self.last_stats = stats
+        start = time.perf_counter()
+        for i, token in enumerate(answer[:max_tokens]):
+            if stop is not None and stop.is_set():
+                stats.stopped = True
+                return
+            if self.delay:
+                time.sleep(self.delay)
+            stats.completion_tokens += 1
+            stats.context_used += 1
+            stats.seconds = time.perf_counter() - start
+            yield token if i == 0 else " " + token
+
+    def close(self) -> None:
+        pass

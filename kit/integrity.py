@@ -1,0 +1,207 @@
+"""Hashes and verification: streaming BLAKE3 (+ SHA-256 for the hand-check list), VerifyReport.
+
+Reads are sequential in large blocks: a USB stick is the bottleneck, not the hash, and a
+sequential read leaves the file in the page cache for llama.cpp's mmap right after.
+Verification returns a report; it never prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import blake3
+
+from kit.errors import NotVerifiedError, UnsafePathError
+from kit.manifest import MANIFEST_COMPANIONS, STATE_DIRNAME, BundleManifest, FileEntry, open_checked
+
+BLOCK = 8 << 20  # 8 MiB: large enough for USB throughput, small enough for smooth progress
+
+
+@dataclass(frozen=True)
+class Progress:
+    path: str
+    done: int  # bytes of this file
+    total: int
+    all_done: int  # bytes of the whole job
+    all_total: int
+    rate: float  # bytes per second over the whole job
+
+    @property
+    def eta(self) -> float | None:
+        return (self.all_total - self.all_done) / self.rate if self.rate > 0 else None
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Digest:
+    size: int
+    blake3: str
+    sha256: str | None = None
+
+
+def hash_file(path: Path, *, sha256: bool = False, on_block: Callable[[int], None] | None = None) -> Digest:
+    """BLAKE3 (and SHA-256 if asked) of a file in one sequential pass."""
+    b3 = blake3.blake3()
+    sha = hashlib.sha256() if sha256 else None
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            chunk = view[:n]
+            b3.update(chunk)
+            if sha is not None:
+                sha.update(chunk)
+            size += n
+            if on_block:
+                on_block(n)
+    return Digest(size, b3.hexdigest(), sha.hexdigest() if sha else None)
+
+
+# ---------------------------------------------------------------- verified-in-this-process registry
+# The engine loads only files recorded here; the identity check catches a file swapped after hashing.
+_verified: dict[str, tuple[int, int, int, int, str]] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _remember(path: Path, blake3_hex: str) -> None:
+    _verified[str(path.resolve())] = (*_identity(path), blake3_hex)
+
+
+def require_verified(path: Path) -> str:
+    """The BLAKE3 this process checked for `path`; raises if unchecked or changed since."""
+    record = _verified.get(str(Path(path).resolve()))
+    if record is None:
+        raise NotVerifiedError(f"{path} was not verified in this process; refusing to load it")
+    if record[:4] != _identity(Path(path)):
+        raise NotVerifiedError(f"{path} changed after it was verified; refusing to load it",
+                               "the stick may be failing or was modified while in use")
+    return record[4]
+
+
+def forget_verified() -> None:
+    _verified.clear()
+
+
+# ---------------------------------------------------------------- reports
+
+OK, CORRUPT, MISSING, UNEXPECTED = "ok", "corrupt", "missing", "unexpected"
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    path: str
+    state: str  # ok | corrupt | missing | unexpected
+    detail: str = ""
+    expected_size: int | None = None
+    actual_size: int | None = None
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    files: tuple[FileStatus, ...]
+    bytes_hashed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(f.state == OK for f in self.files)
+
+    def with_state(self, state: str) -> tuple[FileStatus, ...]:
+        return tuple(f for f in self.files if f.state == state)
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self.with_state(s)) for s in (OK, CORRUPT, MISSING, UNEXPECTED)}
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "counts": self.counts(), "bytes_hashed": self.bytes_hashed,
+                "seconds": round(self.seconds, 3), "files": [asdict(f) for f in self.files]}
+
+
+class _Meter:
+    """Turns per-block byte counts into Progress values for one whole job."""
+
+    def __init__(self, total: int, progress: ProgressFn | None):
+        self.total, self.progress = total, progress
+        self.done = 0
+        self.start = time.monotonic()
+
+    def file(self, path: str, size: int) -> Callable[[int], None]:
+        state = {"done": 0}
+
+        def on_block(n: int) -> None:
+            state["done"] += n
+            self.done += n
+            if self.progress:
+                elapsed = max(time.monotonic() - self.start, 1e-6)
+                self.progress(Progress(path, state["done"], size, self.done, self.total, self.done / elapsed))
+
+        return on_block
+
+
+def verify_entry(kit_dir: Path, entry: FileEntry, on_block: Callable[[int], None] | None = None) -> FileStatus:
+    """Check one file against its entry; a match is remembered for the engine's load check."""
+    try:
+        real = open_checked(kit_dir, entry.path)
+    except FileNotFoundError:
+        return FileStatus(entry.path, MISSING, "not on the stick", entry.size)
+    except UnsafePathError as exc:
+        return FileStatus(entry.path, CORRUPT, str(exc), entry.size)
+    actual = real.stat().st_size
+    if actual != entry.size:
+        kind = "truncated" if actual < entry.size else "longer than it should be"
+        return FileStatus(entry.path, CORRUPT, f"{kind}: {actual} bytes, expected {entry.size}",
+                          entry.size, actual)
+    try:
+        digest = hash_file(real, on_block=on_block)
+    except OSError as exc:
+        return FileStatus(entry.path, CORRUPT, f"cannot be read: {exc.strerror or exc}", entry.size, actual)
+    if digest.blake3 != entry.blake3:
+        return FileStatus(entry.path, CORRUPT, "contents differ from the manifest (BLAKE3 mismatch)",
+                          entry.size, actual)
+    _remember(real, digest.blake3)
+    return FileStatus(entry.path, OK, "", entry.size, actual)
+
+
+def unexpected_files(kit_dir: Path, manifest: BundleManifest) -> list[str]:
+    """Files under KIT/ the manifest does not name (run-time state and the manifest's companions aside)."""
+    known = {f.path for f in manifest.files} | set(MANIFEST_COMPANIONS)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(kit_dir):
+        rel_dir = Path(dirpath).relative_to(kit_dir).as_posix()
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != STATE_DIRNAME]
+        for name in filenames:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel not in known:
+                found.append(rel)
+    return sorted(found)
+
+
+def verify_bundle(kit_dir: Path, manifest: BundleManifest, *, only: Iterable[str] | None = None,
+                  progress: ProgressFn | None = None) -> VerifyReport:
+    """Verify every file (or only the named ones) of a stick; `only` skips the unexpected-file scan."""
+    wanted = set(only) if only is not None else None
+    entries = [f for f in manifest.files if wanted is None or f.path in wanted]
+    meter = _Meter(sum(e.size for e in entries), progress)
+    statuses = [verify_entry(kit_dir, e, meter.file(e.path, e.size)) for e in entries]
+    if wanted is None:
+        extra = unexpected_files(kit_dir, manifest)
+        statuses += [FileStatus(p, UNEXPECTED, "not listed in bundle.json") for p in extra]
+    return VerifyReport(tuple(statuses), meter.done, time.monotonic() - meter.start)
+
+
+def sums_text(manifest: BundleManifest, algorithm: str) -> str:
+    """B3SUMS / SHA256SUMS content: `<hex>  <path>` lines, as b3sum -c and sha256sum -c read them."""
+    return "".join(f"{getattr(f, algorithm)}  {f.path}\n" for f in sorted(manifest.files, key=lambda f: f.path))
