@@ -178,10 +178,7 @@ def _nvml_gpu(lib, index: int, driver: str | None) -> Gpu | None:
     memory = _NvmlMemory()
     has_memory = lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0
     major, minor = ctypes.c_int(0), ctypes.c_int(0)
-    has_cc = (
-        lib.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor))
-        == 0
-    )
+    has_cc = lib.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) == 0
     return Gpu(
         vendor="nvidia",
         name=name or f"NVIDIA GPU {index}",
@@ -282,7 +279,7 @@ def detect(
     cpu = _guarded(notes, "the CPU", lambda: _read_cpu(os_name, ctx), _Cpu())
     memory = _guarded(notes, "the memory", lambda: _read_memory(os_name, ctx), _Memory())
     gpus = _guarded(notes, "the GPUs", lambda: _read_gpus(os_name, arch, memory, ctx), [])
-    if os_name == "macos" and arch == "x86_64" and ctx.sysctl("hw").get("hw.optional.arm64"):
+    if os_name == "macos" and arch == "x86_64" and ctx.sysctl("hw").get("hw.optional.arm64") == "1":
         notes.append("This is an Apple Silicon Mac running x86_64 code under Rosetta 2.")
     return Host(
         os=os_name,
@@ -382,7 +379,7 @@ class _Files:
         if text is None:
             return None
         try:
-            return int(text.strip(), 0)
+            return _number(text)
         except ValueError:
             self.notes.append(f"Ignored /{rel.lstrip('/')}: {_clip(text)!r} is not a number.")
             return None
@@ -432,6 +429,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _number(text: str) -> int:
+    text = text.strip().lower()
+    return int(text, 16) if text.startswith("0x") else int(text)
+
+
 def _clip(text: str, size: int = 40) -> str:
     text = text.strip()
     return text if len(text) <= size else text[:size] + "..."
@@ -474,6 +476,8 @@ def _fill_counts(cpu: _Cpu, ctx: _Context) -> _Cpu:
         logical = logical or _positive(live_logical)
     if logical is None and physical is None:
         ctx.notes.append("CPU core count unknown; assuming 1.")
+    elif physical is None:
+        ctx.notes.append("Physical core count unknown; assuming one thread per core.")
     logical = logical or physical or 1
     physical = min(physical or logical, logical)
     return _Cpu(cpu.name, cpu.flags, physical, logical)
@@ -484,7 +488,8 @@ def _linux_cpu(ctx: _Context) -> _Cpu:
     blocks = _cpuinfo_blocks(text or "")
     processors = [b for b in blocks if "processor" in b]
     if not processors:
-        ctx.notes.append("CPU model and features unknown: /proc/cpuinfo could not be read.")
+        why = "could not be read" if text is None else "lists no processor"
+        ctx.notes.append(f"CPU model and features unknown: /proc/cpuinfo {why}.")
         return _Cpu(physical=0, logical=0)
     flag_sets = [set(b.get("flags", b.get("features", "")).lower().split()) for b in processors]
     # the intersection: a thread may run on any core, so only what all of them have is safe
@@ -575,9 +580,7 @@ def _linux_cpu_name(blocks: list[dict[str, str]], processors: list[dict[str, str
         if implementer or part:
             vendor = _ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer}")
             core = (
-                f"{vendor} {_ARM_PARTS.get(part, f'part {part}')}"
-                if vendor == "ARM"
-                else (f"{vendor} CPU part {part}")
+                f"{vendor} {_ARM_PARTS.get(part, f'part {part}')}" if vendor == "ARM" else (f"{vendor} CPU part {part}")
             )
             if core not in cores:
                 cores.append(core)
@@ -701,9 +704,7 @@ def _windows_cpu(ctx: _Context) -> _Cpu:
     except Exception as exc:
         ctx.notes.append(f"CPU model and features unknown ({_describe(exc)}).")
         name, flags = None, frozenset()
-    return _Cpu(
-        name=(name or "").strip() or "unknown CPU", flags=frozenset(flags), physical=0, logical=0
-    )
+    return _Cpu(name=(name or "").strip() or "unknown CPU", flags=frozenset(flags), physical=0, logical=0)
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -763,7 +764,8 @@ def _meminfo(ctx: _Context) -> tuple[int, int] | None:
             fields[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
     total = fields.get("MemTotal")
     if not total:
-        ctx.notes.append("/proc/meminfo gave no MemTotal; RAM read through psutil.")
+        why = "could not be read" if text is None else "has no MemTotal"
+        ctx.notes.append(f"/proc/meminfo {why}; RAM read through psutil.")
         return None
     available = fields.get("MemAvailable")
     if available is None:  # kernels before 3.14
@@ -914,9 +916,7 @@ def _nvidia(ctx: _Context) -> list[_Found]:
         "--format=csv,noheader,nounits",
     )
     if text is None:  # drivers before 510 do not know compute_cap
-        text = ctx.commands.output(
-            "nvidia-smi", f"--query-gpu={_NVIDIA_SMI_FIELDS}", "--format=csv,noheader,nounits"
-        )
+        text = ctx.commands.output("nvidia-smi", f"--query-gpu={_NVIDIA_SMI_FIELDS}", "--format=csv,noheader,nounits")
     return [_Found(g) for g in parse_nvidia_smi(text or "")]
 
 
@@ -994,9 +994,10 @@ def _drm_cards(files: _Files, vendor_id: int) -> list[_Found]:
 def _drm_gpu(files: _Files, device: str, vendor_id: int, pci_device: int | None) -> _Found:
     vendor = VENDOR_IDS[vendor_id]
     product = (files.read(f"{device}/product_name") or "").strip()
-    name = product or f"{vendor.upper() if vendor == 'amd' else vendor.title()} GPU" + (
-        f" {pci_device:#06x}" if pci_device is not None else ""
-    )
+    generic = f"{'AMD' if vendor == 'amd' else 'Intel'} GPU"
+    if pci_device is not None:
+        generic += f" {pci_device:#06x}"
+    name = product or generic
     if vendor == "intel":
         gpu = Gpu("intel", name, "vulkan", unified_memory=True)
     else:
@@ -1032,46 +1033,42 @@ def _vulkan_devices(text: str | None) -> list[dict[str, str]]:
 
 def _merge_vulkan(found: list[_Found], devices: list[dict[str, str]]) -> list[_Found]:
     """Add the Vulkan GPUs no vendor tool saw; a Vulkan name replaces a PCI-id one."""
-    merged, seen_uuids = list(found), set()
-    claimed: set[int] = set()
+    merged, claimed, seen_uuids = list(found), set(), set()
     for device in devices:
-        kind = device.get("deviceType", "")
         uuid = device.get("deviceUUID")
-        if kind.endswith("_CPU") or (uuid and uuid in seen_uuids):  # llvmpipe, or a twin driver
-            continue
+        if device.get("deviceType", "").endswith("_CPU") or (uuid and uuid in seen_uuids):
+            continue  # llvmpipe renders on the CPU; a second driver for one GPU shares its UUID
         seen_uuids.add(uuid)
-        vendor = VENDOR_IDS.get(_hex(device.get("vendorID", "").removeprefix("0x")) or -1, "other")
-        pci_device = _hex(device.get("deviceID", "").removeprefix("0x"))
-        name = device.get("deviceName", "").strip() or "Vulkan GPU"
-        match = next(
-            (
-                i
-                for i, f in enumerate(merged)
-                if i not in claimed
-                and f.gpu.vendor == vendor
-                and (f.pci_device is None or pci_device is None or f.pci_device == pci_device)
-            ),
-            None,
-        )
-        if match is not None:
-            claimed.add(match)
-            if merged[match].generic_name:
-                merged[match] = _Found(_renamed(merged[match].gpu, name), pci_device)
-            continue
-        merged.append(
-            _Found(
-                Gpu(
-                    vendor=vendor,
-                    name=name,
-                    backend="vulkan",
-                    unified_memory=kind.endswith("INTEGRATED_GPU"),
-                    driver=device.get("driverInfo") or device.get("driverName"),
-                ),
-                pci_device,
-            )
-        )
-        claimed.add(len(merged) - 1)
+        vulkan = _vulkan_gpu(device)
+        index = _same_gpu(merged, claimed, vulkan)
+        if index is None:
+            merged.append(vulkan)
+            index = len(merged) - 1
+        elif merged[index].generic_name:
+            merged[index] = _Found(_renamed(merged[index].gpu, vulkan.gpu.name), vulkan.pci_device)
+        claimed.add(index)
     return merged
+
+
+def _vulkan_gpu(device: dict[str, str]) -> _Found:
+    gpu = Gpu(
+        vendor=VENDOR_IDS.get(_hex(device.get("vendorID", "")) or -1, "other"),
+        name=device.get("deviceName", "").strip() or "Vulkan GPU",
+        backend="vulkan",
+        unified_memory=device.get("deviceType", "").endswith("INTEGRATED_GPU"),
+        driver=device.get("driverInfo") or device.get("driverName"),
+    )
+    return _Found(gpu, _hex(device.get("deviceID", "")))
+
+
+def _same_gpu(merged: list[_Found], claimed: set[int], vulkan: _Found) -> int | None:
+    """The GPU a vendor tool already found that this Vulkan device is, if any."""
+    for index, known in enumerate(merged):
+        if index in claimed or known.gpu.vendor != vulkan.gpu.vendor:
+            continue
+        if None in (known.pci_device, vulkan.pci_device) or known.pci_device == vulkan.pci_device:
+            return index
+    return None
 
 
 def _renamed(gpu: Gpu, name: str) -> Gpu:

@@ -122,6 +122,23 @@ def list_variants(directory: Path | None = None) -> list[Variant]:
     return found
 
 
+# GPU backends built as loadable modules beside the CPU variants (GGML_BACKEND_DL).
+_GPU_MODULES = {"cuda": "cuda", "rocm": "hip", "metal": "metal", "vulkan": "vulkan"}
+
+
+def gpu_backend_libs(directory: Path | None = None) -> dict[str, Path]:
+    """The GPU backends this runtime can drive: {"cuda": path, ...}; empty for a CPU-only build."""
+    prefix, suffix, _ = _LIB_NAMES[_os_key()]
+    directory = directory or lib_dir()
+    base = prefix.removesuffix("cpu-")
+    found = {}
+    for backend, module in _GPU_MODULES.items():
+        path = directory / f"{base}{module}{suffix}"
+        if path.is_file():
+            found[backend] = path
+    return found
+
+
 def missing_flags(variant: Variant, flags: frozenset[str]) -> list[str]:
     return [f for f in variant.required_flags if f not in flags]
 
@@ -144,17 +161,16 @@ def candidates(variants: list[Variant], host: Host) -> tuple[list[Variant], list
 # ---------------------------------------------------------------- loading into this process
 
 def load_variant(path: Path) -> None:
-    """Register the variant with the libggml that libllama uses (DESIGN.md, trap 2).
+    """Register a backend module with the libggml that libllama uses (DESIGN.md, trap 2).
 
     libllama links libggml by soname (libggml.so.0 on Linux); opening that exact file gives the
     same instance. llama_cpp._ggml opens libggml.so, a second copy, which llama never sees.
     """
-    ggml_name = _LIB_NAMES[_os_key()][2]
-    ggml = ctypes.CDLL(str(path.parent / ggml_name), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+    ggml = ctypes.CDLL(str(lib_dir() / _LIB_NAMES[_os_key()][2]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
     ggml.ggml_backend_load.restype = ctypes.c_void_p
     ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
     if not ggml.ggml_backend_load(os.fsencode(path)):
-        raise KernelError(f"ggml could not load the CPU kernel {path.name}")
+        raise KernelError(f"ggml could not load the backend {path.name}")
 
 
 # ---------------------------------------------------------------- probing in a child
@@ -263,11 +279,23 @@ def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None,
 
     to_probe, results = candidates(variants, host)
     threads = max(1, host.physical_cores)
-    for v in to_probe:
-        result = probe_variant(v, model, blake3, threads)
-        results.append(result)
-        if on_result:
-            on_result(result)
+
+    def probe_all(group: list[Variant]) -> None:
+        for v in group:
+            result = probe_variant(v, model, blake3, threads)
+            results.append(result)
+            if on_result:
+                on_result(result)
+
+    # Kernels without AVX2 run 3-10x slower (DESIGN.md): probe them only when none with it works.
+    fast = [v for v in to_probe if "avx2" in v.required_flags]
+    slow = [v for v in to_probe if v not in fast]
+    probe_all(fast)
+    if any(r.ok for r in results):
+        results += [ProbeResult(v.name, "skipped", "not probed: AVX2 kernels work here and are faster")
+                    for v in slow]
+    else:
+        probe_all(slow)
     working = rank(results)
     if not working:
         raise KernelError("no CPU kernel works on this host: " +

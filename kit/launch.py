@@ -1,0 +1,212 @@
+"""Starting the model on a stick: the steps every front end shares (ask, chat, doctor).
+
+Order: offline gate → stick and manifest → host → plan (from the manifest's facts, no model
+parsed yet) → verify the chosen model's bytes → choose the CPU kernel (probe in children) →
+load, stepping down the fallback ladder if loading or the first decode fails.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from kit import integrity, kernels, offline
+from kit.errors import EngineError, IntegrityError, KernelError, PlanError
+from kit.hardware import Host, detect
+from kit.manifest import BundleManifest, ModelEntry, load_bundle_manifest
+from kit.paths import BundlePaths, find_bundle, state_dir
+from kit.plan import LaunchPlan, ModelOption, Overrides, fallback_steps, make_plan
+
+Status = Callable[[str], None]
+
+
+@dataclass
+class Session:
+    bundle: BundlePaths
+    manifest: BundleManifest
+    host: Host
+    plan: LaunchPlan
+    kernel: kernels.KernelChoice
+    engine: object  # kit.engine.ChatEngine
+    state: Path | None
+    steps: list[str] = field(default_factory=list)  # fallback steps taken, in words
+
+    @property
+    def model(self) -> ModelEntry:
+        return self.manifest.model(self.plan.model_id)
+
+    def messages(self, question: str, *, preset: str | None = None,
+                 history: Sequence[dict] = ()) -> list[dict]:
+        msgs: list[dict] = []
+        if preset:
+            chosen = next((p for p in self.manifest.presets if p.id == preset), None)
+            if chosen is None:
+                raise PlanError(f"this stick has no preset {preset!r}",
+                                f"presets: {', '.join(p.id for p in self.manifest.presets) or 'none'}")
+            msgs.append({"role": "system", "content": chosen.system})
+        return msgs + list(history) + [{"role": "user", "content": question}]
+
+
+def open_stick(stick: str | Path | None) -> tuple[BundlePaths, BundleManifest]:
+    bundle = find_bundle(stick)
+    return bundle, load_bundle_manifest(bundle)
+
+
+def model_options(manifest: BundleManifest) -> list[ModelOption]:
+    return [ModelOption(m.id, m.name, m.model_facts()) for m in manifest.models]
+
+
+def model_paths(bundle: BundlePaths, model: ModelEntry) -> list[Path]:
+    return [bundle.resolve(p) for p in model.files]
+
+
+def verify_files(bundle: BundlePaths, manifest: BundleManifest, paths: Sequence[str],
+                 what: str, progress=None) -> None:
+    """Hash exactly these files; any mismatch stops the launch with the file named."""
+    report = integrity.verify_bundle(bundle.kit, manifest, only=paths, progress=progress)
+    bad = [f for f in report.files if f.state != integrity.OK]
+    if bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise IntegrityError(f"{what}: {first.path} is {first.state}: {first.detail}{more}")
+
+
+def verify_own_libraries(bundle: BundlePaths, manifest: BundleManifest, platform: str) -> None:
+    """A frozen runtime on its stick checks its llama.cpp libraries before loading any of them."""
+    if not getattr(sys, "frozen", False):
+        return
+    libs = [f.path for f in manifest.runtime_files(platform) if "/llama_cpp/lib/" in f.path]
+    if libs:
+        verify_files(bundle, manifest, libs, "the runtime's llama.cpp libraries are damaged")
+
+
+def smallest_model(manifest: BundleManifest) -> ModelEntry:
+    return min(manifest.models, key=manifest.model_size)
+
+
+def choose_cpu_kernel(bundle, manifest, host, state, *, refresh=False, on_probe=None,
+                      progress=None) -> kernels.KernelChoice:
+    """Probe with the smallest model (verified first: the probe child loads it)."""
+    probe_model = smallest_model(manifest)
+    verify_files(bundle, manifest, probe_model.files, f"model {probe_model.id} is damaged", progress)
+    first = bundle.resolve(probe_model.files[0])
+    return kernels.choose_kernel(host, first, integrity.require_verified(first), state=state,
+                                 refresh=refresh, on_result=on_probe)
+
+
+def runtime_backends() -> frozenset[str]:
+    try:
+        return frozenset(kernels.gpu_backend_libs())
+    except KernelError:
+        return frozenset()
+
+
+def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None) -> dict:
+    """Everything `kit doctor` shows, as data: host, kernel probe table, plan (or why none)."""
+    offline.go_offline()
+    bundle, manifest = open_stick(stick)
+    host = detect()
+    report: dict = {"stick": str(bundle.root), "host": host.to_dict(), "kernel": None, "plan": None,
+                    "runtime_backends": sorted(runtime_backends()),
+                    "models": [{"id": m.id, "name": m.name, "bytes": manifest.model_size(m),
+                                "quant": m.quant, "params": m.params} for m in manifest.models]}
+    try:
+        verify_own_libraries(bundle, manifest, host.platform)
+        kernel = choose_cpu_kernel(bundle, manifest, host, state_dir(bundle), refresh=refresh,
+                                   on_probe=on_probe)
+        report["kernel"] = kernel.to_dict()
+        plan = make_plan(host, model_options(manifest), runtime_backends=runtime_backends(),
+                         cpu_variant=kernel.chosen, overrides=overrides)
+        report["plan"] = plan.to_dict()
+    except (KernelError, PlanError, IntegrityError) as err:
+        report["error"] = f"{err} — {err.hint}"
+    return report
+
+
+def start(stick, overrides: Overrides | None = None, *, on_progress=None,
+          on_status: Status = lambda s: None) -> Session:
+    """Everything up to a loaded, answering model."""
+    offline.go_offline()
+    bundle, manifest = open_stick(stick)
+    host = detect()
+    state = state_dir(bundle)
+    verify_own_libraries(bundle, manifest, host.platform)
+    options = model_options(manifest)
+    backends = runtime_backends()
+    plan = make_plan(host, options, runtime_backends=backends, overrides=overrides or Overrides())
+    on_status(f"checking {plan.model_id} against the stick's manifest")
+    model = manifest.model(plan.model_id)
+    verify_files(bundle, manifest, model.files, f"model {model.id} is damaged", on_progress)
+    kernel = choose_cpu_kernel(bundle, manifest, host, state, progress=on_progress,
+                               on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
+    plan = replace(plan, cpu_variant=kernel.chosen)
+    engine, plan, steps = load_with_fallback(bundle, manifest, host, plan, options, backends,
+                                             kernel, on_status, on_progress)
+    return Session(bundle, manifest, host, plan, kernel, engine, state, steps)
+
+
+def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, on_status,
+                       on_progress):
+    """Try the plan, then each step of the ladder; the user sees steps, never a crash."""
+    from kit.engine import LlamaEngine
+
+    gpu_libs = kernels.gpu_backend_libs() if backends else {}
+    attempts = [plan] + fallback_steps(plan, host, options, runtime_backends=backends)
+    steps: list[str] = []
+    last_error: Exception | None = None
+    for attempt in attempts:
+        model = manifest.model(attempt.model_id)
+        if attempt.model_id != plan.model_id:
+            verify_files(bundle, manifest, model.files, f"model {model.id} is damaged", on_progress)
+        try:
+            engine = LlamaEngine.load(
+                model_paths(bundle, model), model_id=model.id, n_ctx=attempt.n_ctx,
+                threads=attempt.threads, gpu_layers=attempt.gpu_layers,
+                chat_format_fallback=model.chat_format, variant=kernel.path,
+                gpu_backend=gpu_libs.get(attempt.gpu.backend) if attempt.gpu else None)
+            return engine, attempt, steps
+        except EngineError as err:
+            last_error = err
+            step = attempt_description(attempt)
+            steps.append(f"{step} failed: {err}")
+            on_status(f"could not start {step}: {err}; trying a smaller setting")
+    raise EngineError(f"no setting worked on this host; last error: {last_error}")
+
+
+def attempt_description(plan: LaunchPlan) -> str:
+    gpu = f", {plan.gpu_layers} GPU layers" if plan.gpu_layers else ""
+    return f"{plan.model_id} at {plan.n_ctx} tokens{gpu}"
+
+
+def run_chat(stick, overrides: Overrides) -> int:
+    """The chat: the Textual app when this runtime has it, else a plain prompt loop."""
+    try:
+        from kit.tui.app import run as run_tui
+    except ImportError:
+        run_tui = None
+    if run_tui is not None:
+        return run_tui(stick, overrides)
+    return plain_chat(stick, overrides)
+
+
+def plain_chat(stick, overrides: Overrides) -> int:
+    session = start(stick, overrides, on_status=lambda s: print(s, file=sys.stderr))
+    history: list[dict] = []
+    print(f"Survival Kit — {session.model.name}. Type a question; an empty line or Ctrl-D quits.")
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            return 0
+        if not question:
+            return 0
+        answer = []
+        for token in session.engine.stream(session.messages(question, history=history)):
+            answer.append(token)
+            sys.stdout.write(token)
+            sys.stdout.flush()
+        print()
+        history += [{"role": "user", "content": question},
+                    {"role": "assistant", "content": "".join(answer)}]
