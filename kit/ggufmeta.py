@@ -174,20 +174,28 @@ class ModelFacts:
 KV_PAD = 256
 DEFAULT_N_BATCH = 512  # llama-cpp-python's Llama(n_batch=512, n_ubatch=512)
 
-# Compute buffers: llama.cpp reserves the worst-case graph for one ubatch (n_ubatch tokens
-# attending to n_ctx cells, llama-context.cpp graph_reserve). Without flash attention the biggest
-# live tensors are the per-layer KQ scores (n_head x n_ubatch x n_ctx f32) and the logits /
-# activations over the vocabulary (n_vocab x n_ubatch f32); residual activations are
-# n_embd x n_ubatch. The factors below were calibrated against llama.cpp's own
-# "compute buffer size" log and the peak RSS of the real Gemma 3 270M (bench/memory_estimate.py).
-COMPUTE_KQ_FACTOR = 1.0
-COMPUTE_VOCAB_FACTOR = 1.0
-COMPUTE_EMBD_FACTOR = 8.0
-# Python, numpy, llama_cpp and ggml libraries, the tokenizer's tables: RSS of a process that has
-# loaded everything but before the weights are touched (measured, bench/memory_estimate.py).
-RUNTIME_OVERHEAD = 160 * 1024 * 1024
-# llama.cpp keeps the vocabulary in RAM (token text, scores, maps): about this much per token.
-VOCAB_BYTES_PER_TOKEN = 128
+# Compute buffers. llama.cpp reserves its compute buffer for the worst-case graph of one ubatch
+# (llama-context.cpp graph_reserve: n_ubatch tokens attending to n_ctx cells, with outputs for
+# every token), so the *reserved* size is dominated by the logits, n_vocab x n_ubatch f32
+# (514 MiB for Gemma 3's 262k vocabulary at any n_ctx), and the allocator reuses that memory
+# for the attention scores. On the CPU those pages are malloc'd but mostly never touched: the
+# chat asks logits of one token per batch. What becomes *resident* (measured with
+# bench/memory_estimate.py on Gemma 3 270M, context filled, n_ubatch 512 and 128, 512..8192
+# cells) is: the KQ scores and their softmax (2 x n_head x n_ubatch x n_ctx f32; the slope
+# measured 15.5 KB per cell vs 16 KB modelled), activations (~14 KB per ubatch token for
+# n_embd 640: ~6 x n_embd f32) and a fixed ~58 MiB (thread pools, allocator arenas, sampler
+# arrays). With flash attention (Llama(flash_attn=True)) the scores are never materialised: only
+# the KQ mask (n_ubatch x n_ctx) grows with the context (2.6 KB per cell measured, 2 KB
+# modelled). A GPU backend allocates its reserved buffer for real: VRAM gets the reserved size.
+COMPUTE_KQ_FACTOR = 2
+COMPUTE_ACT_FACTOR = 6
+COMPUTE_FIXED = 64 * 1024 * 1024
+# Python + llama_cpp + ggml + the CPU variant: 48 MiB RSS measured after imports; Textual and its
+# widgets +16 MiB measured at import; +32 MiB allowance for the running UI and chat history.
+RUNTIME_OVERHEAD = 96 * 1024 * 1024
+# llama.cpp keeps the vocabulary in RAM (token text, scores, maps, piece cache): 45 MiB measured
+# for Gemma 3's 262,144 tokens after loading.
+VOCAB_BYTES_PER_TOKEN = 180
 
 
 @dataclass(frozen=True)
@@ -240,16 +248,19 @@ def kv_cache_bytes(
     return int(total)
 
 
-def compute_bytes(facts: ModelFacts, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH) -> int:
-    """The calibrated model of llama.cpp's CPU compute buffer (see the constants above)."""
+def compute_bytes(facts: ModelFacts, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
+                  reserved: bool = False, flash_attn: bool = False) -> int:
+    """llama.cpp's compute buffer at n_ctx: resident on the CPU, or `reserved` (what a GPU
+    backend allocates). See the COMPUTE_* constants for the calibration. Flash attention
+    never materialises the KQ scores."""
     n_ubatch = min(n_ctx, n_batch)
     cells = _pad(n_ctx)
-    kq = facts.n_head * n_ubatch * cells * 4
-    vocab = facts.vocab_size * n_ubatch * 4
-    embd = facts.n_embd * n_ubatch * 4
-    return int(
-        COMPUTE_KQ_FACTOR * kq + COMPUTE_VOCAB_FACTOR * vocab + COMPUTE_EMBD_FACTOR * embd
-    )
+    kq = 0 if flash_attn else COMPUTE_KQ_FACTOR * facts.n_head * n_ubatch * cells * 4
+    kq += n_ubatch * cells * 4  # the KQ mask
+    act = COMPUTE_ACT_FACTOR * facts.n_embd * n_ubatch * 4
+    if reserved:
+        return max(facts.vocab_size * n_ubatch * 4, kq) + act
+    return kq + act + COMPUTE_FIXED
 
 
 def _layer_weights(facts: ModelFacts) -> tuple[list[int], int]:
@@ -269,6 +280,7 @@ def estimate_memory(
     kv_bytes_per_element: float = 2,
     n_batch: int = DEFAULT_N_BATCH,
     swa_full: bool = True,
+    flash_attn: bool = False,
 ) -> MemoryEstimate:
     """What running `facts` at `n_ctx` needs, split between RAM and VRAM.
 
@@ -293,16 +305,15 @@ def estimate_memory(
 
     weights = facts.file_size
     w_gpu = sum(per_layer[i] for i in gpu_blocks) + (output if gpu_layers else 0)
-    compute = compute_bytes(facts, n_ctx, n_batch=n_batch)
+    compute = compute_bytes(facts, n_ctx, n_batch=n_batch, flash_attn=flash_attn)
     overhead = RUNTIME_OVERHEAD + facts.vocab_size * VOCAB_BYTES_PER_TOKEN
 
     if gpu_layers:
-        # The GPU backend reserves its own compute buffer of the same shape; the CPU keeps a
-        # smaller one for the layers and the input it still runs (modelled as the full one when
-        # any block stays on the CPU, else the embedding-sized part).
-        c_gpu = compute
-        c_cpu = compute if cpu_blocks else int(COMPUTE_EMBD_FACTOR * facts.n_embd * 4
-                                               * min(n_ctx, n_batch))
+        # The GPU backend allocates its reserved compute buffer for real; the CPU keeps the
+        # resident one for the blocks it still runs, or only the fixed part when all moved.
+        c_gpu = compute_bytes(facts, n_ctx, n_batch=n_batch, reserved=True,
+                              flash_attn=flash_attn)
+        c_cpu = compute if cpu_blocks else COMPUTE_FIXED
         # Offloaded tensors leave RAM (llama-model-loader.cpp unmaps their mmap fragments),
         # but a tied output layer is a copy of the token embeddings, which stay in RAM.
         w_cpu = weights - w_gpu + (output if facts.tied_embeddings else 0)

@@ -44,8 +44,8 @@ def is_loopback(host: object) -> bool:
 
 
 def _caller() -> str:
-    """The outermost frame outside the socket machinery: who tried to connect."""
-    for frame in reversed(traceback.extract_stack()[:-3]):
+    """The innermost frame outside the socket machinery and this module: who tried to connect."""
+    for frame in reversed(traceback.extract_stack()):
         name = frame.filename
         if not any(part in name for part in ("socket.py", "offline.py", "ssl.py")):
             return f"{os.path.basename(name)}:{frame.lineno} ({frame.name})"
@@ -63,9 +63,20 @@ def _audit(event: str, args: tuple) -> None:
         if not is_loopback(host):
             raise OfflineViolation(f"blocked a network connection to {address!r} from {_caller()}")
     elif event == "socket.getaddrinfo":
-        host = args[0]
-        if host is not None and not is_loopback(host):
-            raise OfflineViolation(f"blocked a name lookup of {host!r} from {_caller()}")
+        host, port = args[0], args[1]
+        if host is None or is_loopback(host):
+            return
+        if _is_ip_literal(host):  # create_connection() resolves even literal addresses
+            raise OfflineViolation(f"blocked a network connection to {host}:{port} from {_caller()}")
+        raise OfflineViolation(f"blocked a name lookup of {host!r} from {_caller()}")
+
+
+def _is_ip_literal(host: object) -> bool:
+    try:
+        ipaddress.ip_address(host.decode() if isinstance(host, bytes) else str(host))
+        return True
+    except ValueError:
+        return False
 
 
 def go_offline() -> None:

