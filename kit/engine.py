@@ -5,6 +5,9 @@ Also FakeEngine, a scriptable stand-in for fast UI tests (simonw/llm's MockModel
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -48,6 +51,7 @@ class ChatEngine(Protocol):
 
 def ensure_backend(path: Path) -> None:
     """Load a backend module (a probed CPU variant, or a GPU backend) once per process."""
+    _import_llama()  # first: its log callback then also quiets ggml's "load_backend" chatter
     with _variant_lock:
         if str(path) in _loaded_variants:
             return
@@ -61,7 +65,31 @@ def _import_llama():
     except (ImportError, OSError) as exc:  # OSError: a shared library failed to load
         raise EngineError(f"the llama.cpp runtime could not start: {exc}",
                           "reinstall with build/install.sh, or use the stick's own runtime") from None
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)  # llama.cpp's load chatter is not for the user; errors still show
     return llama_cpp
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """llama.cpp prints notes straight to fd 2 (not through its log callback), which would tear
+    through the chat screen; failures still reach us as exceptions. KIT_DEBUG=1 keeps them."""
+    from kit.paths import debug_enabled
+
+    if debug_enabled():
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @dataclass
@@ -86,10 +114,11 @@ class LlamaEngine:
                 ensure_backend(module)
         llama_cpp = _import_llama()
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(files[0]), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                n_gpu_layers=gpu_layers, verbose=False,
-                seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+            with _quiet_native_stderr():
+                llm = llama_cpp.Llama(
+                    model_path=str(files[0]), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                    n_gpu_layers=gpu_layers, verbose=False,
+                    seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {files[0].name}: {exc}") from None
         # A GGUF without a chat template (Gemma 3 270M is a base model) gets the manifest's

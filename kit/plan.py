@@ -160,11 +160,20 @@ def _usable_gpu(host: Host, runtime_backends: frozenset[str]) -> tuple[Gpu | Non
         have = ", ".join(f"{g.name} ({g.backend})" for g in host.gpus)
         return None, (f"{have} found, but this runtime drives only "
                       f"{', '.join(sorted(runtime_backends))}: CPU only")
-    sized = [g for g in usable if (g.vram_free or g.vram_total)]
+    sized = [g for g in usable if (g.vram_free or g.vram_total or g.unified_memory)]
     if not sized:
         return None, f"{usable[0].name}: its memory size could not be read: CPU only"
-    best = max(sized, key=lambda g: g.vram_free if g.vram_free is not None else g.vram_total)
+    best = max(sized, key=_vram_of)
     return best, f"using {best.name} through {best.backend}"
+
+
+def _vram_of(gpu: Gpu, ram_total: int = 0) -> int:
+    if gpu.vram_free is not None:
+        return gpu.vram_free
+    if gpu.vram_total:
+        return gpu.vram_total
+    # unified memory whose share the driver did not give: integrated GPUs may use about half
+    return ram_total // 2
 
 
 def make_budget(host: Host, runtime_backends: frozenset[str] = frozenset()) -> Budget:
@@ -185,7 +194,7 @@ def make_budget(host: Host, runtime_backends: frozenset[str] = frozenset()) -> B
     gpu, gpu_why = _usable_gpu(host, frozenset(runtime_backends))
     vram_available = vram = 0
     if gpu is not None:
-        vram_available = gpu.vram_free if gpu.vram_free is not None else (gpu.vram_total or 0)
+        vram_available = _vram_of(gpu, host.ram_total)
         vram = max(0, vram_available - _margin(vram_available))
         if gpu.unified_memory:
             vram = min(vram, ram)
@@ -258,6 +267,18 @@ def _needs_text(facts: ModelFacts, budget: Budget, n_ctx: int) -> tuple[int, str
     if budget.gpu is not None and not budget.unified:
         have += f" + {_size(budget.vram)} VRAM"
     return need, f"needs {_size(need)} at {n_ctx} tokens, {have}"
+
+
+def _no_fit_text(facts: ModelFacts, budget: Budget, ov: Overrides) -> str:
+    """Why a model does not fit, needs vs usable, at the context it was tried with."""
+    ctx = ov.n_ctx or min(MIN_CTX, facts.n_ctx_train)
+    if ov.gpu_layers:
+        k = min(ov.gpu_layers, _all_layers(facts))
+        est = estimate_memory(facts, ctx, gpu_layers=k)
+        if est.vram > budget.vram:
+            return (f"{k} GPU layers need {_size(est.vram)} of VRAM at {ctx} tokens, "
+                    f"{_size(budget.vram)} usable")
+    return _needs_text(facts, budget, ctx)[1]
 
 
 def _threads(host: Host, forced: int | None) -> Decision:
@@ -343,17 +364,15 @@ def make_plan(
         option = next(m for m in ordered if m.id == ov.model)
         chosen = fits[option.id]
         if chosen is None:
-            ctx = ov.n_ctx or min(MIN_CTX, option.facts.n_ctx_train)
-            _, text = _needs_text(option.facts, budget, ctx)
-            raise PlanError(f"{option.name} does not fit this host: {text}")
+            raise PlanError(f"{option.name} does not fit this host: "
+                            f"{_no_fit_text(option.facts, budget, ov)}")
         model_why = f"{option.name}, as asked"
     else:
         chosen = _choose(ordered, fits, ov)
         if chosen is None:
             smallest = ordered[-1]
-            ctx = ov.n_ctx or min(MIN_CTX, smallest.facts.n_ctx_train)
-            _, text = _needs_text(smallest.facts, budget, ctx)
-            raise PlanError(f"no model on this stick fits: the smallest, {smallest.name}, {text}")
+            raise PlanError(f"no model on this stick fits: the smallest, {smallest.name}, "
+                            f"{_no_fit_text(smallest.facts, budget, ov)}")
         model_why = f"{chosen.option.name} ({chosen.option.facts.params_label}): the largest " \
                     "that fits"
         if chosen.n_ctx < _room(chosen.option.facts) and ov.n_ctx is None:
@@ -414,6 +433,8 @@ def _assemble(host: Host, fit: _Fit, budget: Budget, ov: Overrides, cpu_variant:
         gpu = budget.gpu
     if ov.gpu_layers is not None:
         layers_why = f"{fit.gpu_layers} GPU layers, as asked"
+        if ov.gpu_layers > fit.gpu_layers:
+            layers_why += f" ({ov.gpu_layers} asked; {fit.gpu_layers} is every layer)"
     elif budget.gpu is None:
         layers_why = "0 GPU layers: CPU only"
     elif fit.gpu_layers >= _all_layers(facts):

@@ -1,0 +1,289 @@
+"""The frozen runtime (build/kit.spec via kit.builder.freeze) and importing runtimes built elsewhere.
+
+The freeze runs once per session (~30 s); importing is tested on small hand-made runtimes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from kit import __version__, integrity, kernels
+from kit.builder import freeze
+from kit.builder.freeze import RUNTIME_MANIFEST, RuntimeDir, import_runtime, write_runtime_manifest
+from kit.errors import BuildError
+from kit.hardware import detect
+
+# ---------------------------------------------------------------- the real freeze (slow)
+
+
+@pytest.fixture(scope="session")
+def frozen(tmp_path_factory) -> RuntimeDir:
+    lines: list[str] = []
+    runtime = freeze.freeze_runtime(tmp_path_factory.mktemp("freeze"), report=lines.append)
+    print("\n".join(lines))
+    return runtime
+
+
+@pytest.fixture(scope="session")
+def stick_copy_of_runtime(frozen, tmp_path_factory) -> Path:
+    """The runtime as it lands on a stick: every file copied, no links, no shared inodes."""
+    dest = tmp_path_factory.mktemp("on-stick") / frozen.platform
+    shutil.copytree(frozen.folder, dest, symlinks=False)
+    return dest
+
+
+def _lib_dir(folder: Path) -> Path:
+    return folder / "_internal" / "llama_cpp" / "lib"
+
+
+@pytest.mark.slow
+def test_frozen_version_starts(frozen):
+    start = time.monotonic()
+    proc = subprocess.run([str(frozen.folder / frozen.entry), "--version"], capture_output=True, text=True,
+                          timeout=60)
+    seconds = time.monotonic() - start
+    size = sum(f.stat().st_size for f in frozen.folder.rglob("*") if f.is_file())
+    print(f"frozen runtime: {size / 1e6:.0f} MB, --version in {seconds:.2f} s")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"kit {__version__}"
+
+
+@pytest.mark.slow
+def test_every_cpu_variant_and_openmp_are_frozen(frozen):
+    source = {v.name for v in kernels.list_variants()}
+    inside = {v.name for v in kernels.list_variants(_lib_dir(frozen.folder))}
+    assert source and inside == source
+    if sys.platform.startswith("linux"):  # the variants need it, and a bare host may lack it
+        assert (_lib_dir(frozen.folder) / "libgomp.so.1").is_file()
+
+
+@pytest.mark.slow
+def test_each_shared_library_is_there_once(frozen):
+    """No byte-identical copies (the wheel's libggml.so / .so.0 / .so.0.25.3) and no links."""
+    by_content = defaultdict(list)
+    for rel in freeze.walk_regular_files(frozen.folder):  # raises on a link
+        path = frozen.folder / rel
+        if ".so" in path.name or path.suffix in (".dylib", ".dll"):
+            by_content[integrity.hash_file(path).blake3].append(rel)
+    copies = [paths for paths in by_content.values() if len(paths) > 1]
+    assert not copies, f"libraries shipped more than once: {copies}"
+    llama_named = [rel for paths in by_content.values() for rel in paths
+                   if Path(rel).name.startswith(("libggml", "libllama", "ggml", "llama"))]
+    assert all(rel.startswith("_internal/llama_cpp/lib/") for rel in llama_named), llama_named
+
+
+@pytest.mark.slow
+def test_runtime_manifest_lists_every_file(frozen):
+    runtime, files = freeze.read_runtime_manifest(frozen.folder)
+    assert runtime == frozen
+    freeze.check_runtime_files(frozen.folder, files)
+    assert frozen.entry in files and any(p.startswith("_internal/llama_cpp/lib/libggml-cpu-") for p in files)
+    if sys.platform.startswith("linux"):
+        data = json.loads((frozen.folder / RUNTIME_MANIFEST).read_text())
+        assert data["glibc"] == freeze.build_glibc()
+
+
+def _simplest_variant(lib: Path) -> kernels.Variant:
+    """The variant with the fewest required instructions this CPU has: it works everywhere."""
+    usable, _ = kernels.candidates(kernels.list_variants(lib), detect())
+    return min(usable, key=lambda v: len(v.required_flags))
+
+
+def _mapped_paths(pid: int) -> set[str]:
+    try:
+        text = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # the process has ended
+        return set()
+    return {line.split(None, 5)[5].strip() for line in text.splitlines() if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
+@pytest.mark.parametrize("as_probe_child", [False, True], ids=["direct", "probe-child-env"])
+def test_one_libggml_is_mapped_when_the_frozen_runtime_runs(stick_copy_of_runtime, gemma_path, as_probe_child):
+    """DESIGN.md trap 2: libllama and the CPU kernel must share one libggml.
+
+    A frozen kit starts its `_probe` children with the bootloader's LD_LIBRARY_PATH (the runtime's
+    _internal/), which wins over RUNPATH: a stray top-level libggml.so.0 would be bound there.
+    """
+    folder = stick_copy_of_runtime
+    variant = _simplest_variant(_lib_dir(folder))
+    env = dict(os.environ)
+    if as_probe_child:
+        env["LD_LIBRARY_PATH"] = str(folder / "_internal")
+    command = [str(folder / "kit"), "_probe", "--variant", str(variant.path), "--model", str(gemma_path),
+               "--blake3", integrity.hash_file(gemma_path).blake3, "--threads", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: set[str] = set()
+    while proc.poll() is None:
+        seen |= _mapped_paths(proc.pid)
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["gen_tps"] > 0
+    ggml = sorted(p for p in seen if Path(p).name.startswith(("libggml.so", "libggml-base.so")))
+    assert ggml == [str(_lib_dir(folder) / "libggml-base.so.0"), str(_lib_dir(folder) / "libggml.so.0")]
+    assert str(variant.path) in seen
+
+
+# ---------------------------------------------------------------- importing (fast, hand-made runtimes)
+
+
+def make_runtime(folder: Path, platform: str = "linux-arm64", entry: str = "kit") -> RuntimeDir:
+    """A small runtime folder with its kit-runtime.json, as freeze_runtime writes one."""
+    lib = folder / "_internal" / "llama_cpp" / "lib"
+    lib.mkdir(parents=True)
+    (folder / entry).write_bytes(b"\x7fELF not really")
+    (folder / entry).chmod(0o755)
+    (lib / "libggml-cpu-armv8.0_1.so").write_bytes(b"kernel")
+    (folder / "_internal" / "base_library.zip").write_bytes(b"zip" * 100)
+    runtime = RuntimeDir(platform, folder, entry)
+    write_runtime_manifest(runtime)
+    return runtime
+
+
+def make_tar(source: Path, archive: Path, extra: tarfile.TarInfo | None = None) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=source.name)
+        if extra is not None:
+            tar.addfile(extra, io.BytesIO(b"x" * extra.size) if extra.isreg() else None)
+    return archive
+
+
+def test_import_a_folder(tmp_path):
+    made = make_runtime(tmp_path / "rt")
+    assert import_runtime(made.folder, tmp_path / "work") == made
+
+
+def test_import_a_tar_gz_keeps_the_exec_bit(tmp_path):
+    made = make_runtime(tmp_path / "linux-arm64")
+    got = import_runtime(make_tar(made.folder, tmp_path / "rt.tar.gz"), tmp_path / "work")
+    assert got.platform == "linux-arm64" and got.entry == "kit"
+    assert got.folder.is_relative_to(tmp_path / "work")
+    assert os.access(got.folder / "kit", os.X_OK)
+
+
+def test_import_a_zip_without_modes_and_reimport_replaces_it(tmp_path):
+    made = make_runtime(tmp_path / "win", "windows-x86_64", "kit.exe")
+    archive = tmp_path / "runtime-windows.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for rel in [*freeze.walk_regular_files(made.folder)]:
+            zf.write(made.folder / rel, rel)
+    first = import_runtime(archive, tmp_path / "work")
+    second = import_runtime(archive, tmp_path / "work")
+    assert first == second and first.entry == "kit.exe" and first.platform == "windows-x86_64"
+
+
+def test_a_changed_file_is_refused(tmp_path):
+    made = make_runtime(tmp_path / "rt")
+    (made.folder / "_internal" / "base_library.zip").write_bytes(b"zap" * 100)  # same size
+    with pytest.raises(BuildError, match="base_library.zip does not match"):
+        import_runtime(made.folder, tmp_path / "work")
+
+
+def test_an_unlisted_file_is_refused(tmp_path):
+    made = make_runtime(tmp_path / "rt")
+    (made.folder / "_internal" / "evil.so").write_bytes(b"")
+    with pytest.raises(BuildError, match="evil.so, which its kit-runtime.json does not list"):
+        import_runtime(made.folder, tmp_path / "work")
+
+
+def test_a_missing_file_is_refused(tmp_path):
+    made = make_runtime(tmp_path / "rt")
+    (made.folder / "_internal" / "base_library.zip").unlink()
+    with pytest.raises(BuildError, match="lacks _internal/base_library.zip"):
+        import_runtime(made.folder, tmp_path / "work")
+
+
+def test_a_link_in_a_folder_is_refused(tmp_path):
+    made = make_runtime(tmp_path / "rt")
+    (made.folder / "_internal" / "link.so").symlink_to("/etc/passwd")
+    with pytest.raises(BuildError, match="is a link"):
+        import_runtime(made.folder, tmp_path / "work")
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_a_link_in_a_tar_is_refused(tmp_path, kind):
+    made = make_runtime(tmp_path / "rt")
+    link = tarfile.TarInfo("rt/_internal/link.so")
+    link.type, link.linkname = kind, "/etc/passwd"
+    with pytest.raises(BuildError, match="a link or special file"):
+        import_runtime(make_tar(made.folder, tmp_path / "rt.tgz", link), tmp_path / "work")
+
+
+@pytest.mark.parametrize("name", ["../escape", "rt/../../escape", "/etc/cron.d/evil", "C:/evil", "rt/a\\b"])
+def test_paths_escaping_a_tar_are_refused(tmp_path, name):
+    made = make_runtime(tmp_path / "rt")
+    member = tarfile.TarInfo(name)
+    member.size = 4
+    with pytest.raises(BuildError, match="unsafe path"):
+        import_runtime(make_tar(made.folder, tmp_path / "rt.tgz", member), tmp_path / "work")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_zip_symlink_and_a_zip_escape_are_refused(tmp_path):
+    made = make_runtime(tmp_path / "rt")
+    link = zipfile.ZipInfo("rt/_internal/link.so")
+    link.external_attr = (0o120777 << 16)
+    for member, message in ((link, "holds a link"), (zipfile.ZipInfo("../escape"), "unsafe path")):
+        archive = tmp_path / "rt.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("rt/kit-runtime.json", (made.folder / RUNTIME_MANIFEST).read_bytes())
+            zf.writestr(member, "/etc/passwd")
+        with pytest.raises(BuildError, match=message):
+            import_runtime(archive, tmp_path / "work")
+
+
+def test_a_name_twice_ignoring_case_is_refused(tmp_path):
+    made = make_runtime(tmp_path / "rt")
+    twin = tarfile.TarInfo("rt/KIT")
+    twin.size = 1
+    with pytest.raises(BuildError, match="twice"):
+        import_runtime(make_tar(made.folder, tmp_path / "rt.tgz", twin), tmp_path / "work")
+
+
+def _rewrite_manifest(folder: Path, **changes) -> None:
+    path = folder / RUNTIME_MANIFEST
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"platform": "linux-riscv64"}, "unknown platform"),
+    ({"entry": "../kit"}, "leaves KIT|not normalised"),
+    ({"entry": "missing"}, "not in its file list"),
+    ({"format": 2}, "unknown format"),
+    ({"files": [{"path": "/etc/passwd", "size": 1, "blake3": "0" * 64}]}, "not normalised or leaves"),
+    ({"files": [{"path": "kit", "size": -1, "blake3": "0" * 64}]}, "absurd"),
+    ({"kit_version": "0.0.1"}, "frozen from kit 0.0.1"),
+])
+def test_a_bad_runtime_manifest_is_refused(tmp_path, changes, message):
+    made = make_runtime(tmp_path / "rt")
+    _rewrite_manifest(made.folder, **changes)
+    with pytest.raises(BuildError, match=message):
+        import_runtime(made.folder, tmp_path / "work")
+
+
+def test_a_folder_without_a_runtime_manifest_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BuildError, match="holds no kit-runtime.json"):
+        import_runtime(tmp_path / "empty", tmp_path / "work")
+    with pytest.raises(BuildError, match="does not exist"):
+        import_runtime(tmp_path / "nowhere", tmp_path / "work")
+
+
+def test_host_platform_is_spelled_like_a_stick_folder():
+    assert freeze.host_platform() == detect().platform
+    assert freeze.entry_name("windows-x86_64") == "kit.exe" and freeze.entry_name("macos-arm64") == "kit"
