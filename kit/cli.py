@@ -65,19 +65,29 @@ OS_ERRORS = {
 # ---------------------------------------------------------------- commands
 
 def cmd_verify(args) -> int:
-    from kit import integrity
-    from kit.manifest import load_bundle_manifest
-    from kit.paths import find_bundle
+    from kit import integrity, rollback, signing
+    from kit.paths import find_bundle, state_dir
 
     bundle = find_bundle(args.stick)
-    manifest = load_bundle_manifest(bundle)
+    key = signing.load_public_key(args.key) if args.key else None
+    trust = signing.check_stick(bundle, key=key, expected_fingerprint=args.fingerprint)
+    manifest = trust.manifest
+    rollback.check(state_dir(bundle), trust.raw, record=False)
     progress = None if args.json else ProgressLine("verifying")
     report = integrity.verify_bundle(bundle.kit, manifest, progress=progress)
     if args.json:
-        _print_json(report.to_dict() | {"stick": str(bundle.root)})
+        _print_json(report.to_dict() | {"stick": str(bundle.root), "signer": trust.signer_label})
     else:
         print(render_verify(report))
+        print(render_signer(trust.signer, required=key is not None or bool(args.fingerprint)))
     return 0 if report.ok else 4
+
+
+def render_signer(signer: str | None, *, required: bool = False) -> str:
+    if signer is None:
+        return "Signature: unsigned (anyone who could write to the stick could have changed it and its manifest)"
+    match = " — the key you gave" if required else "; compare this fingerprint with the one its maker gave you"
+    return f"Signature: good, signed by {signer}{match}"
 
 
 def render_verify(report) -> str:
@@ -193,11 +203,23 @@ def cmd_build(args) -> int:
 
     result = build(Path(args.profile), Path(args.target), max_file_size=args.max_file_size,
                    runtimes=[Path(r) for r in args.runtime], freeze=not args.no_freeze,
+                   sign_key=Path(args.sign) if args.sign else None,
                    report=lambda s: print(s, file=sys.stderr))
     if args.json:
         _print_json(result.to_dict())
     else:
         print(result.summary())
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from kit import signing
+
+    private = Path(args.private_key).expanduser()
+    public = Path(args.public_key).expanduser() if args.public_key else private.with_name(private.name + ".pub")
+    fp = signing.keygen(private, public)
+    print(f"private key: {private} (keep it off the stick; anyone holding it can sign sticks as you)\n"
+          f"public key:  {public}\nfingerprint: {fp}")
     return 0
 
 
@@ -239,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file of a stick against its manifest")
     p.add_argument("stick", nargs="?", help="the stick (default: KIT_BUNDLE or this runtime's stick)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--key", metavar="PUB", help="require a valid signature by this public key (a .pub file)")
+    p.add_argument("--fingerprint", metavar="FP", help="require a valid signature by the key with this fingerprint")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("doctor", help="show the host, the CPU kernel probe and the launch plan")
@@ -269,8 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", action="append", default=[], metavar="PATH",
                    help="import a runtime built on another OS/arch (folder or archive); repeatable")
     p.add_argument("--no-freeze", action="store_true", help="do not freeze a runtime for this host")
+    p.add_argument("--sign", metavar="KEY", help="sign bundle.json with this private key (from `kit keygen`)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("keygen", help="create an ed25519 key pair for signing sticks")
+    p.add_argument("private_key", help="where to write the private key (0600; never on a stick)")
+    p.add_argument("--public-key", metavar="PUB", help="where to write the public key (default: PRIVATE_KEY.pub)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("lock", help="pin revisions and hashes of a profile's models (needs network)")
     p.add_argument("profile")

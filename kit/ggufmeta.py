@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import re
+import stat
 import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -314,8 +315,10 @@ def estimate_memory(
         c_gpu = compute_bytes(facts, n_ctx, n_batch=n_batch, reserved=True,
                               flash_attn=flash_attn)
         c_cpu = compute if cpu_blocks else COMPUTE_FIXED
-        # Offloaded tensors leave RAM (llama-model-loader.cpp unmaps their mmap fragments),
-        # but a tied output layer is a copy of the token embeddings, which stay in RAM.
+        # Offloaded tensors leave RAM: the last blocks lie at the file's end, and
+        # llama-model-loader.cpp unmaps the mapped range no CPU tensor uses ("unmap offloaded
+        # tensors and metadata"). A tied output layer is a copy of the token embeddings, which
+        # stay in RAM.
         w_cpu = weights - w_gpu + (output if facts.tied_embeddings else 0)
     else:
         c_gpu, c_cpu, w_cpu = 0, compute, weights
@@ -437,6 +440,8 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
 def _walk(path: Path) -> _Header:
     """The pre-check and the parse in one bounded pass over the header."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block or never end
+            raise ManifestError(f"{path.name}: not a regular file", hint=_HINT)
         with open(path, "rb") as fh:
             size = fh.seek(0, 2)
             if size < _FIXED_HEADER:
@@ -524,10 +529,10 @@ def _parse(buf: Any, size: int, path: Path, version: int, n_tensors: int, n_kv: 
 
 
 def _int(kv: dict[str, Any], key: str, default: int | None = None) -> int | None:
-    value = kv.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | type(None)):
-        if value is default:
-            return default
+    value = kv.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ManifestError(f"metadata {key} should be an integer, got {type(value).__name__}",
                             hint=_HINT)
     return value

@@ -62,7 +62,7 @@ class Conversation:
     def title(self) -> str:
         first = next((m["content"] for m in self.messages if m["role"] == "user"), "")
         line = " ".join(first.split())
-        return (line[: TITLE_LENGTH - 1] + "…") if len(line) > TITLE_LENGTH else (line or "(empty)")
+        return (line[: TITLE_LENGTH - 3] + "...") if len(line) > TITLE_LENGTH else (line or "(empty)")
 
     @property
     def empty(self) -> bool:

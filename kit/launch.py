@@ -1,8 +1,10 @@
 """Starting the model on a stick: the steps every front end shares (ask, chat, doctor).
 
-Order: offline gate → stick and manifest → host → plan (from the manifest's facts, no model
-parsed yet) → verify the chosen model's bytes → choose the CPU kernel (probe in children) →
-load, stepping down the fallback ladder if loading or the first decode fails.
+Order: offline gate → stick and manifest (signature checked on the raw bytes before parsing,
+then the rollback check) → host → plan (from the manifest's facts, no model parsed yet) → verify
+the chosen model's bytes and walk its GGUF header with kit.ggufmeta's bounded reader → choose the
+CPU kernel (probe in children) → load, stepping down the fallback ladder if loading or the first
+decode fails.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kit import integrity, kernels, offline
+from kit import integrity, kernels, offline, rollback, signing
 from kit.errors import EngineError, IntegrityError, KernelError, PlanError
 from kit.hardware import Host, detect
-from kit.manifest import BundleManifest, ModelEntry, load_bundle_manifest
+from kit.manifest import BundleManifest, ModelEntry
 from kit.paths import BundlePaths, find_bundle, state_dir
 from kit.plan import LaunchPlan, ModelOption, Overrides, fallback_steps, make_plan
 
@@ -32,6 +34,7 @@ class Session:
     engine: object  # kit.engine.ChatEngine
     state: Path | None
     steps: list[str] = field(default_factory=list)  # fallback steps taken, in words
+    signer: str = "unsigned"  # the signer's fingerprint (kit.signing), or "unsigned"
 
     @property
     def model(self) -> ModelEntry:
@@ -50,8 +53,14 @@ class Session:
 
 
 def open_stick(stick: str | Path | None) -> tuple[BundlePaths, BundleManifest]:
+    bundle, trust = open_trusted(stick)
+    return bundle, trust.manifest
+
+
+def open_trusted(stick: str | Path | None) -> tuple[BundlePaths, signing.Trust]:
+    """The stick and its manifest, refused if its signature is bad (an unsigned stick is allowed)."""
     bundle = find_bundle(stick)
-    return bundle, load_bundle_manifest(bundle)
+    return bundle, signing.check_stick(bundle)
 
 
 def model_options(manifest: BundleManifest) -> list[ModelOption]:
@@ -82,6 +91,25 @@ def verify_own_libraries(bundle: BundlePaths, manifest: BundleManifest, platform
         verify_files(bundle, manifest, libs, "the runtime's llama.cpp libraries are damaged")
 
 
+_prechecked: set[str] = set()  # BLAKE3 of model files whose GGUF header passed the bounded walk
+
+
+def verify_model(bundle: BundlePaths, manifest: BundleManifest, model: ModelEntry, progress=None) -> None:
+    """Hash the model's files, then walk their GGUF headers with kit.ggufmeta's bounded reader:
+    a hostile header (absurd counts or lengths) is refused before llama.cpp parses it, here or in
+    a probe child. The bytes walked are the bytes just verified (identity check)."""
+    verify_files(bundle, manifest, model.files, f"model {model.id} is damaged", progress)
+    paths = model_paths(bundle, model)
+    hashes = {integrity.require_verified(p) for p in paths}
+    if not hashes <= _prechecked:
+        from kit.ggufmeta import read_facts
+
+        read_facts(paths)
+        for p in paths:
+            integrity.require_verified(p)  # not swapped while it was walked
+        _prechecked.update(hashes)
+
+
 def smallest_model(manifest: BundleManifest) -> ModelEntry:
     return min(manifest.models, key=manifest.model_size)
 
@@ -90,7 +118,7 @@ def choose_cpu_kernel(bundle, manifest, host, state, *, refresh=False, on_probe=
                       progress=None) -> kernels.KernelChoice:
     """Probe with the smallest model (verified first: the probe child loads it)."""
     probe_model = smallest_model(manifest)
-    verify_files(bundle, manifest, probe_model.files, f"model {probe_model.id} is damaged", progress)
+    verify_model(bundle, manifest, probe_model, progress)
     first = bundle.resolve(probe_model.files[0])
     return kernels.choose_kernel(host, first, integrity.require_verified(first), state=state,
                                  refresh=refresh, on_result=on_probe)
@@ -106,15 +134,18 @@ def runtime_backends() -> frozenset[str]:
 def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None) -> dict:
     """Everything `kit doctor` shows, as data: host, kernel probe table, plan (or why none)."""
     offline.go_offline()
-    bundle, manifest = open_stick(stick)
+    bundle, trust = open_trusted(stick)
+    manifest, state = trust.manifest, state_dir(bundle)
+    rollback.check(state, trust.raw)
     host = detect()
-    report: dict = {"stick": str(bundle.root), "host": host.to_dict(), "kernel": None, "plan": None,
+    report: dict = {"stick": str(bundle.root), "signer": trust.signer_label,
+                    "host": host.to_dict(), "kernel": None, "plan": None,
                     "runtime_backends": sorted(runtime_backends()),
                     "models": [{"id": m.id, "name": m.name, "bytes": manifest.model_size(m),
                                 "quant": m.quant, "params": m.params} for m in manifest.models]}
     try:
         verify_own_libraries(bundle, manifest, host.platform)
-        kernel = choose_cpu_kernel(bundle, manifest, host, state_dir(bundle), refresh=refresh,
+        kernel = choose_cpu_kernel(bundle, manifest, host, state, refresh=refresh,
                                    on_probe=on_probe)
         report["kernel"] = kernel.to_dict()
         plan = make_plan(host, model_options(manifest), runtime_backends=runtime_backends(),
@@ -129,22 +160,23 @@ def start(stick, overrides: Overrides | None = None, *, on_progress=None,
           on_status: Status = lambda s: None) -> Session:
     """Everything up to a loaded, answering model."""
     offline.go_offline()
-    bundle, manifest = open_stick(stick)
+    bundle, trust = open_trusted(stick)
+    manifest, state = trust.manifest, state_dir(bundle)
+    rollback.check(state, trust.raw)
     host = detect()
-    state = state_dir(bundle)
     verify_own_libraries(bundle, manifest, host.platform)
     options = model_options(manifest)
     backends = runtime_backends()
     plan = make_plan(host, options, runtime_backends=backends, overrides=overrides or Overrides())
     on_status(f"checking {plan.model_id} against the stick's manifest")
     model = manifest.model(plan.model_id)
-    verify_files(bundle, manifest, model.files, f"model {model.id} is damaged", on_progress)
+    verify_model(bundle, manifest, model, on_progress)
     kernel = choose_cpu_kernel(bundle, manifest, host, state, progress=on_progress,
                                on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
     plan = replace(plan, cpu_variant=kernel.chosen)
     engine, plan, steps = load_with_fallback(bundle, manifest, host, plan, options, backends,
                                              kernel, on_status, on_progress)
-    return Session(bundle, manifest, host, plan, kernel, engine, state, steps)
+    return Session(bundle, manifest, host, plan, kernel, engine, state, steps, trust.signer_label)
 
 
 def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, on_status,
@@ -159,7 +191,7 @@ def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, 
     for attempt in attempts:
         model = manifest.model(attempt.model_id)
         if attempt.model_id != plan.model_id:
-            verify_files(bundle, manifest, model.files, f"model {model.id} is damaged", on_progress)
+            verify_model(bundle, manifest, model, on_progress)
         try:
             engine = LlamaEngine.load(
                 model_paths(bundle, model), model_id=model.id, n_ctx=attempt.n_ctx,

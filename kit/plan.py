@@ -43,6 +43,11 @@ SAFETY_FRACTION = 0.15
 SAFETY_MIN = 512 * MiB
 UNKNOWN_RAM_ASSUMED = 2 * GiB  # when the host could not say how much memory it has
 
+# How kit.engine creates the context beyond n_ctx / threads / gpu_layers, as estimate_memory
+# keywords. Empty = llama-cpp-python 0.3.36's defaults (n_batch 512, f16 KV, flash_attn=False,
+# swa_full=True), which is what the engine passes today. Change both together.
+ENGINE_OPTIONS: dict[str, Any] = {}
+
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -144,6 +149,10 @@ def _size(n: int) -> str:
     return f"{round(n / MiB)} MiB"
 
 
+def _estimate(facts: ModelFacts, n_ctx: int, gpu_layers: int = 0) -> MemoryEstimate:
+    return estimate_memory(facts, n_ctx, gpu_layers=gpu_layers, **ENGINE_OPTIONS)
+
+
 def _margin(available: int) -> int:
     return max(SAFETY_MIN, int(available * SAFETY_FRACTION))
 
@@ -221,7 +230,7 @@ def _best_layers(facts: ModelFacts, n_ctx: int, budget: Budget,
     else:
         candidates = list(range(_all_layers(facts), -1, -1))
     for k in candidates:
-        est = estimate_memory(facts, n_ctx, gpu_layers=k)
+        est = _estimate(facts, n_ctx, k)
         if budget.fits(est):
             return k, est
     return None
@@ -262,7 +271,7 @@ def _layers_text(k: int, facts: ModelFacts, gpu: Gpu | None) -> str:
 
 
 def _needs_text(facts: ModelFacts, budget: Budget, n_ctx: int) -> tuple[int, str]:
-    need = estimate_memory(facts, n_ctx).total
+    need = _estimate(facts, n_ctx).total
     have = f"{_size(budget.ram)} RAM usable"
     if budget.gpu is not None and not budget.unified:
         have += f" + {_size(budget.vram)} VRAM"
@@ -274,7 +283,7 @@ def _no_fit_text(facts: ModelFacts, budget: Budget, ov: Overrides) -> str:
     ctx = ov.n_ctx or min(MIN_CTX, facts.n_ctx_train)
     if ov.gpu_layers:
         k = min(ov.gpu_layers, _all_layers(facts))
-        est = estimate_memory(facts, ctx, gpu_layers=k)
+        est = _estimate(facts, ctx, k)
         if est.vram > budget.vram:
             return (f"{k} GPU layers need {_size(est.vram)} of VRAM at {ctx} tokens, "
                     f"{_size(budget.vram)} usable")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -375,6 +376,16 @@ def test_missing_architecture(tmp_path: Path):
 def test_missing_file(tmp_path: Path):
     with pytest.raises(ManifestError, match="cannot read"):
         read_facts([tmp_path / "nope.gguf"])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_not_a_regular_file(tmp_path: Path):
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)  # opening it would block forever
+    with pytest.raises(ManifestError, match="not a regular file"):
+        read_facts([fifo])
+    with pytest.raises(ManifestError, match="not a regular file"):
+        read_facts([tmp_path])
 
 
 def test_wrong_type_for_a_hyperparameter(tmp_path: Path):

@@ -1,7 +1,8 @@
 """`kit build`: profile → a complete stick, or one that says it is incomplete.
 
 Order matters for crash safety: INCOMPLETE marker first, then files (each atomic and resumable),
-then bundle.json and the hand-check sums, and only then the marker goes.
+then the hand-check sums, bundle.json and (when signing) bundle.json.sig + signer.pub, and only
+then the marker goes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class BuildResult:
     kept: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    signer: str | None = None  # the signing key's fingerprint (kit.signing), or None: unsigned
 
     def total_bytes(self) -> int:
         return sum(f.size for f in self.manifest.files)
@@ -39,6 +41,7 @@ class BuildResult:
         return {"target": str(self.target), "files": len(self.manifest.files),
                 "bytes": self.total_bytes(), "copied": self.copied, "kept": self.kept,
                 "seconds": round(self.seconds, 2), "warnings": self.warnings,
+                "signer": self.signer or "unsigned",
                 "models": [m.id for m in self.manifest.models],
                 "runtimes": [r.platform for r in self.manifest.runtimes]}
 
@@ -47,7 +50,8 @@ class BuildResult:
                  f"{self.total_bytes() / 1e6:.0f} MB ({self.copied} copied, {self.kept} already there) "
                  f"in {self.seconds:.1f} s",
                  f"models: {', '.join(m.id for m in self.manifest.models)}",
-                 f"runtimes: {', '.join(r.platform for r in self.manifest.runtimes) or 'none'}"]
+                 f"runtimes: {', '.join(r.platform for r in self.manifest.runtimes) or 'none'}",
+                 f"signed by: {self.signer}" if self.signer else "unsigned (sign with --sign KEY)"]
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
@@ -57,11 +61,16 @@ def _now() -> str:
 
 def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
           runtimes: list[Path] = (), freeze: bool = True, cache_dir: Path | None = None,
-          report: Report = lambda s: None) -> BuildResult:
+          sign_key: Path | None = None, report: Report = lambda s: None) -> BuildResult:
+    from kit import signing
     from kit.builder import sources
     from kit.builder.sticktext import write_stick_texts
 
     start = time.monotonic()
+    private_key = None
+    if sign_key is not None:  # before any copying: a bad key fails the build at once
+        signing.refuse_on_stick(sign_key, target)
+        private_key = signing.load_private_key(sign_key)
     profile = load_profile(profile_path)
     parsed = [(m, sources.parse_source(m.source, profile_dir=profile_path.parent)) for m in profile.models]
     kit_dir = target / KIT_DIRNAME
@@ -119,9 +128,13 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
     write_stick_texts(target, manifest)
     atomic_write(kit_dir / "B3SUMS", sums_text(manifest, "blake3").encode())
     atomic_write(kit_dir / "SHA256SUMS", sums_text(manifest, "sha256").encode())
-    atomic_write(kit_dir / MANIFEST_NAME, manifest.to_json())
+    raw = manifest.to_json()
+    atomic_write(kit_dir / MANIFEST_NAME, raw)
+    signer = signing.write_signature(kit_dir, raw, private_key) if private_key is not None else None
+    if signer is None:
+        signing.remove_signature(kit_dir)
     (kit_dir / "INCOMPLETE").unlink()
-    return BuildResult(target, manifest, copied, kept, time.monotonic() - start, result_warnings)
+    return BuildResult(target, manifest, copied, kept, time.monotonic() - start, result_warnings, signer)
 
 
 def _default_cache() -> Path:

@@ -1,0 +1,357 @@
+"""The chat: ask, watch the answer stream in, stop it, start afresh, switch preset or model.
+
+Generation runs in a worker thread (session.engine.stream with a stop Event) and reaches the
+screen only as messages: Tokens (batched) and Done.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.content import Content
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Static, TextArea
+from textual.worker import Worker
+
+from kit.engine import GenStats
+from kit.history import Conversation, HistoryStore, new_conversation
+from kit.tui.text import failure_parts, stats_line
+from kit.tui.widgets.transcript import AnswerMessage, Transcript
+
+FLUSH_S = 0.05  # batch tokens: the screen redraws at most ~20 times a second
+
+WELCOME = ("Type your question in the box below, then press Ctrl+S to send it (Enter starts a new line).\n"
+           "Everything runs on this computer: nothing is sent anywhere. Answers can be wrong; "
+           "in an emergency, reach trained help.  F1 or Ctrl+G shows every key.")
+
+
+@dataclass
+class Generation:
+    """One answer being written: where it goes, how to stop it."""
+
+    conversation: Conversation
+    question: str
+    view: AnswerMessage
+    stop: threading.Event = field(default_factory=threading.Event)
+    worker: Worker | None = None
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("ctrl+s,ctrl+j", "send", "Send", priority=True,
+                tooltip="Send the question (Ctrl+J is what Ctrl+Enter sends in many terminals)"),
+        Binding("escape", "stop", "Stop", priority=True, tooltip="Stop the answer being written"),
+        Binding("ctrl+n", "new", "New", priority=True, tooltip="Start a new conversation"),
+        Binding("f1,ctrl+g", "help", "Help", priority=True, tooltip="Show every key"),
+        Binding("f2,ctrl+p", "presets", "Preset", priority=True,
+                tooltip="Choose how the assistant behaves (first aid, translation, ...)"),
+        Binding("f3,ctrl+l", "models", "Model", priority=True, tooltip="Choose another model on the stick"),
+        Binding("f4,ctrl+o", "history", "History", priority=True,
+                tooltip="Reopen, delete or export earlier conversations"),
+        Binding("f5,ctrl+t", "hardware", "Hardware", priority=True, show=False,
+                tooltip="This computer, the CPU kernel and why the kit chose its settings"),
+        Binding("f6,ctrl+f", "integrity", "Check stick", priority=True, show=False,
+                tooltip="Check every file on the stick against its manifest"),
+        Binding("f7,ctrl+r", "copy", "Copy answer", priority=True, show=False,
+                tooltip="Copy the last answer (and show it to select or save)"),
+    ]
+
+    class Tokens(Message):
+        def __init__(self, generation: Generation, text: str, stats: GenStats | None):
+            super().__init__()
+            self.generation, self.text, self.stats = generation, text, stats
+
+    class Done(Message):
+        def __init__(self, generation: Generation, stats: GenStats | None, error: BaseException | None):
+            super().__init__()
+            self.generation, self.stats, self.error = generation, stats, error
+
+    def __init__(self, session, history: HistoryStore, conversation: Conversation | None = None):
+        super().__init__()
+        self.session = session
+        self.history = history
+        self.conversation = conversation or self.fresh_conversation()
+        self.generation: Generation | None = None
+        self.last_stats: GenStats | None = None
+        self.save_error: str | None = None
+
+    # ------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="topbar")
+        if not self.history.persistent:
+            yield Static(Content("Read-only stick: conversations are kept until you quit, not saved. "
+                                 "F4 then E shows one to copy."), id="banner")
+        yield Transcript(self.welcome_text(), id="transcript")
+        yield Static(id="stats")
+        question = TextArea(id="question", soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
+                            placeholder="Your question…  Ctrl+S sends")
+        question.border_title = "Your question · Ctrl+S sends · Enter = new line"
+        yield question
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.refresh_topbar()
+        self.refresh_stats()
+        if not self.conversation.empty:
+            self.query_one(Transcript).call_after_refresh(self.query_one(Transcript).show,
+                                                          self.conversation, self.speaker)
+        self.query_one("#question", TextArea).focus()
+
+    @property
+    def speaker(self) -> str:
+        return self.session.model.name
+
+    def welcome_text(self) -> str:
+        text = WELCOME
+        if self.session.steps:
+            text += "\nStarted with smaller settings: " + "; ".join(self.session.steps)
+        return text
+
+    def preset_name(self, preset_id: str | None) -> str:
+        preset = next((p for p in self.session.manifest.presets if p.id == preset_id), None)
+        return preset.name if preset else "none"
+
+    def fresh_conversation(self) -> Conversation:
+        keep = getattr(self, "conversation", None)
+        if keep is not None:
+            preset = keep.preset_id
+        else:  # the stick's first preset is its default; the kit itself ships none
+            preset = self.session.manifest.presets[0].id if self.session.manifest.presets else None
+        return new_conversation(self.session.plan.model_id, preset)
+
+    def refresh_topbar(self) -> None:
+        text = f"{self.speaker} · preset: {self.preset_name(self.conversation.preset_id)}"
+        if self.save_error:
+            text += " · NOT SAVED"
+        self.query_one("#topbar", Static).update(Content(text))
+
+    def refresh_stats(self, note: str = "") -> None:
+        line = note or stats_line(self.last_stats, self.session.engine.n_ctx, answering=self.answering)
+        self.query_one("#stats", Static).update(Content(line))
+
+    @property
+    def answering(self) -> bool:
+        return self.generation is not None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop":
+            return self.answering
+        if action == "send":
+            return None if self.answering else True
+        return True
+
+    # ------------------------------------------------------------------ asking
+
+    def action_send(self) -> None:
+        box = self.query_one("#question", TextArea)
+        question = box.text.strip()
+        if self.answering:
+            return
+        if not question:
+            self.refresh_stats("Type a question first, then press Ctrl+S.")
+            return
+        conv = self.conversation
+        messages = self.session.messages(question, preset=self.preset_for_engine(), history=conv.prompt_history())
+        conv.add("user", question)
+        transcript = self.query_one(Transcript)
+        transcript.add_user(question)
+        box.clear()
+        self.generation = Generation(conv, question, transcript.add_answer(self.speaker))
+        self.last_stats = None
+        self.generation.worker = self.generate(self.generation, messages)
+        self.refresh_bindings()
+        self.refresh_stats()
+
+    def preset_for_engine(self) -> str | None:
+        ids = {p.id for p in self.session.manifest.presets}
+        return self.conversation.preset_id if self.conversation.preset_id in ids else None
+
+    @work(thread=True, group="generate")
+    def generate(self, generation: Generation, messages: list[dict]) -> None:
+        engine = self.session.engine
+        pending: list[str] = []
+        last_flush = time.monotonic()
+        error: BaseException | None = None
+        try:
+            for token in engine.stream(messages, stop=generation.stop):
+                pending.append(token)
+                if time.monotonic() - last_flush >= FLUSH_S:
+                    self.post_message(self.Tokens(generation, "".join(pending), _copy(engine.last_stats)))
+                    pending.clear()
+                    last_flush = time.monotonic()
+        except Exception as err:  # shown in the chat with its fix; the chat goes on
+            error = err
+        finally:
+            if pending:
+                self.post_message(self.Tokens(generation, "".join(pending), _copy(engine.last_stats)))
+            self.post_message(self.Done(generation, _copy(engine.last_stats), error))
+
+    async def on_chat_screen_tokens(self, message: Tokens) -> None:
+        if message.generation.view.is_attached:
+            await message.generation.view.append(message.text)
+        if message.generation is self.generation:
+            self.last_stats = message.stats
+            self.refresh_stats()
+
+    async def on_chat_screen_done(self, message: Done) -> None:
+        gen = message.generation
+        stats, error = message.stats, message.error
+        text = gen.view.text
+        stopped = bool(stats and stats.stopped) or gen.stop.is_set()
+        if text.strip():
+            gen.conversation.add("assistant", text, stopped=stopped)
+            note = "stopped" if stopped else ""
+        else:  # nothing was written: take the question back so the model never sees it unanswered
+            if gen.conversation.messages and gen.conversation.messages[-1]["role"] == "user":
+                gen.conversation.messages.pop()
+            note = "stopped before answering" if stopped else "no answer"
+        if error is not None:
+            what, _meaning, fix, _code = failure_parts(error)
+            note = "failed"
+            if gen.view.is_attached:
+                await gen.view.append(f"\n\n**The model stopped with an error:** {what}\n\n*What to do:* {fix}")
+        if gen.view.is_attached:
+            await gen.view.finish(note)
+        if gen is self.generation:
+            self.generation = None
+            self.last_stats = stats
+            box = self.query_one("#question", TextArea)
+            if not text.strip() and not box.text:
+                box.text = gen.question  # ask again without retyping
+            self.refresh_bindings()
+            self.refresh_stats()
+        self.save(gen.conversation)
+
+    def action_stop(self) -> None:
+        if self.generation is not None:
+            self.generation.stop.set()
+            self.refresh_stats("Stopping…")
+
+    async def stop_and_wait(self) -> None:
+        """Stop the answer being written and wait for its thread: before a restart closes the engine."""
+        gen = self.generation
+        if gen is not None:
+            gen.stop.set()
+            if gen.worker is not None:
+                await gen.worker.wait()
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, conv: Conversation) -> None:
+        if not conv.empty:
+            self.save_worker(Conversation.from_dict(conv.to_dict()))
+
+    @work(thread=True, group="save")
+    def save_worker(self, conv: Conversation) -> None:
+        try:
+            self.history.save(conv)
+        except OSError as err:  # the stick is full, read-only now, or was pulled out
+            self.app.call_from_thread(self.save_failed, f"{err.strerror or err}")
+
+    def save_failed(self, why: str) -> None:
+        self.save_error = why
+        self.refresh_topbar()
+        self.notify(f"The conversation could not be saved: {why}. It stays on screen until you quit.",
+                    severity="error", timeout=10)
+
+    # ------------------------------------------------------------------ conversations
+
+    async def action_new(self) -> None:
+        await self.stop_and_wait()
+        self.open_conversation(self.fresh_conversation())
+
+    def open_conversation(self, conv: Conversation) -> None:
+        self.conversation = conv
+        self.last_stats = None
+        transcript = self.query_one(Transcript)
+        if conv.empty:
+            transcript.reset()
+        else:
+            transcript.show(conv, self.speaker)
+        self.refresh_topbar()
+        self.refresh_stats()
+        self.query_one("#question", TextArea).focus()
+
+    # ------------------------------------------------------------------ other screens
+
+    def action_help(self) -> None:
+        from kit.tui.screens.help import HelpScreen
+
+        self.app.push_screen(HelpScreen())
+
+    def action_presets(self) -> None:
+        from kit.tui.screens.pickers import PresetPicker
+
+        self.app.push_screen(PresetPicker(self.session.manifest.presets, self.conversation.preset_id),
+                             self.preset_chosen)
+
+    def preset_chosen(self, preset_id: str | None | bool) -> None:
+        if preset_id is False:  # closed without choosing
+            return
+        self.conversation.preset_id = preset_id or None
+        self.refresh_topbar()
+        self.refresh_stats(f"Preset: {self.preset_name(self.conversation.preset_id)} "
+                           "(applies from the next question)")
+
+    def action_models(self) -> None:
+        from kit.tui.screens.pickers import ModelPicker
+
+        self.app.push_screen(ModelPicker(self.session), self.model_chosen)
+
+    async def model_chosen(self, model_id: str | None) -> None:
+        if not model_id or model_id == self.session.plan.model_id:
+            return
+        await self.stop_and_wait()
+        self.save(self.conversation)
+        self.app.switch_model(model_id, self.conversation)
+
+    def action_history(self) -> None:
+        from kit.tui.screens.history import HistoryScreen
+
+        self.app.push_screen(HistoryScreen(self.history, self.conversation, self.speaker,
+                                           self.preset_name), self.history_closed)
+
+    async def history_closed(self, result) -> None:
+        if result is None:
+            return
+        if result.open is not None:
+            await self.stop_and_wait()
+            self.open_conversation(result.open)
+        elif self.conversation.id in result.deleted:
+            await self.stop_and_wait()
+            self.open_conversation(self.fresh_conversation())
+
+    def action_hardware(self) -> None:
+        from kit.tui.screens.hardware import HardwareScreen
+
+        self.app.push_screen(HardwareScreen(self.session))
+
+    def action_integrity(self) -> None:
+        from kit.tui.screens.integrity import IntegrityScreen
+
+        self.app.push_screen(IntegrityScreen(self.session.bundle, self.session.manifest))
+
+    def action_copy(self) -> None:
+        from kit.tui.screens.textview import TextViewScreen
+
+        answers = [m["content"] for m in self.conversation.messages if m["role"] == "assistant"]
+        if not answers:
+            self.refresh_stats("There is no answer to copy yet.")
+            return
+        self.app.copy_to_clipboard(answers[-1])
+        self.app.push_screen(TextViewScreen(
+            "The last answer", answers[-1], self.history,
+            note="Sent to the clipboard (most terminals accept it). If pasting does not work, "
+                 "select the text below with Shift+arrows and press Ctrl+C, or press Ctrl+S to save it "
+                 "as a file on the stick."))
+
+
+def _copy(stats: GenStats | None) -> GenStats | None:
+    return replace(stats) if stats is not None else None

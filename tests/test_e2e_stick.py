@@ -1,0 +1,132 @@
+"""The whole promise: `kit build` makes a stick whose launcher answers a question on a bare Linux
+with no Python and no network.
+
+The bare host is a Debian minbase root made with debootstrap (cached under CACHE, so only the first
+run downloads it); the stick is bind-mounted into it and the launcher runs under `chroot` inside
+`unshare -m -n` (a private mount table and no network at all).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import apt_install, run_kit
+from kit.builder.freeze import host_platform
+
+CACHE = Path("/var/cache/kit-test-debootstrap")
+SUITE = "bookworm"  # the glibc of the freezing host (Debian 12) is the runtime's floor
+FALLBACK_MIRROR = "http://deb.debian.org/debian"
+STICK_NAME = "Survival Kit — clé USB"  # spaces and non-ASCII, as real volume names have
+QUESTION = "How do I purify water?"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/etc/debian_version").exists() or os.name != "posix",
+                       reason="builds a Debian root with debootstrap"),
+]
+
+
+def debian_mirror() -> str:
+    """The Debian archive apt already uses here (deb822 `URIs:` or one-line `deb URL SUITE`)."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for url in re.findall(r"^(?:URIs:\s*|deb\s+(?:\[[^\]]*\]\s+)?)(\S+)", text, re.MULTILINE):
+            if url.rstrip("/").endswith("/debian"):
+                return url
+    return FALLBACK_MIRROR
+
+
+def require_root_tools() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the end-to-end stick test needs root (debootstrap, chroot, unshare, mount)")
+    apt_install("debootstrap")
+    for tool in ("unshare", "chroot", "mount"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing; install util-linux / coreutils")
+
+
+@pytest.fixture(scope="session")
+def debian_root() -> Path:
+    """A minimal Debian root without Python, made once and kept under CACHE."""
+    require_root_tools()
+    root = CACHE / f"{SUITE}-minbase"
+    if (root / ".kit-complete").exists():
+        return root
+    partial = CACHE / f"{SUITE}-minbase.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    mirror = debian_mirror()
+    proc = subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(partial), mirror],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"debootstrap {SUITE} from {mirror} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    shutil.rmtree(root, ignore_errors=True)
+    partial.rename(root)
+    (root / ".kit-complete").write_text(f"debootstrap --variant=minbase {SUITE} {mirror}\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def built_stick(tmp_path_factory) -> Path:
+    """A complete stick from manifests/demo.toml, runtime frozen for this host."""
+    target = tmp_path_factory.mktemp("e2e") / STICK_NAME
+    proc = run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), timeout=1800)
+    assert proc.returncode == 0, f"kit build failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return target
+
+
+def run_on_bare_host(root: Path, stick: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """START-linux.sh ARGS inside the Debian root, the stick bind-mounted at /media/<name>, no network."""
+    inside = f"/media/{STICK_NAME}"
+    (root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
+    script = ('set -e; mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; '
+              'mount -t sysfs sysfs "$1/sys" || true; shift 3; exec chroot "$@"')
+    command = ["unshare", "--mount", "--net", "sh", "-c", script, "sh", str(root), str(stick), STICK_NAME,
+               str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
+               "LANG=C.UTF-8", "/bin/sh", f"{inside}/START-linux.sh", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_the_stick_has_everything(built_stick):
+    for name in ("START-linux.sh", "START-macos.command", "START-windows.bat", "README.txt",
+                 "KIT/bundle.json", "KIT/B3SUMS", "KIT/SHA256SUMS", f"KIT/runtimes/{host_platform()}/kit"):
+        assert (built_stick / name).is_file(), name
+    assert not (built_stick / "KIT" / "INCOMPLETE").exists()
+    assert os.access(built_stick / "START-linux.sh", os.X_OK)
+    assert not any(p.is_symlink() for p in built_stick.rglob("*"))
+
+
+def test_the_bare_host_has_no_python(debian_root):
+    assert (debian_root / "bin" / "sh").exists()
+    assert not list((debian_root / "usr" / "bin").glob("python*"))
+    assert not (debian_root / "usr" / "lib" / "x86_64-linux-gnu" / "libgomp.so.1").exists() \
+        or host_platform() != "linux-x86_64", "the root should lack OpenMP: the runtime must bring its own"
+
+
+def test_the_frozen_runtime_verifies_the_stick_offline(debian_root, built_stick):
+    proc = run_on_bare_host(debian_root, built_stick, "verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "The stick is intact." in proc.stdout
+
+
+def test_ask_answers_offline_on_a_bare_host(debian_root, built_stick):
+    proc = run_on_bare_host(debian_root, built_stick, "ask", QUESTION, "--max-tokens", "48")
+    diagnostics = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, diagnostics
+    assert "checking gemma-3-270m against the stick's manifest" in proc.stderr, diagnostics
+    probed_ok = set(re.findall(r"probed CPU kernel (\S+): ok", proc.stderr))
+    stats = re.search(r"\[(\d+) tokens, [\d.]+ tok/s, model gemma-3-270m, kernel (\S+)\]", proc.stderr)
+    assert stats, diagnostics
+    assert int(stats.group(1)) > 0 and stats.group(2) in probed_ok, diagnostics
+    assert len(proc.stdout.strip()) >= 10 and re.search(r"[A-Za-z]{3}", proc.stdout), diagnostics
+    assert (built_stick / "KIT" / "state" / "kernel-probe.json").is_file()  # the verdict is kept on the stick
