@@ -56,6 +56,8 @@ OS_ERRORS = {
     errno.ENOSPC: ("the disk is full", "free space on the target or use a bigger stick, then rerun"),
     errno.EIO: ("the stick could not be read (was it pulled out?)",
                 "plug the stick back in and start again; run `kit verify` if it keeps failing"),
+    errno.ENODEV: ("the stick is gone (was it pulled out?)", "plug the stick back in and start again"),
+    errno.ENXIO: ("the stick is gone (was it pulled out?)", "plug the stick back in and start again"),
     errno.EROFS: ("the target is read-only", "choose a writable folder or unlock the stick"),
     errno.EACCES: ("permission denied", "choose a folder you may write to"),
     errno.ENOENT: ("a file or folder does not exist", "check the path you gave"),

@@ -175,28 +175,31 @@ class ModelFacts:
 KV_PAD = 256
 DEFAULT_N_BATCH = 512  # llama-cpp-python's Llama(n_batch=512, n_ubatch=512)
 
-# Compute buffers. llama.cpp reserves its compute buffer for the worst-case graph of one ubatch
-# (llama-context.cpp graph_reserve: n_ubatch tokens attending to n_ctx cells, with outputs for
-# every token), so the *reserved* size is dominated by the logits, n_vocab x n_ubatch f32
-# (514 MiB for Gemma 3's 262k vocabulary at any n_ctx), and the allocator reuses that memory
-# for the attention scores. On the CPU those pages are malloc'd but mostly never touched: the
-# chat asks logits of one token per batch. What becomes *resident* (measured with
-# bench/memory_estimate.py on Gemma 3 270M, context filled, n_ubatch 512 and 128, 512..8192
-# cells) is: the KQ scores and their softmax (2 x n_head x n_ubatch x n_ctx f32; the slope
-# measured 15.5 KB per cell vs 16 KB modelled), activations (~14 KB per ubatch token for
-# n_embd 640: ~6 x n_embd f32) and a fixed ~58 MiB (thread pools, allocator arenas, sampler
-# arrays). With flash attention (Llama(flash_attn=True)) the scores are never materialised: only
-# the KQ mask (n_ubatch x n_ctx) grows with the context (2.6 KB per cell measured, 2 KB
-# modelled). A GPU backend allocates its reserved buffer for real: VRAM gets the reserved size.
-COMPUTE_KQ_FACTOR = 2
-COMPUTE_ACT_FACTOR = 6
-COMPUTE_FIXED = 64 * 1024 * 1024
+# Compute buffers, calibrated with bench/memory_estimate.py (context filled, then 32 tokens) on
+# the real Gemma 3 270M (4 heads, 262k vocabulary, SWA) and a random-weight llama written by the
+# bench (32 heads, 32k vocabulary), 512..8192 cells, n_ubatch 512 and 128, with and without
+# flash attention.
+# - llama.cpp *reserves* the worst-case graph of one ubatch (llama-context.cpp graph_reserve):
+#   max(logits n_vocab x n_ubatch f32, KQ scores n_head x n_ubatch x n_ctx f32) plus a little;
+#   its log said 514 MiB for Gemma at every context (the logits) and 550 MiB for the llama at
+#   8192 (the scores). A GPU backend allocates that for real: VRAM gets the reserved size.
+# - On the CPU most of a reserve is never touched (the chat asks logits of one token); what
+#   becomes *resident* grows by 1.43 x the KQ scores per cell on both models (the scores, the
+#   softmax in place, and the f16 copy the KQ x V product converts them to in the CPU backend's
+#   work buffer), plus the KQ mask (n_ubatch x n_ctx f32; two for models with SWA layers),
+#   plus ~240 bytes per vocabulary entry (sampler and logits copies) and a few MiB.
+# - Flash attention (Llama(flash_attn=True)) never materialises the scores: only the masks grow.
+# Estimate vs measured peak, without the UI allowance below: +0 % .. +7 % on all 17 points.
+COMPUTE_KQ_FACTOR = 1.5
+COMPUTE_ACT_FACTOR = 3  # activations: x n_embd x n_ubatch f32
+COMPUTE_VOCAB_BYTES = 240
+COMPUTE_FIXED = 8 * 1024 * 1024
 # Python + llama_cpp + ggml + the CPU variant: 48 MiB RSS measured after imports; Textual and its
 # widgets +16 MiB measured at import; +32 MiB allowance for the running UI and chat history.
 RUNTIME_OVERHEAD = 96 * 1024 * 1024
-# llama.cpp keeps the vocabulary in RAM (token text, scores, maps, piece cache): 45 MiB measured
-# for Gemma 3's 262,144 tokens after loading.
-VOCAB_BYTES_PER_TOKEN = 180
+# llama.cpp keeps the vocabulary in RAM once loaded (token text, scores, maps, piece cache):
+# measured 180 bytes per token for Gemma 3 (262,144 tokens), 230 for the 32k llama.
+VOCAB_BYTES_PER_TOKEN = 240
 
 
 @dataclass(frozen=True)
@@ -252,16 +255,17 @@ def kv_cache_bytes(
 def compute_bytes(facts: ModelFacts, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
                   reserved: bool = False, flash_attn: bool = False) -> int:
     """llama.cpp's compute buffer at n_ctx: resident on the CPU, or `reserved` (what a GPU
-    backend allocates). See the COMPUTE_* constants for the calibration. Flash attention
-    never materialises the KQ scores."""
+    backend allocates). See the COMPUTE_* constants for the calibration."""
     n_ubatch = min(n_ctx, n_batch)
     cells = _pad(n_ctx)
-    kq = 0 if flash_attn else COMPUTE_KQ_FACTOR * facts.n_head * n_ubatch * cells * 4
-    kq += n_ubatch * cells * 4  # the KQ mask
+    scores = facts.n_head * n_ubatch * cells * 4
+    masks = (2 if facts.n_swa_layers else 1) * n_ubatch * cells * 4
     act = COMPUTE_ACT_FACTOR * facts.n_embd * n_ubatch * 4
     if reserved:
-        return max(facts.vocab_size * n_ubatch * 4, kq) + act
-    return kq + act + COMPUTE_FIXED
+        attn = masks if flash_attn else scores + masks
+        return max(facts.vocab_size * n_ubatch * 4, attn) + act
+    kq = 0 if flash_attn else int(COMPUTE_KQ_FACTOR * scores)
+    return kq + masks + act + COMPUTE_VOCAB_BYTES * facts.vocab_size + COMPUTE_FIXED
 
 
 def _layer_weights(facts: ModelFacts) -> tuple[list[int], int]:
@@ -314,7 +318,8 @@ def estimate_memory(
         # resident one for the blocks it still runs, or only the fixed part when all moved.
         c_gpu = compute_bytes(facts, n_ctx, n_batch=n_batch, reserved=True,
                               flash_attn=flash_attn)
-        c_cpu = compute if cpu_blocks else COMPUTE_FIXED
+        c_cpu = compute if cpu_blocks else (COMPUTE_FIXED
+                                            + COMPUTE_VOCAB_BYTES * facts.vocab_size)
         # Offloaded tensors leave RAM: the last blocks lie at the file's end, and
         # llama-model-loader.cpp unmaps the mapped range no CPU tensor uses ("unmap offloaded
         # tensors and metadata"). A tied output layer is a copy of the token embeddings, which

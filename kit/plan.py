@@ -172,7 +172,7 @@ def _usable_gpu(host: Host, runtime_backends: frozenset[str]) -> tuple[Gpu | Non
     sized = [g for g in usable if (g.vram_free or g.vram_total or g.unified_memory)]
     if not sized:
         return None, f"{usable[0].name}: its memory size could not be read: CPU only"
-    best = max(sized, key=_vram_of)
+    best = max(sized, key=lambda g: _vram_of(g, host.ram_total))
     return best, f"using {best.name} through {best.backend}"
 
 
@@ -200,7 +200,7 @@ def make_budget(host: Host, runtime_backends: frozenset[str] = frozenset()) -> B
     ram = max(0, available - margin)
     notes.append(Decision("memory", ram, f"{why}; keeping {_size(margin)} free "
                                          f"(max of 15 % and 512 MiB): {_size(ram)} usable"))
-    gpu, gpu_why = _usable_gpu(host, frozenset(runtime_backends))
+    gpu, gpu_why = _usable_gpu(host, frozenset(runtime_backends) & GPU_BACKENDS)
     vram_available = vram = 0
     if gpu is not None:
         vram_available = _vram_of(gpu, host.ram_total)

@@ -12,11 +12,12 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-
 from conftest import apt_install, run_kit
+
 from kit.builder.freeze import host_platform
 
 CACHE = Path("/var/cache/kit-test-debootstrap")
@@ -106,11 +107,11 @@ def test_the_stick_has_everything(built_stick):
     assert not any(p.is_symlink() for p in built_stick.rglob("*"))
 
 
-def test_the_bare_host_has_no_python(debian_root):
+def test_the_bare_host_has_no_python_and_no_openmp(debian_root):
     assert (debian_root / "bin" / "sh").exists()
     assert not list((debian_root / "usr" / "bin").glob("python*"))
-    assert not (debian_root / "usr" / "lib" / "x86_64-linux-gnu" / "libgomp.so.1").exists() \
-        or host_platform() != "linux-x86_64", "the root should lack OpenMP: the runtime must bring its own"
+    # The CPU kernels need libgomp.so.1, which a minbase root lacks: the runtime must bring its own.
+    assert not list(debian_root.glob("usr/lib/*/libgomp.so*"))
 
 
 def test_the_frozen_runtime_verifies_the_stick_offline(debian_root, built_stick):
@@ -122,6 +123,7 @@ def test_the_frozen_runtime_verifies_the_stick_offline(debian_root, built_stick)
 def test_ask_answers_offline_on_a_bare_host(debian_root, built_stick):
     proc = run_on_bare_host(debian_root, built_stick, "ask", QUESTION, "--max-tokens", "48")
     diagnostics = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    print(diagnostics)
     assert proc.returncode == 0, diagnostics
     assert "checking gemma-3-270m against the stick's manifest" in proc.stderr, diagnostics
     probed_ok = set(re.findall(r"probed CPU kernel (\S+): ok", proc.stderr))
@@ -130,3 +132,29 @@ def test_ask_answers_offline_on_a_bare_host(debian_root, built_stick):
     assert int(stats.group(1)) > 0 and stats.group(2) in probed_ok, diagnostics
     assert len(proc.stdout.strip()) >= 10 and re.search(r"[A-Za-z]{3}", proc.stdout), diagnostics
     assert (built_stick / "KIT" / "state" / "kernel-probe.json").is_file()  # the verdict is kept on the stick
+
+
+def _mapped_paths(pid: int) -> set[str]:
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:  # the process has ended
+        return set()
+    return {fields[5].strip() for fields in (line.split(None, 5) for line in lines) if len(fields) == 6}
+
+
+def test_ask_maps_one_libggml_from_the_stick(built_stick):
+    """DESIGN.md trap 2, on the stick itself: the launcher execs the runtime (same pid), whose
+    libllama and CPU kernel must share the one libggml in its llama_cpp/lib."""
+    launcher = built_stick / "START-linux.sh"
+    proc = subprocess.Popen(["sh", str(launcher), "ask", QUESTION, "--max-tokens", "8"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    seen: set[str] = set()
+    while proc.poll() is None:
+        seen |= _mapped_paths(proc.pid)
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    lib = built_stick / "KIT" / "runtimes" / host_platform() / "_internal" / "llama_cpp" / "lib"
+    ggml = sorted(p for p in seen if Path(p).name.startswith(("libggml.so", "libggml-base.so")))
+    assert ggml == [str(lib / "libggml-base.so.0"), str(lib / "libggml.so.0")]
+    assert any(Path(p).name.startswith("libggml-cpu-") for p in seen) and out.strip()

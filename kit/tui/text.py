@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import traceback
 
 from kit import errors
@@ -19,6 +20,9 @@ def human_bytes(n: float) -> str:
 
 
 def duration(seconds: float) -> str:
+    """'0.4 s', '5 s', '2 min 5 s': tenths only where whole seconds would say '0 s'."""
+    if isinstance(seconds, float) and seconds < 10:
+        return f"{max(0.0, seconds):.1f} s"
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -32,7 +36,7 @@ def progress_details(p: Progress) -> str:
     if p.rate > 0:
         parts.append(f"{human_bytes(p.rate)}/s")
     if p.eta is not None and p.all_done < p.all_total:
-        parts.append(f"about {duration(p.eta)} left")
+        parts.append(f"about {duration(math.ceil(p.eta))} left")
     return " · ".join(parts)
 
 

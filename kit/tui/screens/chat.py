@@ -21,6 +21,12 @@ from textual.worker import Worker
 
 from kit.engine import GenStats
 from kit.history import Conversation, HistoryStore, new_conversation
+from kit.tui.screens.hardware import HardwareScreen
+from kit.tui.screens.help import HelpScreen
+from kit.tui.screens.history import HistoryScreen
+from kit.tui.screens.integrity import IntegrityScreen
+from kit.tui.screens.pickers import ModelPicker, PresetPicker
+from kit.tui.screens.textview import TextViewScreen
 from kit.tui.text import failure_parts, stats_line
 from kit.tui.widgets.transcript import AnswerMessage, Transcript
 
@@ -72,6 +78,11 @@ class ChatScreen(Screen):
             super().__init__()
             self.generation, self.stats, self.error = generation, stats, error
 
+    class SaveFailed(Message):
+        def __init__(self, why: str):
+            super().__init__()
+            self.why = why
+
     def __init__(self, session, history: HistoryStore, conversation: Conversation | None = None):
         super().__init__()
         self.session = session
@@ -91,7 +102,7 @@ class ChatScreen(Screen):
         yield Transcript(self.welcome_text(), id="transcript")
         yield Static(id="stats")
         question = TextArea(id="question", soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
-                            placeholder="Your question…  Ctrl+S sends")
+                            placeholder="Type your question here")
         question.border_title = "Your question · Ctrl+S sends · Enter = new line"
         yield question
         yield Footer()
@@ -103,6 +114,10 @@ class ChatScreen(Screen):
             self.query_one(Transcript).call_after_refresh(self.query_one(Transcript).show,
                                                           self.conversation, self.speaker)
         self.query_one("#question", TextArea).focus()
+
+    def on_unmount(self) -> None:
+        if self.generation is not None:  # quitting mid-answer: let the thread end at the next token
+            self.generation.stop.set()
 
     @property
     def speaker(self) -> str:
@@ -253,12 +268,12 @@ class ChatScreen(Screen):
         try:
             self.history.save(conv)
         except OSError as err:  # the stick is full, read-only now, or was pulled out
-            self.app.call_from_thread(self.save_failed, f"{err.strerror or err}")
+            self.post_message(self.SaveFailed(f"{err.strerror or err}"))
 
-    def save_failed(self, why: str) -> None:
-        self.save_error = why
+    def on_chat_screen_save_failed(self, message: SaveFailed) -> None:
+        self.save_error = message.why
         self.refresh_topbar()
-        self.notify(f"The conversation could not be saved: {why}. It stays on screen until you quit.",
+        self.notify(f"The conversation could not be saved: {message.why}. It stays on screen until you quit.",
                     severity="error", timeout=10)
 
     # ------------------------------------------------------------------ conversations
@@ -282,13 +297,9 @@ class ChatScreen(Screen):
     # ------------------------------------------------------------------ other screens
 
     def action_help(self) -> None:
-        from kit.tui.screens.help import HelpScreen
-
         self.app.push_screen(HelpScreen())
 
     def action_presets(self) -> None:
-        from kit.tui.screens.pickers import PresetPicker
-
         self.app.push_screen(PresetPicker(self.session.manifest.presets, self.conversation.preset_id),
                              self.preset_chosen)
 
@@ -301,8 +312,6 @@ class ChatScreen(Screen):
                            "(applies from the next question)")
 
     def action_models(self) -> None:
-        from kit.tui.screens.pickers import ModelPicker
-
         self.app.push_screen(ModelPicker(self.session), self.model_chosen)
 
     async def model_chosen(self, model_id: str | None) -> None:
@@ -313,8 +322,6 @@ class ChatScreen(Screen):
         self.app.switch_model(model_id, self.conversation)
 
     def action_history(self) -> None:
-        from kit.tui.screens.history import HistoryScreen
-
         self.app.push_screen(HistoryScreen(self.history, self.conversation, self.speaker,
                                            self.preset_name), self.history_closed)
 
@@ -329,18 +336,12 @@ class ChatScreen(Screen):
             self.open_conversation(self.fresh_conversation())
 
     def action_hardware(self) -> None:
-        from kit.tui.screens.hardware import HardwareScreen
-
         self.app.push_screen(HardwareScreen(self.session))
 
     def action_integrity(self) -> None:
-        from kit.tui.screens.integrity import IntegrityScreen
-
         self.app.push_screen(IntegrityScreen(self.session.bundle, self.session.manifest))
 
     def action_copy(self) -> None:
-        from kit.tui.screens.textview import TextViewScreen
-
         answers = [m["content"] for m in self.conversation.messages if m["role"] == "assistant"]
         if not answers:
             self.refresh_stats("There is no answer to copy yet.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -19,7 +18,7 @@ class FailureScreen(Screen):
     BINDINGS = [
         Binding("r", "retry", "Try again"),
         Binding("a", "automatic", "Let the kit choose"),
-        Binding("q,ctrl+q,escape", "quit", "Quit", priority=True),
+        Binding("q,escape", "app.quit", "Quit", show=False),
     ]
 
     def __init__(self, error: BaseException, overrides: Overrides):
@@ -50,6 +49,3 @@ class FailureScreen(Screen):
 
     def action_automatic(self) -> None:
         self.app.restart(Overrides(), reason="Starting with the kit's own choice of model and settings.")
-
-    def action_quit(self) -> None:
-        self.app.exit(return_code=self.exit_code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -13,23 +15,19 @@ from kit.tui.text import key_label
 
 # Keys the widgets themselves handle (TextArea, lists); not in any screen's BINDINGS.
 TEXT_BOX_KEYS = [
-    ("Enter", "new line in the question"),
-    ("Tab / Shift+Tab", "move between the question and the conversation (then Up/Down/PgUp/PgDn scroll)"),
-    ("Shift+arrows", "select text; Ctrl+C copies it, Ctrl+X cuts, Ctrl+V pastes, Ctrl+Z undoes"),
-    ("Up / Down, Enter", "in every list: move, then choose"),
+    ("Enter", "A new line in the question"),
+    ("Tab / Shift+Tab", "Move between the question and the conversation (then Up, Down, PgUp, PgDn scroll)"),
+    ("Shift+arrows", "Select text; Ctrl+C copies it, Ctrl+X cuts, Ctrl+V pastes, Ctrl+Z undoes"),
+    ("Up / Down, Enter", "In every list: move, then choose"),
 ]
 
 
-def binding_lines(bindings) -> list[str]:
-    lines = []
-    for b in bindings:
-        if not isinstance(b, Binding) or not b.description:
-            continue
-        lines.append(f"  {key_label(b.key):<22} {b.tooltip or b.description}")
-    return lines
+def binding_rows(bindings) -> list[tuple[str, str]]:
+    return [(key_label(b.key), b.tooltip or b.description) for b in bindings
+            if isinstance(b, Binding) and b.description]
 
 
-def help_text() -> str:
+def help_sections() -> list[tuple[str, list[tuple[str, str]]]]:
     from kit.tui.app import KitApp
     from kit.tui.screens.chat import ChatScreen
     from kit.tui.screens.history import HistoryScreen
@@ -42,12 +40,21 @@ def help_text() -> str:
         ("Checking the stick (F6)", IntegrityScreen.BINDINGS),
         ("Copied answer and exports", TextViewScreen.BINDINGS),
     ]
-    out = []
-    for title, bindings in sections:
-        out += [title, *binding_lines(bindings), ""]
-    out += ["Typing", *[f"  {k:<22} {what}" for k, what in TEXT_BOX_KEYS], "",
-            "Esc closes any window. The mouse works too, but is never needed."]
-    return "\n".join(out)
+    return [(title, binding_rows(bindings)) for title, bindings in sections] + [("Typing", TEXT_BOX_KEYS)]
+
+
+def help_table() -> Table:
+    """Keys in one column, what they do wrapped in the other (readable at 80 columns)."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for i, (title, rows) in enumerate(help_sections()):
+        if i:
+            table.add_row("", "")
+        table.add_row(Text(title, style="bold underline"), "")
+        for keys, what in rows:
+            table.add_row(Text("  " + keys), Text(what))
+    return table
 
 
 class HelpScreen(ModalScreen):
@@ -56,7 +63,9 @@ class HelpScreen(ModalScreen):
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog", id="help-box"):
             yield Static(Content("Keys"), classes="dialog-title")
-            yield Static(Content(help_text()), id="help-text")
+            yield Static(help_table(), id="help-text")
+            yield Static(Content("Esc closes any window. The mouse works too, but is never needed."),
+                         id="help-footnote")
         yield Footer()
 
     def on_mount(self) -> None:

@@ -21,6 +21,7 @@ from textual.widgets.option_list import Option
 
 from kit.errors import KitError
 from kit.history import Conversation, HistoryStore, Listing, to_markdown
+from kit.tui.screens.textview import TextViewScreen
 
 
 @dataclass
@@ -116,8 +117,9 @@ class HistoryScreen(ModalScreen[HistoryResult]):
             notes.append(f"{len(self.listing.unreadable)} file(s) could not be read and are not shown: "
                          + "; ".join(self.listing.unreadable[:3]))
         self.query_one("#history-note", Static).update(Content("\n".join(notes)))
-        if self.listing.conversations:
-            option_list.highlighted = 0
+        ids = [c.id for c in self.listing.conversations]
+        if ids:  # start on the open conversation when it is saved, else on the newest
+            option_list.highlighted = ids.index(self.current.id) if self.current.id in ids else 0
 
     def selected_id(self) -> str | None:
         option_list = self.query_one(OptionList)
@@ -184,8 +186,6 @@ class HistoryScreen(ModalScreen[HistoryResult]):
             self.post_message(self.Exported(conv.title, path, markdown))
 
     def on_history_screen_exported(self, message: Exported) -> None:
-        from kit.tui.screens.textview import TextViewScreen
-
         if message.error:
             self.notify(message.error, severity="error", timeout=10)
         elif message.path is not None:

@@ -82,7 +82,9 @@ class StartScreen(Screen):
     def tick(self) -> None:
         elapsed = time.monotonic() - self.began
         if elapsed >= self.SHOW_ELAPSED_AFTER_S:
-            self.query_one("#start-elapsed", Static).update(Content(f"Working… {int(elapsed)} s"))
+            self.query_one("#start-elapsed", Static).update(Content(
+                f"Working… {int(elapsed)} s. On a new computer the kit tests which CPU programs run "
+                "fastest here; this can take a few minutes once, then it is remembered."))
 
     @work(thread=True, exclusive=True, group="start")
     def run_starter(self) -> None:

@@ -1,0 +1,164 @@
+"""llama.cpp's own tools (llama-bench, llama-completion), built from the very sources the kit's
+llama-cpp-python was built from, and made to run exactly one CPU kernel variant.
+
+- Sources: the llama-cpp-python sdist of the version in build/llama-cpp.env (its vendor/llama.cpp
+  is the same commit), downloaded once with pip into the cache.
+- Build: cmake, portable (GGML_NATIVE=OFF) with dynamically loaded backends (GGML_BACKEND_DL=ON);
+  only the two tools, no CPU backend of its own: the kernel comes from the kit.
+- One kernel: ggml_backend_load_all() scores every libggml-cpu-*.so in the executable's folder and
+  the current folder and loads the best. A folder per variant holding a copy of the tools and only
+  that variant's library (copied from the kit's llama_cpp/lib), run from that folder, leaves it no
+  other choice; the "loaded CPU backend from ..." line it logs is checked after every run.
+- Same libraries: LD_LIBRARY_PATH points at the kit's llama_cpp/lib, so libllama and libggml are
+  the kit's own files too; only the front end differs (checked with ldd, see `linked_libllama`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import ROOT, ensure_cache, say
+
+TOOLS = ("llama-bench", "llama-completion")
+CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON",
+              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+              "-DLLAMA_OPENSSL=OFF"]
+_LOADED = re.compile(r"loaded CPU backend from (\S+)")
+
+
+def pinned_version() -> str:
+    text = (ROOT / "build" / "llama-cpp.env").read_text()
+    match = re.search(r"^LLAMA_CPP_PYTHON_VERSION=(\S+)", text, re.M)
+    if not match:
+        raise RuntimeError("build/llama-cpp.env names no LLAMA_CPP_PYTHON_VERSION")
+    return match.group(1)
+
+
+def sources() -> Path:
+    """vendor/llama.cpp of the pinned sdist, downloaded and unpacked once."""
+    version = pinned_version()
+    src = ensure_cache() / "src"
+    tree = src / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    say(f"downloading the llama-cpp-python {version} sdist (its vendored llama.cpp)")
+    src.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={version}", "-d", str(src)], check=True)
+    archive = next(src.glob(f"llama_cpp_python-{version}.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(src, filter="data")
+    return tree
+
+
+def build_dir() -> Path:
+    return ensure_cache() / f"llama.cpp-{pinned_version()}"
+
+
+def build_tools() -> Path:
+    """The folder holding the built tools (cached: cmake rebuilds nothing when nothing changed)."""
+    out = build_dir()
+    binaries = out / "bin"
+    if all((binaries / t).is_file() for t in TOOLS):
+        return binaries
+    tree = sources()
+    say(f"building {', '.join(TOOLS)} from {tree} (once; ~10 min on 2 cores)")
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(out), "-G", "Ninja", *CMAKE_ARGS],
+                   check=True, stdout=subprocess.DEVNULL)
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run(["cmake", "--build", str(out), "-j", jobs, "--target", *TOOLS], check=True,
+                   stdout=subprocess.DEVNULL)
+    return binaries
+
+
+def variant_dir(variant_lib: Path) -> Path:
+    """A folder with the tools and this one kernel library, nothing else ggml could pick."""
+    binaries = build_tools()
+    name = variant_lib.name.removeprefix("libggml-cpu-").removesuffix(".so")
+    folder = ensure_cache() / "one-kernel" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("libggml-cpu*"):
+        if stale.name != variant_lib.name:
+            stale.unlink()
+    # Copies, not links: ggml finds "its" folder through /proc/self/exe, which resolves links.
+    for source in [*(binaries / t for t in TOOLS), variant_lib]:
+        target = folder / source.name
+        if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+            shutil.copy2(source, target)
+    return folder
+
+
+def tool_env(kit_lib: Path) -> dict[str, str]:
+    env = dict(os.environ, LD_LIBRARY_PATH=str(kit_lib))
+    env.pop("GGML_BACKEND_PATH", None)  # would load one more backend on top of the folder's
+    return env
+
+
+def linked_libllama(folder: Path, kit_lib: Path) -> str:
+    """Which libllama the tools get under tool_env (ldd), to show it is the kit's own file."""
+    out = subprocess.run(["ldd", str(folder / "llama-bench")], capture_output=True, text=True,
+                         env=tool_env(kit_lib)).stdout
+    match = re.search(r"libllama\.so\S*\s+=>\s+(\S+)", out)
+    return match.group(1) if match else "not found"
+
+
+def loaded_backend(stderr: str) -> str | None:
+    match = _LOADED.search(stderr)
+    return match.group(1) if match else None
+
+
+def check_backend(stderr: str, folder: Path, variant_lib: Path) -> str:
+    """The path ggml says it loaded; raises when it is not the one variant we put there."""
+    loaded = loaded_backend(stderr)
+    if loaded is None or Path(loaded).name != variant_lib.name:
+        raise RuntimeError(f"llama.cpp loaded {loaded!r}, not {variant_lib.name} from {folder}")
+    return loaded
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    prompt_tps: float  # best repetition, as kit.engine.benchmark reports its best
+    gen_tps: float
+    backend: str
+
+
+def llama_bench(folder: Path, kit_lib: Path, variant_lib: Path, model: Path, *, threads: int,
+                prompt_tokens: int, gen_tokens: int, repeats: int) -> BenchResult:
+    """Prompt at depth 0 and generation at depth `prompt_tokens`: what the kit's benchmark does
+    (it generates right after its prompt). Flash attention off, as llama-cpp-python's default."""
+    cmd = [str(folder / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt_tokens),
+           "-n", str(gen_tokens), "-d", f"0,{prompt_tokens}", "-r", str(repeats), "-fa", "0",
+           "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=folder, env=tool_env(kit_lib),
+                          stdin=subprocess.DEVNULL, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    backend = check_backend(proc.stderr, folder, variant_lib)
+    tests = json.loads(proc.stdout)
+    prompt = _best(tests, n_prompt=prompt_tokens, n_gen=0, n_depth=0)
+    gen = _best(tests, n_prompt=0, n_gen=gen_tokens, n_depth=prompt_tokens)
+    return BenchResult(prompt, gen, backend)
+
+
+def _best(tests: list[dict], **where: int) -> float:
+    for t in tests:
+        if all(t.get(k) == v for k, v in where.items()):
+            return max(t["samples_ts"])
+    raise RuntimeError(f"llama-bench printed no test with {where}")
+
+
+def completion_command(folder: Path, model: Path, prompt: str, *, threads: int, max_tokens: int,
+                       ctx: int) -> list[str]:
+    """llama-completion answering one prompt, printing only the answer (its logs go to stderr).
+    No warm-up run: the fastest start llama.cpp's own CLI has."""
+    return [str(folder / "llama-completion"), "-m", str(model), "-p", prompt, "-n", str(max_tokens),
+            "-t", str(threads), "-c", str(ctx), "--no-display-prompt", "--no-warmup", "-no-cnv",
+            "--temp", "0.3", "--repeat-penalty", "1.1", "-s", "1"]

@@ -1,0 +1,107 @@
+"""The one app factory: `kit chat` (through run), the frozen runtime and the tests all use make_app.
+
+Screens: start (check and load, in a worker) → chat, or → failure. Over the chat: presets, models,
+history, hardware, integrity, help. A model switch goes back through start with new overrides.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from textual.app import App
+from textual.binding import Binding
+
+from kit.history import Conversation, HistoryStore
+from kit.plan import Overrides
+from kit.tui.screens.chat import ChatScreen
+from kit.tui.screens.failure import FailureScreen
+from kit.tui.screens.start import StartScreen
+
+# starter(overrides, *, on_progress, on_status) -> kit.launch.Session; kit.launch.start bound to a stick.
+Starter = Callable[..., object]
+
+
+def default_starter(stick: str | Path | None) -> Starter:
+    from kit import launch
+
+    return functools.partial(launch.start, stick)
+
+
+def pick_theme(environ: Mapping[str, str]) -> str | None:
+    """The terminal's own 16 colours where it may not have more (Linux console, plain xterm, screen)."""
+    term = environ.get("TERM", "")
+    if environ.get("COLORTERM", "").lower() in ("truecolor", "24bit") or "256color" in term:
+        return None
+    return "ansi-dark"
+
+
+class KitApp(App[int]):
+    CSS_PATH = "kit.tcss"
+    TITLE = "Survival Kit"
+    ENABLE_COMMAND_PALETTE = False  # ctrl+p picks a preset instead
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit the kit")]
+
+    def __init__(self, starter: Starter, overrides: Overrides | None = None, *, theme: str | None = None):
+        super().__init__()
+        self.starter = starter
+        self.overrides = overrides or Overrides()
+        self.session = None
+        self.history: HistoryStore | None = None
+        self._carry: Conversation | None = None  # the conversation that survives a model switch
+        if theme:
+            self.theme = theme
+
+    def on_mount(self) -> None:
+        self.push_screen(StartScreen(self.overrides))
+
+    async def action_quit(self) -> None:
+        """Quit; after a failed start the exit code says why (as the CLI's would)."""
+        self.exit(return_code=getattr(self.screen, "exit_code", 0))
+
+    def _replace_top(self, screen) -> None:
+        while len(self.screen_stack) > 2:  # close pickers and dialogs over the chat
+            self.pop_screen()
+        self.switch_screen(screen)
+
+    def begin_chat(self, session) -> None:
+        self.session = session
+        if self.history is None or self.history.folder != HistoryStore(session.state).folder:
+            self.history = HistoryStore(session.state)
+        conversation, self._carry = self._carry, None
+        self._replace_top(ChatScreen(session, self.history, conversation))
+
+    def show_failure(self, error: BaseException, overrides: Overrides) -> None:
+        self._replace_top(FailureScreen(error, overrides))
+
+    def restart(self, overrides: Overrides, *, reason: str = "") -> None:
+        """Start again (another model, or after a failure); the old engine is closed first."""
+        if self.session is not None:
+            self.session.engine.close()
+            self.session = None
+        self.overrides = overrides
+        self._replace_top(StartScreen(overrides, reason=reason))
+
+    def switch_model(self, model_id: str, conversation: Conversation) -> None:
+        self._carry = conversation
+        self.restart(replace(self.overrides, model=model_id),
+                     reason=f"Switching to {model_id}: checking and loading it.")
+
+
+def make_app(stick: str | Path | None = None, overrides: Overrides | None = None, *,
+             starter: Starter | None = None, theme: str | None = None) -> KitApp:
+    return KitApp(starter or default_starter(stick), overrides, theme=theme)
+
+
+def run(stick: str | Path | None, overrides: Overrides) -> int:
+    """`kit chat`: the app in this terminal; the exit code says how it ended."""
+    app = make_app(stick, overrides, theme=pick_theme(os.environ))
+    try:
+        app.run()
+    finally:
+        if app.session is not None:
+            app.session.engine.close()
+    return app.return_code or 0

@@ -1,0 +1,687 @@
+"""The Textual chat driven by Pilot: every screen and key path, with FakeEngine and real kit objects.
+
+Sessions are built from real dataclasses (Host, a LaunchPlan from kit.plan.make_plan, KernelChoice)
+over a real tiny stick written here (files + bundle.json hashed with kit.integrity); only the
+engine is the scriptable FakeEngine. The helpers are reused by tests/test_tui_snapshots.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from kit import integrity, launch
+from kit.engine import FakeEngine
+from kit.errors import EngineError, IntegrityError, PlanError
+from kit.ggufmeta import ModelFacts
+from kit.hardware import Host
+from kit.history import HistoryStore, new_conversation
+from kit.kernels import KernelChoice, ProbeResult
+from kit.manifest import BundleManifest, FileEntry, ModelEntry, Preset
+from kit.plan import Overrides, make_plan
+from kit.tui.app import make_app, pick_theme
+from kit.tui.screens.chat import ChatScreen
+from kit.tui.screens.failure import FailureScreen
+from kit.tui.screens.start import StartScreen
+from kit.tui.widgets.transcript import AnswerMessage, UserMessage
+
+GiB = 1024**3
+
+GEMMA = ModelFacts(
+    architecture="gemma3", name="Gemma 3 270M", n_params=268_098_176, n_layers=18, n_embd=640, n_head=4,
+    n_head_kv=1, key_length=256, value_length=256, n_ctx_train=32768, vocab_size=262_144,
+    file_size=253_000_000, quant="Q4_K_M", size_label="270M", sliding_window=512,
+    swa_layers=tuple(i % 6 != 5 for i in range(18)))
+HUGE = ModelFacts(
+    architecture="llama", name="Llama 70B", n_params=70_000_000_000, n_layers=80, n_embd=8192, n_head=64,
+    n_head_kv=8, key_length=128, value_length=128, n_ctx_train=131_072, vocab_size=128_256,
+    file_size=40_000_000_000, quant="Q4_K_M", size_label="70B")
+HOST = Host(os="linux", arch="x86_64", cpu_name="Test CPU (4 cores)", cpu_flags=frozenset({"avx2", "fma"}),
+            physical_cores=4, logical_cores=8, ram_total=16 * GiB, ram_available=8 * GiB)
+KERNEL = KernelChoice("haswell", Path("/stick/KIT/runtimes/lib/libggml-cpu-haswell.so"), (
+    ProbeResult("haswell", "ok", "", 276.0, 35.0, 1.25),
+    ProbeResult("x64", "ok", "", 19.0, 12.0, 6.5),
+    ProbeResult("sapphirerapids", "crashed", "SIGILL"),
+), cached=True)
+PRESETS = (
+    Preset("general", "General", "You are a calm, careful assistant. Answer briefly."),
+    Preset("first-aid", "First aid", "You help with first aid. Give short numbered steps."),
+)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+# ---------------------------------------------------------------- a real tiny stick
+
+def write_stick(root: Path, *, models=(("tiny", "Tiny Gemma", GEMMA, 3_000_000),
+                                       ("huge", "Huge Llama", HUGE, 1000)),
+                presets=PRESETS) -> Path:
+    """A stick with real files and a real bundle.json (each model file filled with its id)."""
+    kit_dir = root / "KIT"
+    files, entries = [], []
+    for model_id, name, facts, size in models:
+        rel = f"models/{model_id}/{model_id}.gguf"
+        path = kit_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes((model_id.encode() * (size // len(model_id) + 1))[:size])
+        digest = integrity.hash_file(path, sha256=True)
+        files.append(FileEntry(rel, digest.size, digest.blake3, digest.sha256))
+        entries.append(ModelEntry(model_id, name, (rel,), facts.quant, facts.n_params, facts.n_ctx_train,
+                                  "test licence", "gemma", facts.to_dict()))
+    manifest = BundleManifest("0.1.0", "2025-01-01T00:00:00Z", "test", tuple(entries), (), tuple(files),
+                              tuple(presets))
+    (kit_dir / "bundle.json").write_bytes(manifest.to_json())
+    return root
+
+
+def make_session(stick: Path, *, state: Path | None, overrides: Overrides | None = None,
+                 engine: FakeEngine | None = None, steps=()) -> launch.Session:
+    bundle, manifest = launch.open_stick(stick)
+    overrides = overrides or Overrides()
+    plan = make_plan(HOST, launch.model_options(manifest), cpu_variant=KERNEL.chosen, overrides=overrides)
+    engine = engine or FakeEngine(model_id=plan.model_id, n_ctx=plan.n_ctx)
+    return launch.Session(bundle, manifest, HOST, plan, KERNEL, engine, state, list(steps))
+
+
+@dataclass
+class FakeStarter:
+    """starter(overrides, *, on_progress, on_status) -> Session, scripted."""
+
+    stick: Path
+    state: Path | None
+    engine: FakeEngine = field(default_factory=FakeEngine)
+    statuses: tuple[str, ...] = ("checking tiny against the stick's manifest", "probed CPU kernel haswell: ok")
+    progress: tuple[integrity.Progress, ...] = (
+        integrity.Progress("models/tiny/tiny.gguf", 1_500_000, 3_000_000, 1_500_000, 3_000_000, 50_000_000.0),)
+    error: BaseException | None = None
+    gate: threading.Event | None = None  # hold the start here until the test sets it
+    calls: list[Overrides] = field(default_factory=list)
+
+    def __call__(self, overrides: Overrides, *, on_progress, on_status) -> launch.Session:
+        self.calls.append(overrides)
+        for text in self.statuses:
+            on_status(text)
+        for p in self.progress:
+            on_progress(p)
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.error is not None:
+            raise self.error
+        self.engine.n_ctx = 2048
+        return make_session(self.stick, state=self.state, overrides=overrides, engine=self.engine)
+
+
+@pytest.fixture
+def stick(tmp_path) -> Path:
+    return write_stick(tmp_path / "stick")
+
+
+@pytest.fixture
+def state(tmp_path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+# ---------------------------------------------------------------- driving helpers
+
+def screen_text(app) -> str:
+    """The screen as plain text (what a person sees, without colours), trailing spaces removed."""
+    console = Console(width=app.size.width, height=app.size.height, file=io.StringIO(), force_terminal=True,
+                      color_system=None, record=True, legacy_windows=False, safe_box=False)
+    console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+    lines = console.export_text(styles=False).splitlines()[: app.size.height]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+async def wait_for(pilot, condition, *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Let the app run until condition() holds (workers are threads: a fixed pause is flaky)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        await pilot.pause(0.02)
+        if condition():
+            return
+    raise AssertionError(f"timed out waiting for {what}\n{screen_text(pilot.app)}")
+
+
+async def started(pilot) -> ChatScreen:
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ChatScreen), what="the chat")
+    await pilot.pause()
+    return pilot.app.screen
+
+
+async def ask(pilot, question: str, *, key: str = "ctrl+s") -> None:
+    chat = pilot.app.screen
+    chat.query_one("#question").text = question
+    await pilot.press(key)
+
+
+def answers(chat) -> list[str]:
+    return [a.text for a in chat.query(AnswerMessage)]
+
+
+async def answered(pilot, n: int = 1) -> ChatScreen:
+    chat = pilot.app.screen
+    await wait_for(pilot, lambda: chat.generation is None and len(answers(chat)) >= n, what="an answer")
+    await pilot.pause()
+    return chat
+
+
+# ---------------------------------------------------------------- start
+
+@pytest.mark.anyio
+async def test_start_shows_status_and_progress_then_chat(stick, state):
+    gate = threading.Event()
+    starter = FakeStarter(stick, state, gate=gate)
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: "50.0 MB/s" in screen_text(app), what="progress")
+        text = screen_text(app)
+        assert isinstance(app.screen, StartScreen)
+        assert "probed CPU kernel haswell: ok" in text
+        assert "models/tiny/tiny.gguf" in text
+        assert "1.5 MB of 3.0 MB · 50.0 MB/s · about 1 s left" in text
+        assert "50%" in text
+        gate.set()
+        chat = await started(pilot)
+        assert chat.session.plan.model_id == "tiny"
+        assert "Tiny Gemma" in screen_text(app)
+        assert starter.calls == [Overrides()]
+
+
+@pytest.mark.anyio
+async def test_integrity_error_becomes_failure_screen_not_a_traceback(stick, state):
+    error = IntegrityError("model tiny is damaged: models/tiny/tiny.gguf is corrupt: contents differ "
+                           "from the manifest (BLAKE3 mismatch)")
+    app = make_app(starter=FakeStarter(stick, state, error=error))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, FailureScreen), what="the failure screen")
+        await pilot.pause()
+        text = " ".join(screen_text(app).split())
+        assert "could not start" in text
+        assert "models/tiny/tiny.gguf is corrupt" in text  # what file, what happened
+        assert "damaged or was changed" in text  # what it means
+        assert "kit verify" in text  # what to do: the error's hint
+        assert "Traceback" not in text
+        await pilot.press("q")
+    assert app.return_code == IntegrityError.exit_code
+
+
+@pytest.mark.anyio
+async def test_failure_screen_shows_traceback_only_with_kit_debug(stick, state, monkeypatch):
+    monkeypatch.setenv("KIT_DEBUG", "1")
+    app = make_app(starter=FakeStarter(stick, state, error=EngineError("llama.cpp could not load tiny.gguf")))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, FailureScreen), what="the failure screen")
+        await pilot.pause()
+        assert "Traceback" in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_unexpected_error_is_explained_too(stick, state):
+    app = make_app(starter=FakeStarter(stick, state, error=RuntimeError("boom")))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, FailureScreen), what="the failure screen")
+        await pilot.pause()
+        text = " ".join(screen_text(app).split())
+        assert "unexpected error: RuntimeError: boom" in text and "KIT_DEBUG=1" in text
+        await pilot.press("ctrl+q")
+    assert app.return_code == 70
+
+
+@pytest.mark.anyio
+async def test_failure_retry_and_automatic_choice(stick, state):
+    starter = FakeStarter(stick, state, error=PlanError("Huge Llama does not fit this host"))
+    app = make_app(starter=starter, overrides=Overrides(model="huge"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, FailureScreen), what="the failure screen")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: len(starter.calls) == 2 and isinstance(app.screen, FailureScreen),
+                       what="a second failure")
+        assert starter.calls[1] == Overrides(model="huge")
+        starter.error = None
+        await pilot.press("a")  # let the kit choose: no overrides
+        await started(pilot)
+        assert starter.calls[2] == Overrides()
+
+
+# ---------------------------------------------------------------- chat
+
+@pytest.mark.anyio
+async def test_streaming_answer_is_shown_and_saved(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("Boil **water** for one minute.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        await ask(pilot, "How do I purify water?")
+        chat = await answered(pilot)
+        assert answers(chat) == ["Boil **water** for one minute."]
+        text = screen_text(app)
+        assert "How do I purify water?" in text
+        assert "Boil water for one minute." in text  # Markdown rendered: no asterisks
+        assert "tok/s" in text and "context" in text and "of 2048 tokens" in text
+        # the preset from the stick's manifest went in as the system prompt
+        prompt = starter.engine.prompts[0]
+        assert prompt[0] == {"role": "system", "content": PRESETS[0].system}
+        assert prompt[-1] == {"role": "user", "content": "How do I purify water?"}
+        await wait_for(pilot, lambda: HistoryStore(state).list().conversations, what="the save")
+        saved = HistoryStore(state).load(chat.conversation.id)
+        assert [m["role"] for m in saved.messages] == ["user", "assistant"]
+        assert saved.preset_id == "general" and saved.model_id == "tiny"
+
+
+@pytest.mark.anyio
+async def test_tokens_appear_while_streaming(stick, state):
+    starter = FakeStarter(stick, state, engine=FakeEngine(delay=0.05))
+    starter.engine.enqueue([f"word{i}" for i in range(60)])
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Count")
+        await wait_for(pilot, lambda: "word3" in screen_text(app), what="the first tokens")
+        assert chat.generation is not None  # still answering: the text arrived in pieces
+        assert "Answering" in screen_text(app)
+        await pilot.press("escape")
+        await answered(pilot)
+
+
+@pytest.mark.anyio
+async def test_second_question_carries_the_history(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("First answer.", "Second answer.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        await ask(pilot, "One?")
+        await answered(pilot)
+        await ask(pilot, "Two?", key="ctrl+j")  # what Ctrl+Enter sends in many terminals
+        await answered(pilot, 2)
+        roles = [(m["role"], m["content"]) for m in starter.engine.prompts[1]]
+        assert roles[1:] == [("user", "One?"), ("assistant", "First answer."), ("user", "Two?")]
+
+
+@pytest.mark.anyio
+async def test_escape_stops_mid_answer_and_the_chat_goes_on(stick, state):
+    starter = FakeStarter(stick, state, engine=FakeEngine(delay=0.05))
+    starter.engine.enqueue([f"w{i}" for i in range(400)], "After stop.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Talk for a long time")
+        await wait_for(pilot, lambda: "w2" in answers(chat)[0], what="the first tokens")
+        await pilot.press("escape")
+        await answered(pilot)
+        assert isinstance(app.screen, ChatScreen)  # Esc stopped the answer, not the chat
+        assert starter.engine.last_stats.stopped
+        partial = answers(chat)[0]
+        assert 0 < len(partial.split()) < 400
+        assert chat.conversation.messages[-1] == {"role": "assistant", "content": partial, "stopped": True}
+        assert "Stopped" in screen_text(app)
+        await ask(pilot, "Next")
+        await answered(pilot, 2)
+        assert answers(chat)[1] == "After stop."
+
+
+@pytest.mark.anyio
+async def test_empty_question_is_not_sent(stick, state):
+    starter = FakeStarter(stick, state)
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        await ask(pilot, "   \n ")
+        await pilot.pause()
+        assert starter.engine.prompts == []
+        assert "Type a question first" in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_engine_error_is_shown_in_the_chat_and_question_kept(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue(EngineError("the conversation no longer fits the context",
+                                       "start a new conversation (the context is full)"))
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "A long question")
+        await answered(pilot)
+        await wait_for(pilot, lambda: "start a new conversation" in " ".join(screen_text(app).split()),
+                       what="the error and its fix")
+        assert "no longer fits the context" in answers(chat)[0]
+        assert chat.conversation.messages == []  # never sent to the model unanswered next time
+        assert chat.query_one("#question").text == "A long question"
+
+
+@pytest.mark.anyio
+async def test_new_conversation(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("An answer.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "First")
+        await answered(pilot)
+        first_id = chat.conversation.id
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert chat.conversation.id != first_id and chat.conversation.empty
+        assert not chat.query(AnswerMessage) and not chat.query(UserMessage)
+        assert chat.conversation.preset_id == "general"  # the preset stays
+
+
+@pytest.mark.anyio
+async def test_new_conversation_while_answering_stops_first(stick, state):
+    starter = FakeStarter(stick, state, engine=FakeEngine(delay=0.05))
+    starter.engine.enqueue([f"w{i}" for i in range(400)])
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Long")
+        await wait_for(pilot, lambda: chat.query(AnswerMessage) and "w1" in answers(chat)[0], what="tokens")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: chat.generation is None, what="the stop")
+        assert chat.conversation.empty
+        assert starter.engine.last_stats.stopped
+
+
+@pytest.mark.anyio
+async def test_preset_picker(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("1. Press on the wound.", "Plain.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await pilot.press("f2")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "First aid" in text and "General" in text and "No preset" in text
+        await pilot.press("down", "enter")  # General -> First aid
+        await pilot.pause()
+        assert chat.conversation.preset_id == "first-aid"
+        assert "preset: First aid" in screen_text(app)
+        await ask(pilot, "Bleeding")
+        await answered(pilot)
+        assert starter.engine.prompts[0][0]["content"] == PRESETS[1].system
+        await pilot.press("ctrl+p", "down", "enter")  # -> No preset
+        await pilot.pause()
+        assert chat.conversation.preset_id is None
+        await ask(pilot, "Plain?")
+        await answered(pilot, 2)
+        assert all(m["role"] != "system" for m in starter.engine.prompts[1])
+        await pilot.press("f2", "escape")  # closing without choosing changes nothing
+        await pilot.pause()
+        assert chat.conversation.preset_id is None and isinstance(app.screen, ChatScreen)
+
+
+@pytest.mark.anyio
+async def test_model_picker_shows_verdicts_and_restarts_with_the_choice(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("Answer from tiny.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Hello")
+        await answered(pilot)
+        conv_id = chat.conversation.id
+        await pilot.press("f3")
+        await pilot.pause()
+        text = " ".join(screen_text(app).split())
+        assert "Tiny Gemma · 3.0 MB · in use" in text
+        assert "Huge Llama · 1.0 KB · does not fit" in text
+        assert "Huge Llama skipped: needs" in text  # the plan's own reason
+        await pilot.press("escape")
+        await pilot.pause()
+        assert len(starter.calls) == 1
+        # choose the other model: the kit restarts with Overrides(model=...), keeping the conversation
+        starter.error = PlanError("Huge Llama does not fit this host: needs 40 GiB")
+        await pilot.press("ctrl+l", "down", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, FailureScreen), what="the failure screen")
+        assert starter.calls[-1] == Overrides(model="huge")
+        starter.error = None
+        await pilot.press("a")
+        chat = await started(pilot)
+        assert starter.calls[-1] == Overrides()
+        assert chat.conversation.id == conv_id and "Answer from tiny." in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_hardware_screen_shows_what_doctor_shows(stick, state):
+    app = make_app(starter=FakeStarter(stick, state))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await started(pilot)
+        await pilot.press("f5")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "Host: linux-x86_64, Test CPU (4 cores)" in text
+        assert "haswell" in text and "sapphirerapids" in text and "crashed" in text
+        assert "Plan: model tiny" in text
+        assert str(state) in text
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, ChatScreen)
+
+
+@pytest.mark.anyio
+async def test_help_lists_every_chat_key(stick, state):
+    app = make_app(starter=FakeStarter(stick, state))
+    async with app.run_test(size=(120, 50)) as pilot:
+        chat = await started(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+        text = screen_text(app)
+        from kit.tui.text import key_label
+
+        for binding in chat.BINDINGS:
+            assert key_label(binding.key) in text, binding.key
+        assert "Ctrl+Q" in text and "Ctrl+S" in text and "Esc" in text
+        await pilot.press("escape")
+        await pilot.press("ctrl+g")
+        await pilot.pause()
+        assert "Keys" in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_integrity_screen_verifies_every_file(stick, state):
+    app = make_app(starter=FakeStarter(stick, state))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await started(pilot)
+        await pilot.press("f6")
+        await wait_for(pilot, lambda: "The stick is intact" in screen_text(app), what="the verdict")
+        text = screen_text(app)
+        assert "OK" in text and "models/tiny/tiny.gguf" in text and "models/huge/huge.gguf" in text
+        await pilot.press("escape")
+        # damage one file, add a stray one: the next check names both
+        tiny = stick / "KIT/models/tiny/tiny.gguf"
+        data = bytearray(tiny.read_bytes())
+        data[100] ^= 0xFF
+        tiny.write_bytes(bytes(data))
+        (stick / "KIT/stray.txt").write_text("hello")
+        await pilot.press("ctrl+f")
+        await wait_for(pilot, lambda: "The stick is damaged" in screen_text(app), what="the verdict")
+        text = screen_text(app)
+        assert "CORRUPT" in text and "BLAKE3 mismatch" in text
+        assert "UNEXPECTED" in text and "stray.txt" in text
+        assert "1 ok, 1 corrupt, 0 missing, 1 unexpected" in text
+
+
+@pytest.mark.anyio
+async def test_copy_answer_uses_clipboard_and_shows_it_to_save(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("Keep warm and dry.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        await pilot.press("f7")
+        await pilot.pause()
+        assert "no answer to copy" in screen_text(app)
+        await ask(pilot, "Cold?")
+        await answered(pilot)
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert app.clipboard == "Keep warm and dry."
+        assert "Keep warm and dry." in screen_text(app)
+        await pilot.press("ctrl+s")
+        exports = state / "exports"
+        await wait_for(pilot, lambda: exports.exists() and list(exports.glob("*.md")), what="the saved answer")
+        assert list(exports.glob("*.md"))[0].read_text() == "Keep warm and dry."
+
+
+# ---------------------------------------------------------------- history
+
+@pytest.mark.anyio
+async def test_history_list_reopen_delete_export(stick, state):
+    store = HistoryStore(state)
+    old = new_conversation("tiny", "first-aid")
+    old.add("user", "How to treat a burn?")
+    old.add("assistant", "Cool it under running water for 20 minutes.")
+    store.save(old)
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("Fresh answer.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Where is north?")
+        await answered(pilot)
+        await wait_for(pilot, lambda: len(store.list().conversations) == 2, what="the save")
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: "How to treat a burn?" in screen_text(app), what="the list")
+        assert "Where is north?" in screen_text(app)
+        # export the older one (second in the list, newest first)
+        await pilot.press("down", "e")
+        export = state / "exports" / f"{old.id}.md"
+        await wait_for(pilot, export.exists, what="the export")
+        md = export.read_text()
+        assert md.startswith("# How to treat a burn?")
+        assert "## You\n\nHow to treat a burn?" in md and "## Tiny Gemma\n\nCool it" in md
+        assert "- Preset: First aid" in md
+        # reopen it
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), what="the chat")
+        assert chat.conversation.id == old.id
+        assert "Cool it under running water" in screen_text(app)
+        assert chat.conversation.preset_id == "first-aid"
+        # delete it, after a "no" and a "yes"
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: "How to treat a burn?" in screen_text(app), what="the list")
+        assert app.screen.selected_id() == old.id  # the list starts on the open conversation
+        await pilot.press("d")
+        await pilot.pause()
+        assert "cannot be undone" in screen_text(app)
+        await pilot.press("n")
+        await pilot.pause()
+        assert len(store.list().conversations) == 2
+        await pilot.press("d", "y")
+        await wait_for(pilot, lambda: len(store.list().conversations) == 1, what="the delete")
+        await wait_for(pilot, lambda: "How to treat a burn?" not in screen_text(app), what="the new list")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert chat.conversation.id != old.id and chat.conversation.empty  # the open one was deleted
+
+
+@pytest.mark.anyio
+async def test_history_skips_unreadable_files(stick, state):
+    (state / "history").mkdir()
+    (state / "history" / "20250101-000000-deadbeef.json").write_text("{not json")
+    app = make_app(starter=FakeStarter(stick, state))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await started(pilot)
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: "could not be read" in screen_text(app), what="the note")
+        assert "No conversations yet" in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_read_only_stick_keeps_history_in_memory_with_a_banner(stick):
+    starter = FakeStarter(stick, None)
+    starter.engine.enqueue("In memory.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        assert "Read-only stick" in screen_text(app) and "not saved" in screen_text(app)
+        await ask(pilot, "Remember me")
+        await answered(pilot)
+        await pilot.press("ctrl+n", "f4")
+        await wait_for(pilot, lambda: "Remember me" in screen_text(app), what="the list")
+        assert "read-only" in screen_text(app)
+        await pilot.press("e")  # nowhere to write: the export is shown to copy by hand
+        await wait_for(pilot, lambda: "## You" in screen_text(app), what="the export view")
+        assert "# Remember me" in screen_text(app)
+        await pilot.press("escape", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), what="the chat")
+        assert chat.conversation.messages[0]["content"] == "Remember me"
+    assert not (stick / "KIT" / "state").exists()
+
+
+@pytest.mark.anyio
+async def test_quit_while_answering_ends_promptly(stick, state):
+    starter = FakeStarter(stick, state, engine=FakeEngine(delay=0.05))
+    starter.engine.enqueue([f"w{i}" for i in range(2000)])
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Long")
+        await wait_for(pilot, lambda: chat.query(AnswerMessage) and "w1" in answers(chat)[0], what="tokens")
+        await pilot.press("ctrl+q")
+        stats = starter.engine.last_stats
+    # the thread sees the stop at its next token, long before the 2000 tokens are done
+    deadline = time.monotonic() + 5
+    while not stats.stopped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats.stopped and stats.completion_tokens < 200
+
+
+# ---------------------------------------------------------------- pure helpers of the shell
+
+def test_pick_theme_uses_terminal_colours_where_truecolor_is_unlikely():
+    assert pick_theme({"TERM": "linux"}) == "ansi-dark"
+    assert pick_theme({"TERM": "xterm"}) == "ansi-dark"
+    assert pick_theme({"TERM": "xterm-256color"}) is None
+    assert pick_theme({"TERM": "xterm", "COLORTERM": "truecolor"}) is None
+
+
+def test_texts():
+    from kit.tui.text import duration, human_bytes, key_label, progress_bar, progress_details
+
+    assert human_bytes(253_000_000) == "253.0 MB" and human_bytes(999) == "999 B"
+    assert duration(5) == "5 s" and duration(125) == "2 min 5 s" and duration(0.42) == "0.4 s"
+    assert progress_bar(0.5, 10) == "█████░░░░░"
+    assert key_label("f1,ctrl+g") == "F1 / Ctrl+G" and key_label("escape") == "Esc"
+    p = integrity.Progress("a", 10, 100, 50_000_000, 150_000_000, 25_000_000.0)
+    assert progress_details(p) == "50.0 MB of 150.0 MB · 25.0 MB/s · about 4 s left"
+
+
+@pytest.mark.anyio
+async def test_no_color_and_plain_console_still_render(stick, state, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("Plain.")
+    app = make_app(starter=starter, theme="ansi-dark")
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.no_color
+        await started(pilot)
+        await ask(pilot, "Hi")
+        await answered(pilot)
+        assert "Plain." in screen_text(app)
+        await pilot.press("f2")
+        await pilot.pause()
+        assert "First aid" in screen_text(app)
+
+
+def test_session_helpers_use_real_objects(stick, state):
+    session = make_session(stick, state=state)
+    assert session.model.name == "Tiny Gemma"
+    assert {v.model_id: v.fits for v in session.plan.verdicts} == {"tiny": True, "huge": False}
+    assert json.loads((stick / "KIT/bundle.json").read_text())["presets"][0]["id"] == "general"
+    assert os.path.getsize(stick / "KIT/models/tiny/tiny.gguf") == 3_000_000
+    assert replace(Overrides(), model="x").model == "x"
