@@ -64,7 +64,9 @@ def interleave(rounds: int, *runs: Callable[[], object]) -> list[list]:
 
 
 def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+    """Median of the values that were measured (NaN marks a run that could not be)."""
+    kept = [v for v in values if v == v]
+    return statistics.median(kept) if kept else float("nan")
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -86,14 +88,18 @@ class Ratio:
     note: str = ""
 
     @property
+    def measured(self) -> bool:
+        return self.value is not None and self.value == self.value  # NaN: no valid sample
+
+    @property
     def met(self) -> bool | None:
-        if self.value is None:
+        if not self.measured:
             return None
         return self.value <= self.target if self.at_most else self.value >= self.target
 
     def line(self) -> str:
         op = "<=" if self.at_most else ">="
-        shown = "n/a" if self.value is None else f"{self.value:.3f}"
+        shown = f"{self.value:.3f}" if self.measured else "n/a"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[self.met]
         note = f"  ({self.note})" if self.note else ""
         return f"ratio {self.name} = {shown} (target {op} {self.target:g}): {verdict}{note}"

@@ -74,7 +74,7 @@ def cmd_verify(args) -> int:
     key = signing.load_public_key(args.key) if args.key else None
     trust = signing.check_stick(bundle, key=key, expected_fingerprint=args.fingerprint)
     manifest = trust.manifest
-    rollback.check(state_dir(bundle), trust.raw, record=False)
+    rollback.check_bundle(bundle, trust.raw, state_dir(bundle), record=False)
     progress = None if args.json else ProgressLine("verifying")
     report = integrity.verify_bundle(bundle.kit, manifest, progress=progress)
     if args.json:

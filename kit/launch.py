@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit import integrity, kernels, offline, rollback, signing
@@ -19,7 +19,7 @@ from kit.errors import EngineError, IntegrityError, KernelError, PlanError
 from kit.hardware import Host, detect
 from kit.manifest import BundleManifest, ModelEntry
 from kit.paths import BundlePaths, find_bundle, state_dir
-from kit.plan import LaunchPlan, ModelOption, Overrides, fallback_steps, make_plan
+from kit.plan import CpuSpeed, LaunchPlan, ModelOption, Overrides, fallback_steps, make_plan
 
 Status = Callable[[str], None]
 
@@ -73,13 +73,25 @@ def model_paths(bundle: BundlePaths, model: ModelEntry) -> list[Path]:
 
 def verify_files(bundle: BundlePaths, manifest: BundleManifest, paths: Sequence[str],
                  what: str, progress=None) -> None:
-    """Hash exactly these files; any mismatch stops the launch with the file named."""
+    """Hash exactly these files (unless this process already did, and they have not changed);
+    any mismatch stops the launch with the file named."""
+    paths = [p for p in paths if not _verified_already(bundle.resolve(p))]
+    if not paths:
+        return
     report = integrity.verify_bundle(bundle.kit, manifest, only=paths, progress=progress)
     bad = [f for f in report.files if f.state != integrity.OK]
     if bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise IntegrityError(f"{what}: {first.path} is {first.state}: {first.detail}{more}")
+
+
+def _verified_already(path: Path) -> bool:
+    try:
+        integrity.require_verified(path)
+        return True
+    except (IntegrityError, OSError):
+        return False
 
 
 def verify_own_libraries(bundle: BundlePaths, manifest: BundleManifest, platform: str) -> None:
@@ -124,6 +136,14 @@ def choose_cpu_kernel(bundle, manifest, host, state, *, refresh=False, on_probe=
                                  refresh=refresh, on_result=on_probe)
 
 
+def measured_speed(manifest: BundleManifest, kernel: kernels.KernelChoice) -> CpuSpeed | None:
+    """The probe's generation speed with the smallest model: the planner scales it to the others."""
+    chosen = next((r for r in kernel.results if r.variant == kernel.chosen), None)
+    if chosen is None or not chosen.gen_tps:
+        return None
+    return CpuSpeed(manifest.model_size(smallest_model(manifest)), chosen.gen_tps)
+
+
 def runtime_backends() -> frozenset[str]:
     try:
         return frozenset(kernels.gpu_backend_libs())
@@ -136,7 +156,7 @@ def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None)
     offline.go_offline()
     bundle, trust = open_trusted(stick)
     manifest, state = trust.manifest, state_dir(bundle)
-    rollback.check(state, trust.raw)
+    rollback.check_bundle(bundle, trust.raw, state)
     host = detect()
     report: dict = {"stick": str(bundle.root), "signer": trust.signer_label,
                     "host": host.to_dict(), "kernel": None, "plan": None,
@@ -149,7 +169,8 @@ def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None)
                                    on_probe=on_probe)
         report["kernel"] = kernel.to_dict()
         plan = make_plan(host, model_options(manifest), runtime_backends=runtime_backends(),
-                         cpu_variant=kernel.chosen, overrides=overrides)
+                         cpu_variant=kernel.chosen, overrides=overrides,
+                         cpu_speed=measured_speed(manifest, kernel))
         report["plan"] = plan.to_dict()
     except (KernelError, PlanError, IntegrityError) as err:
         report["error"] = f"{err} — {err.hint}"
@@ -162,18 +183,22 @@ def start(stick, overrides: Overrides | None = None, *, on_progress=None,
     offline.go_offline()
     bundle, trust = open_trusted(stick)
     manifest, state = trust.manifest, state_dir(bundle)
-    rollback.check(state, trust.raw)
+    rollback.check_bundle(bundle, trust.raw, state)
     host = detect()
     verify_own_libraries(bundle, manifest, host.platform)
     options = model_options(manifest)
     backends = runtime_backends()
-    plan = make_plan(host, options, runtime_backends=backends, overrides=overrides or Overrides())
-    on_status(f"checking {plan.model_id} against the stick's manifest")
-    model = manifest.model(plan.model_id)
-    verify_model(bundle, manifest, model, on_progress)
+    overrides = overrides or Overrides()
+    make_plan(host, options, runtime_backends=backends, overrides=overrides)  # bad overrides fail fast
+    on_status("checking the stick's smallest model and choosing the CPU kernel")
     kernel = choose_cpu_kernel(bundle, manifest, host, state, progress=on_progress,
                                on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
-    plan = replace(plan, cpu_variant=kernel.chosen)
+    # The probe's measured speed lets the plan skip a model that would answer slower than people read.
+    plan = make_plan(host, options, runtime_backends=backends, overrides=overrides, cpu_variant=kernel.chosen,
+                     cpu_speed=measured_speed(manifest, kernel))
+    model = manifest.model(plan.model_id)
+    on_status(f"checking {model.id} against the stick's manifest")
+    verify_model(bundle, manifest, model, on_progress)
     engine, plan, steps = load_with_fallback(bundle, manifest, host, plan, options, backends,
                                              kernel, on_status, on_progress)
     return Session(bundle, manifest, host, plan, kernel, engine, state, steps, trust.signer_label)
@@ -181,7 +206,9 @@ def start(stick, overrides: Overrides | None = None, *, on_progress=None,
 
 def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, on_status,
                        on_progress):
-    """Try the plan, then each step of the ladder; the user sees steps, never a crash."""
+    """Try the plan, then each step of the ladder; the user sees steps, never a crash.
+
+    Smaller models on the ladder are verified before they load, like the first choice."""
     from kit.engine import LlamaEngine
 
     gpu_libs = kernels.gpu_backend_libs() if backends else {}

@@ -31,6 +31,9 @@ DEFAULT_CTX_CAP = 8192
 MIN_CTX = 512  # the smallest context the planner chooses by itself
 PREFERRED_CTX = 2048  # a model that fits only below this is used when nothing else fits
 OVERRIDE_MIN_CTX = 128  # what a user may force
+# Below this many generated tokens per second an answer comes slower than people read: a smaller
+# model that keeps up is the better companion (only judged when the kernel probe measured speed).
+MIN_TALK_TPS = 4.0
 CTX_STEP = 256  # llama.cpp pads n_ctx to 256 cells (llama-context.cpp)
 
 # Keep max(15 % of what is available, 512 MiB) of each pool free:
@@ -57,6 +60,24 @@ class ModelOption:
     id: str
     name: str
     facts: ModelFacts
+
+
+@dataclass(frozen=True)
+class CpuSpeed:
+    """What the kernel probe measured: generation speed of a model of `reference_bytes` here.
+
+    Generation on a CPU reads every weight once per token, so speed scales with 1 / weight bytes.
+    """
+
+    reference_bytes: int
+    gen_tps: float
+
+    def expected_tps(self, facts: ModelFacts, gpu_layers: int) -> float | None:
+        """Tokens/s expected for this model; None when the GPU carries every layer."""
+        if gpu_layers >= _all_layers(facts):
+            return None
+        cpu_share = 1 - gpu_layers / _all_layers(facts)
+        return self.gen_tps * self.reference_bytes / max(1, facts.file_size * cpu_share)
 
 
 @dataclass(frozen=True)
@@ -359,6 +380,7 @@ def make_plan(
     cpu_variant: str | None = None,
     overrides: Overrides | None = None,
     ctx_cap: int = DEFAULT_CTX_CAP,
+    cpu_speed: CpuSpeed | None = None,
 ) -> LaunchPlan:
     """Choose model, context, threads and GPU layers for this host. Raises PlanError."""
     ov = overrides or Overrides()
@@ -377,7 +399,7 @@ def make_plan(
                             f"{_no_fit_text(option.facts, budget, ov)}")
         model_why = f"{option.name}, as asked"
     else:
-        chosen = _choose(ordered, fits, ov)
+        chosen = _choose(ordered, _fast_enough(fits, cpu_speed), ov) or _choose(ordered, fits, ov)
         if chosen is None:
             smallest = ordered[-1]
             raise PlanError(f"no model on this stick fits: the smallest, {smallest.name}, "
@@ -386,9 +408,25 @@ def make_plan(
                     "that fits"
         if chosen.n_ctx < _room(chosen.option.facts) and ov.n_ctx is None:
             model_why += f", though only at {chosen.n_ctx} tokens"
+        speed = _speed(chosen, cpu_speed)
+        if speed is not None:
+            model_why += f" at a talking pace (about {speed:.0f} tok/s expected)" if speed >= MIN_TALK_TPS \
+                else f"; none keeps a talking pace here (about {speed:.1f} tok/s expected)"
 
-    verdicts = tuple(_verdict(m, fits[m.id], chosen, budget) for m in ordered)
+    verdicts = tuple(_verdict(m, fits[m.id], chosen, budget, _speed(fits[m.id], cpu_speed)) for m in ordered)
     return _assemble(host, chosen, budget, ov, cpu_variant, ctx_cap, model_why, verdicts)
+
+
+def _speed(fit: _Fit | None, cpu_speed: CpuSpeed | None) -> float | None:
+    return cpu_speed.expected_tps(fit.option.facts, fit.gpu_layers) if fit and cpu_speed else None
+
+
+def _fast_enough(fits: dict[str, _Fit | None], cpu_speed: CpuSpeed | None) -> dict[str, _Fit | None]:
+    """The fits that would answer at a talking pace (all of them when speed was not measured)."""
+    if cpu_speed is None:
+        return fits
+    return {k: f if f and (_speed(f, cpu_speed) or MIN_TALK_TPS) >= MIN_TALK_TPS else None
+            for k, f in fits.items()}
 
 
 def _room(facts: ModelFacts) -> int:
@@ -405,12 +443,17 @@ def _choose(ordered: list[ModelOption], fits: dict[str, _Fit | None],
     return next((fits[m.id] for m in ordered if fits[m.id]), None)
 
 
-def _verdict(option: ModelOption, fit: _Fit | None, chosen: _Fit, budget: Budget) -> ModelVerdict:
+def _verdict(option: ModelOption, fit: _Fit | None, chosen: _Fit, budget: Budget,
+             speed: float | None = None) -> ModelVerdict:
     facts = option.facts
     low = min(MIN_CTX, facts.n_ctx_train)
     need, need_text = _needs_text(facts, budget, low)
     if fit is None:
         reason = f"{option.name} skipped: {need_text}"
+    elif speed is not None and speed < MIN_TALK_TPS and option.id != chosen.option.id \
+            and facts.n_params > chosen.option.facts.n_params:
+        reason = (f"{option.name} skipped: fits, but about {speed:.1f} tok/s expected on this CPU, "
+                  f"slower than reading ({MIN_TALK_TPS:.0f} tok/s)")
     elif option.id == chosen.option.id:
         reason = (f"{option.name} chosen: {chosen.n_ctx} tokens, "
                   f"{_layers_text(chosen.gpu_layers, facts, budget.gpu)}, "

@@ -23,6 +23,8 @@ import blake3
 
 from kit.errors import IntegrityError, ManifestError
 from kit.fsutil import fsync_dir
+from kit.manifest import STATE_DIRNAME
+from kit.paths import BundlePaths
 
 RECORD_NAME = "newest-bundle.json"
 MAX_RECORD = 4096
@@ -118,3 +120,9 @@ def check(state: Path | None, raw: bytes, *, record: bool = True) -> Seen | None
         except OSError:
             pass  # the stick turned read-only or full: the check still held for this run
     return newest
+
+
+def check_bundle(bundle: BundlePaths, raw: bytes, state: Path | None, *, record: bool = True) -> Seen | None:
+    """`check` for a stick, with `state` from kit.paths.state_dir (None: not writable). A read-only
+    stick's record is still read from KIT/state, though nothing new can be written there."""
+    return check(state or bundle.kit / STATE_DIRNAME, raw, record=record and state is not None)

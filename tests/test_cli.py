@@ -10,7 +10,7 @@ from conftest import run_kit
 
 pytestmark = pytest.mark.slow
 
-VERIFY_KEYS = {"ok", "counts", "bytes_hashed", "seconds", "files", "stick"}
+VERIFY_KEYS = {"ok", "counts", "bytes_hashed", "seconds", "files", "stick", "signer"}
 FILE_KEYS = {"path", "state", "detail", "expected_size", "actual_size"}
 
 

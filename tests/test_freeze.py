@@ -287,3 +287,24 @@ def test_a_folder_without_a_runtime_manifest_is_refused(tmp_path):
 def test_host_platform_is_spelled_like_a_stick_folder():
     assert freeze.host_platform() == detect().platform
     assert freeze.entry_name("windows-x86_64") == "kit.exe" and freeze.entry_name("macos-arm64") == "kit"
+
+
+def test_links_left_by_pyinstaller_become_copies(tmp_path):
+    """macOS keeps some of PyInstaller's links (files and framework folders); a stick holds none."""
+    folder = tmp_path / "kit"
+    (folder / "_internal" / "Python.framework" / "Versions" / "3.11").mkdir(parents=True)
+    (folder / "_internal" / "Python.framework" / "Versions" / "3.11" / "Python").write_bytes(b"lib")
+    (folder / "_internal" / "Python.framework" / "Versions" / "Current").symlink_to("3.11")
+    (folder / "_internal" / "Python").symlink_to("Python.framework/Versions/Current/Python")
+    freeze._replace_links_with_copies(folder)
+    assert list(freeze.walk_regular_files(folder))  # raises on any link left
+    assert (folder / "_internal" / "Python").read_bytes() == b"lib"
+    assert (folder / "_internal" / "Python.framework" / "Versions" / "Current" / "Python").read_bytes() == b"lib"
+
+
+def test_a_link_leaving_the_frozen_runtime_is_refused(tmp_path):
+    folder = tmp_path / "kit"
+    folder.mkdir()
+    (folder / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(BuildError, match="outside it"):
+        freeze._replace_links_with_copies(folder)

@@ -13,7 +13,9 @@ from kit.ggufmeta import ModelFacts, estimate_memory, read_facts
 from kit.hardware import Host
 from kit.plan import (
     MIN_CTX,
+    MIN_TALK_TPS,
     SAFETY_MIN,
+    CpuSpeed,
     LaunchPlan,
     ModelOption,
     Overrides,
@@ -145,6 +147,37 @@ def test_rpi5_runs_on_the_cpu(models):
     assert p.model_id == "llama-3.1-8b" and p.gpu_layers == 0 and p.threads == 4
     assert 2048 <= p.n_ctx < 8192
     assert verdict(p, "phi-3.5-mini").fits
+
+
+def test_rpi5_with_a_measured_cpu_speed_keeps_a_talking_pace(models, gemma_path):
+    # A Pi 5 generates ~20 tok/s with the 253 MB demo model: the 8B would crawl at ~1 tok/s.
+    speed = CpuSpeed(reference_bytes=gemma_path.stat().st_size, gen_tps=20.0)
+    p = plan_for("rpi5-8gb", models, cpu_speed=speed)
+    check_invariants(p, host("rpi5-8gb"))
+    assert p.model_id == "llama-3.2-1b"
+    assert "talking pace" in p.decision("model").reason
+    slow = verdict(p, "llama-3.1-8b")
+    assert slow.fits and "tok/s expected on this CPU, slower than reading" in slow.reason
+    assert speed.expected_tps(LLAMA_8B, 0) < MIN_TALK_TPS <= speed.expected_tps(LLAMA_1B, 0)
+
+
+def test_a_fast_cpu_keeps_the_largest_model(models, gemma_path):
+    speed = CpuSpeed(reference_bytes=gemma_path.stat().st_size, gen_tps=200.0)
+    assert plan_for("rpi5-8gb", models, cpu_speed=speed).model_id == "llama-3.1-8b"
+
+
+def test_when_nothing_keeps_pace_the_fastest_fitting_model_runs(models, gemma_path):
+    crawl = CpuSpeed(reference_bytes=gemma_path.stat().st_size, gen_tps=1.0)
+    p = plan_for("rpi5-8gb", models, cpu_speed=crawl)
+    assert p.model_id == "llama-3.1-8b"  # no model keeps pace: memory rules decide, and say so
+    assert "none keeps a talking pace" in p.decision("model").reason
+
+
+def test_a_model_wholly_on_the_gpu_is_not_judged_by_cpu_speed(models, gemma_path):
+    crawl = CpuSpeed(reference_bytes=gemma_path.stat().st_size, gen_tps=1.0)
+    p = plan_for("workstation-32gb-rtx4090", models, backends={"cuda"}, cpu_speed=crawl)
+    assert p.model_id == "llama-3.1-8b" and p.gpu_layers == LLAMA_8B.n_layers + 1
+    assert crawl.expected_tps(LLAMA_8B, LLAMA_8B.n_layers + 1) is None
 
 
 def test_workstation_4090_puts_the_8b_on_the_gpu(models):

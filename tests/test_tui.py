@@ -298,6 +298,19 @@ async def test_tokens_appear_while_streaming(stick, state):
 
 
 @pytest.mark.anyio
+async def test_long_answer_keeps_its_end_in_view(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue([f"line{i}\n\n" for i in range(60)] + ["THE-END"])
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        await ask(pilot, "Long")
+        await answered(pilot)
+        await wait_for(pilot, lambda: "THE-END" in screen_text(app), what="the end of the answer in view")
+        assert "line0" not in screen_text(app)
+
+
+@pytest.mark.anyio
 async def test_second_question_carries_the_history(stick, state):
     starter = FakeStarter(stick, state)
     starter.engine.enqueue("First answer.", "Second answer.")

@@ -134,7 +134,13 @@ def build_demo_stick(target: Path, *, attempts: int = 3, wait_s: float = 120) ->
 
 
 def shared_demo_stick(tmp_path_factory) -> Path:
-    """One demo stick per test session, shared by every module that asks (the probe runs once)."""
+    """One demo stick per test session, shared by every module that asks (the probe runs once).
+
+    TUI_DEMO_STICK=/path reuses a stick built before (its probe verdict cached): for quick reruns.
+    """
+    given = os.environ.get("TUI_DEMO_STICK")
+    if given:
+        return Path(given)
     target = tmp_path_factory.getbasetemp() / "demo-stick"
     if not (target / "KIT" / "bundle.json").exists():
         build_demo_stick(target)

@@ -26,8 +26,8 @@ from pathlib import Path, PurePosixPath
 
 import blake3
 
-from kit import __version__
-from kit.errors import BuildError, ManifestError
+from kit import __version__, kernels
+from kit.errors import BuildError, KernelError, ManifestError
 from kit.fsutil import atomic_write
 from kit.hardware import normalise_arch, normalise_os
 from kit.integrity import hash_file
@@ -71,9 +71,7 @@ def entry_name(platform_name: str) -> str:
 
 def freeze_runtime(work_dir: Path, report: Report = print) -> RuntimeDir:
     """Freeze the runtime for this host into work_dir/dist/kit (work_dir is reused between builds)."""
-    from kit import kernels
-
-    source_variants = _require_variants(kernels)
+    source_variants = _require_variants()
     dist, log = work_dir / "dist", work_dir / "pyinstaller.log"
     work_dir.mkdir(parents=True, exist_ok=True)
     report(f"freezing the runtime with PyInstaller (about a minute; log: {log})")
@@ -89,11 +87,11 @@ def freeze_runtime(work_dir: Path, report: Report = print) -> RuntimeDir:
     return runtime
 
 
-def _require_variants(kernels) -> list[str]:
+def _require_variants() -> list[str]:
     """The CPU variants this Python's llama_cpp has; a build without them would be useless on a stick."""
     try:
         names = [v.name for v in kernels.list_variants()]
-    except Exception as exc:  # llama_cpp missing: KernelError; anything else: the same verdict
+    except KernelError as exc:  # llama_cpp is not installed
         raise BuildError(f"cannot freeze a runtime: {exc}", "install the kit with build/install.sh") from None
     if not names:
         raise BuildError("this Python's llama_cpp has no CPU variant libraries (libggml-cpu-*)",
@@ -121,20 +119,28 @@ def _replace_links_with_copies(folder: Path) -> None:
     The spec drops PyInstaller's links on Linux; macOS keeps some (its library path rewriting
     expects them) and they become copies here, as they would on the stick.
     """
-    for path in sorted(folder.rglob("*")):
-        if not path.is_symlink():
-            continue
-        target = path.resolve()
-        if not target.is_relative_to(folder.resolve()) or not target.is_file():
-            raise BuildError(f"the frozen runtime holds a link {path} to {target}, outside it or not a file",
+    inside = folder.resolve()
+    for link in _links_under(folder):
+        target = link.resolve()
+        if not target.is_relative_to(inside) or not (target.is_file() or target.is_dir()):
+            raise BuildError(f"the frozen runtime holds a link {link} to {target}, outside it or dangling",
                              "check build/kit.spec")
-        path.unlink()
-        shutil.copy2(target, path)
+        link.unlink()
+        if target.is_dir():  # macOS framework layout: Versions/Current -> 3.11
+            shutil.copytree(target, link, symlinks=False)
+        else:
+            shutil.copy2(target, link)
+
+
+def _links_under(folder: Path) -> list[Path]:
+    """Links to files and to folders, without following any; outermost first."""
+    links = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        links += [Path(dirpath, name) for name in dirnames + filenames if Path(dirpath, name).is_symlink()]
+    return links
 
 
 def _check_variants_frozen(source_variants: list[str], folder: Path) -> None:
-    from kit import kernels
-
     lib = folder / "_internal" / "llama_cpp" / "lib"
     frozen = {v.name for v in kernels.list_variants(lib)} if lib.is_dir() else set()
     missing = sorted(set(source_variants) - frozen)

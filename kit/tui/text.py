@@ -49,10 +49,10 @@ def progress_bar(fraction: float, width: int) -> str:
 
 def stats_line(stats: GenStats | None, n_ctx: int, *, answering: bool) -> str:
     if stats is None:
-        return f"Ready · context 0 of {n_ctx} tokens" if not answering else "Answering… · Esc stops"
+        return f"Ready · context 0 of {n_ctx} tokens" if not answering else "Answering... · Esc stops"
     speed = f"{stats.tokens_per_s:.1f} tok/s"
     if answering:
-        return f"Answering… {stats.completion_tokens} tokens, {speed} · Esc stops"
+        return f"Answering... {stats.completion_tokens} tokens, {speed} · Esc stops"
     pct = round(100 * stats.context_used / n_ctx) if n_ctx else 0
     line = f"{speed} · context {stats.context_used} of {n_ctx} tokens ({pct}%)"
     if stats.stopped:

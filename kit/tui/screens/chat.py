@@ -87,7 +87,7 @@ class ChatScreen(Screen):
         super().__init__()
         self.session = session
         self.history = history
-        self.conversation = conversation or self.fresh_conversation()
+        self.conversation = conversation or self.fresh_conversation(self.default_preset())
         self.generation: Generation | None = None
         self.last_stats: GenStats | None = None
         self.save_error: str | None = None
@@ -133,13 +133,12 @@ class ChatScreen(Screen):
         preset = next((p for p in self.session.manifest.presets if p.id == preset_id), None)
         return preset.name if preset else "none"
 
-    def fresh_conversation(self) -> Conversation:
-        keep = getattr(self, "conversation", None)
-        if keep is not None:
-            preset = keep.preset_id
-        else:  # the stick's first preset is its default; the kit itself ships none
-            preset = self.session.manifest.presets[0].id if self.session.manifest.presets else None
-        return new_conversation(self.session.plan.model_id, preset)
+    def default_preset(self) -> str | None:
+        presets = self.session.manifest.presets  # the stick's first preset; the kit itself ships none
+        return presets[0].id if presets else None
+
+    def fresh_conversation(self, preset_id: str | None) -> Conversation:
+        return new_conversation(self.session.plan.model_id, preset_id)
 
     def refresh_topbar(self) -> None:
         text = f"{self.speaker} · preset: {self.preset_name(self.conversation.preset_id)}"
@@ -247,7 +246,7 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self.generation is not None:
             self.generation.stop.set()
-            self.refresh_stats("Stopping…")
+            self.refresh_stats("Stopping...")
 
     async def stop_and_wait(self) -> None:
         """Stop the answer being written and wait for its thread: before a restart closes the engine."""
@@ -280,7 +279,7 @@ class ChatScreen(Screen):
 
     async def action_new(self) -> None:
         await self.stop_and_wait()
-        self.open_conversation(self.fresh_conversation())
+        self.open_conversation(self.fresh_conversation(self.conversation.preset_id))
 
     def open_conversation(self, conv: Conversation) -> None:
         self.conversation = conv
@@ -333,7 +332,7 @@ class ChatScreen(Screen):
             self.open_conversation(result.open)
         elif self.conversation.id in result.deleted:
             await self.stop_and_wait()
-            self.open_conversation(self.fresh_conversation())
+            self.open_conversation(self.fresh_conversation(self.conversation.preset_id))
 
     def action_hardware(self) -> None:
         self.app.push_screen(HardwareScreen(self.session))

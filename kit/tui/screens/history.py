@@ -141,7 +141,7 @@ class HistoryScreen(ModalScreen[HistoryResult]):
         try:
             self.result.open = self.store.load(conv_id)
         except KitError as err:
-            self.notify(f"{err} — {err.hint}", severity="error")
+            self.notify(f"{err}: {err.hint}", severity="error")
             return
         self.dismiss(self.result)
 
@@ -154,7 +154,7 @@ class HistoryScreen(ModalScreen[HistoryResult]):
             if yes:
                 self.delete_worker(conv_id)
 
-        self.app.push_screen(ConfirmScreen(f"Delete “{self.selected_title()}”? This cannot be undone."),
+        self.app.push_screen(ConfirmScreen(f'Delete "{self.selected_title()}"? This cannot be undone.'),
                              confirmed)
 
     @work(thread=True, group="history-write")
@@ -179,7 +179,7 @@ class HistoryScreen(ModalScreen[HistoryResult]):
             markdown = to_markdown(conv, assistant=self.speaker, preset=self.preset_name(conv.preset_id))
             path = self.store.export(conv, markdown)
         except KitError as err:
-            self.post_message(self.Exported("", error=f"{err} — {err.hint}"))
+            self.post_message(self.Exported("", error=f"{err}: {err.hint}"))
         except OSError as err:
             self.post_message(self.Exported("", error=f"Could not write the export: {err.strerror or err}"))
         else:

@@ -83,7 +83,7 @@ class StartScreen(Screen):
         elapsed = time.monotonic() - self.began
         if elapsed >= self.SHOW_ELAPSED_AFTER_S:
             self.query_one("#start-elapsed", Static).update(Content(
-                f"Working… {int(elapsed)} s. On a new computer the kit tests which CPU programs run "
+                f"Working... {int(elapsed)} s. On a new computer the kit tests which CPU programs run "
                 "fastest here; this can take a few minutes once, then it is remembered."))
 
     @work(thread=True, exclusive=True, group="start")

@@ -66,7 +66,7 @@ class Transcript(VerticalScroll):
         return view
 
     def add_answer(self, speaker: str) -> AnswerMessage:
-        view = AnswerMessage(speaker, note="answering…")
+        view = AnswerMessage(speaker, note="answering...")
         self.mount(view)
         self.anchor()
         return view

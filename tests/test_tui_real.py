@@ -1,0 +1,92 @@
+"""The chat with the real Gemma 3 270M: through Pilot with the real kit.launch.start, and as
+`kit chat` in a real terminal (tmux). Both use one demo stick built per test session.
+
+Slow: the first start on a machine probes the CPU kernels (30-90 s, minutes on a loaded box);
+the probe verdict is then cached in the stick's state/ folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_tui import answers, ask, screen_text, wait_for
+from tmuxdrv import KIT, Tmux, shared_demo_stick
+
+from kit.history import HistoryStore
+from kit.plan import Overrides
+from kit.tui.app import make_app
+from kit.tui.screens.chat import ChatScreen
+
+pytestmark = pytest.mark.slow
+START_TIMEOUT_S = 900  # kernel probe on a busy 2-core machine
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def demo_stick(tmp_path_factory) -> Path:
+    return shared_demo_stick(tmp_path_factory)
+
+
+@pytest.mark.anyio
+async def test_real_model_answers_through_the_ui(demo_stick, monkeypatch):
+    monkeypatch.delenv("KIT_STATE_DIR", raising=False)
+    app = make_app(demo_stick, Overrides())  # the default starter: kit.launch.start on this stick
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), timeout=START_TIMEOUT_S,
+                       what="the model to load")
+        chat = app.screen
+        assert chat.session.plan.model_id == "gemma-3-270m"
+        assert "Gemma 3 270M" in screen_text(app)
+        await ask(pilot, "How do I purify water?")
+        await wait_for(pilot, lambda: chat.generation is None or len(answers(chat)[0].split()) >= 12,
+                       timeout=300, what="the answer to stream")
+        if chat.generation is not None:
+            await pilot.press("escape")  # enough shown: the rest would only cost time
+        await wait_for(pilot, lambda: chat.generation is None, timeout=60, what="the answer to end")
+        answer = chat.conversation.messages[-1]
+        assert answer["role"] == "assistant" and answer["content"].strip()
+        stats = chat.session.engine.last_stats
+        assert stats.completion_tokens > 0 and stats.tokens_per_s > 0
+        assert 0 < stats.context_used <= chat.session.engine.n_ctx
+        assert re.search(r"tok/s · context \d+ of \d+ tokens", screen_text(app))
+        state = chat.session.state
+        await wait_for(pilot, lambda: any(s.id == chat.conversation.id
+                                          for s in HistoryStore(state).list().conversations), what="save")
+
+
+def test_kit_chat_in_a_real_terminal(demo_stick):
+    with Tmux(width=100, height=30) as term:
+        term.start([KIT, "chat", "--stick", demo_stick], env={"NO_COLOR": "1", "KIT_BUNDLE": ""})
+        term.wait_for("Ctrl+S sends", timeout=START_TIMEOUT_S)
+        assert "Gemma 3 270M" in term.screen()
+
+        term.type("How do I purify water?")
+        term.keys("C-s")
+        term.wait_for("Answering", timeout=60)
+        screen = term.wait_for(lambda s: re.search(r"^ [\d.]+ tok/s · context \d+ of \d+ tokens", s, re.M),
+                               timeout=300)
+        assert "How do I purify water?" in screen
+
+        # a long answer, stopped with Esc while it streams
+        term.type("Write a very long story about a journey across the mountains, with many chapters.")
+        term.keys("C-s")
+        term.wait_for(lambda s: re.search(r"Answering\.\.\. ([5-9]|\d\d+) tokens", s) is not None, timeout=120)
+        term.keys("Escape")
+        screen = term.wait_for("Stopped ·", timeout=30)
+        assert "stopped" in screen  # the answer's frame says so; the chat is still open
+        assert "Ctrl+S sends" in screen
+
+        term.keys("C-q")
+        assert term.wait_exit() == 0
+
+    saved = [json.loads(p.read_text()) for p in (demo_stick / "KIT" / "state" / "history").glob("*.json")]
+    conv = next(c for c in saved if c["messages"] and c["messages"][0]["content"] == "How do I purify water?")
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert conv["messages"][-1].get("stopped") is True
