@@ -200,7 +200,15 @@ def cmd_chat(args) -> int:
     return launch.run_chat(args.stick, _overrides(args))
 
 
+def _needs_python_install(command: str) -> None:
+    """The stick's runtime leaves the builder out: building happens on a connected machine."""
+    if getattr(sys, "frozen", False):
+        raise KitError(f"`kit {command}` does not run from a stick's runtime",
+                       "run it from a Python install of the kit (bash build/install.sh) on a connected machine")
+
+
 def cmd_build(args) -> int:
+    _needs_python_install("build")
     from kit.builder import build
 
     result = build(Path(args.profile), Path(args.target), max_file_size=args.max_file_size,
@@ -226,6 +234,7 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_lock(args) -> int:
+    _needs_python_install("lock")
     from kit.builder.lock import lock_profile
 
     changes = lock_profile(Path(args.profile))

@@ -175,6 +175,7 @@ class HistoryStore:
     """Conversations on the stick (state/history/<id>.json) or, without a state folder, in memory."""
 
     def __init__(self, state: Path | None):
+        self.state = state
         self.folder = state / HISTORY_DIRNAME if state is not None else None
         self.exports = state / EXPORTS_DIRNAME if state is not None else None
         self._memory: dict[str, Conversation] = {}

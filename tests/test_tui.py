@@ -285,7 +285,7 @@ async def test_streaming_answer_is_shown_and_saved(stick, state):
 @pytest.mark.anyio
 async def test_tokens_appear_while_streaming(stick, state):
     starter = FakeStarter(stick, state, engine=FakeEngine(delay=0.05))
-    starter.engine.enqueue([f"word{i}" for i in range(60)])
+    starter.engine.enqueue([f"word{i}" for i in range(200)])
     app = make_app(starter=starter)
     async with app.run_test(size=(80, 24)) as pilot:
         chat = await started(pilot)

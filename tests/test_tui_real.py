@@ -43,7 +43,7 @@ async def test_real_model_answers_through_the_ui(demo_stick, monkeypatch):
                        what="the model to load")
         chat = app.screen
         assert chat.session.plan.model_id == "gemma-3-270m"
-        assert "Gemma 3 270M" in screen_text(app)
+        await wait_for(pilot, lambda: "Gemma 3 270M" in screen_text(app), what="the chat to draw")
         await ask(pilot, "How do I purify water?")
         await wait_for(pilot, lambda: chat.generation is None or len(answers(chat)[0].split()) >= 12,
                        timeout=300, what="the answer to stream")
@@ -69,24 +69,23 @@ def test_kit_chat_in_a_real_terminal(demo_stick):
 
         term.type("How do I purify water?")
         term.keys("C-s")
-        term.wait_for("Answering", timeout=60)
-        screen = term.wait_for(lambda s: re.search(r"^ [\d.]+ tok/s · context \d+ of \d+ tokens", s, re.M),
-                               timeout=300)
-        assert "How do I purify water?" in screen
+        # the answer streams in: tokens counted on the status line, text in the answer's frame
+        screen = term.wait_for(lambda s: re.search(r"Answering\.\.\. (\d\d+) tokens", s) is not None, timeout=180)
+        assert "How do I purify water?" in screen and "answering..." in screen
 
-        # a long answer, stopped with Esc while it streams
-        term.type("Write a very long story about a journey across the mountains, with many chapters.")
+        term.keys("Escape")  # stops this answer, not the chat
+        screen = term.wait_for("Stopped ·", timeout=60)
+        assert re.search(r"Stopped · [\d.]+ tok/s · context \d+ of \d+ tokens", screen)
+        assert "stopped ─" in screen and "Ctrl+S sends" in screen
+
+        # quitting in the middle of the next answer ends at once, with exit code 0
+        term.type("Tell me a long story about mountains.")
         term.keys("C-s")
-        term.wait_for(lambda s: re.search(r"Answering\.\.\. ([5-9]|\d\d+) tokens", s) is not None, timeout=120)
-        term.keys("Escape")
-        screen = term.wait_for("Stopped ·", timeout=30)
-        assert "stopped" in screen  # the answer's frame says so; the chat is still open
-        assert "Ctrl+S sends" in screen
-
+        term.wait_for(lambda s: re.search(r"Answering\.\.\. \d+ tokens", s) is not None, timeout=180)
         term.keys("C-q")
-        assert term.wait_exit() == 0
+        assert term.wait_exit(timeout=60) == 0
 
     saved = [json.loads(p.read_text()) for p in (demo_stick / "KIT" / "state" / "history").glob("*.json")]
     conv = next(c for c in saved if c["messages"] and c["messages"][0]["content"] == "How do I purify water?")
-    assert [m["role"] for m in conv["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert conv["messages"][-1].get("stopped") is True
+    assert [m["role"] for m in conv["messages"][:2]] == ["user", "assistant"]
+    assert conv["messages"][1].get("stopped") is True and conv["messages"][1]["content"].strip()

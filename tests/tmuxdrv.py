@@ -83,8 +83,15 @@ class Tmux:
         self._run("send-keys", "-t", self.session, "-l", text)
 
     def keys(self, *keys: str) -> None:
-        """Key names as tmux spells them: Enter, Escape, C-s, F1, Up ..."""
-        self._run("send-keys", "-t", self.session, *keys)
+        """Key names as tmux spells them: Enter, Escape, C-s, F1, Up ...
+
+        A pause follows Escape: an ESC byte straight before another key's escape sequence reads as
+        one Alt+key chord to the app, which no person types.
+        """
+        for key in keys:
+            self._run("send-keys", "-t", self.session, key)
+            if key in ("Escape", "Esc"):
+                time.sleep(0.3)
 
     def wait_for(self, what: str | Callable[[str], bool], *, timeout: float = 60.0,
                  interval: float = 0.2) -> str:

@@ -101,16 +101,7 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         models.append(_model_entry(model, [e.path for e in shards], kit_dir))
 
     runtime_entries: list[RuntimeEntry] = []
-    runtime_dirs = []
-    if freeze:
-        from kit.builder.freeze import freeze_runtime
-
-        report("freezing the runtime for this host with PyInstaller")
-        runtime_dirs.append(freeze_runtime(cache / "freeze", report=report))
-    for path in runtimes:
-        from kit.builder.freeze import import_runtime
-
-        runtime_dirs.append(import_runtime(path, cache / "imported"))
+    runtime_dirs = _runtimes(runtimes, freeze, cache, report)
     for rt in runtime_dirs:
         entries, n_copied = stage.stage_tree(rt.folder, kit_dir, f"runtimes/{rt.platform}")
         files += entries
@@ -135,6 +126,23 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         signing.remove_signature(kit_dir)
     (kit_dir / "INCOMPLETE").unlink()
     return BuildResult(target, manifest, copied, kept, time.monotonic() - start, result_warnings, signer)
+
+
+def _runtimes(imported: list[Path], freeze: bool, cache: Path, report: Report) -> list:
+    """Runtimes built elsewhere (checked against their own hash lists), then this host's own frozen
+    one unless an imported runtime already covers this platform (one runtime per platform)."""
+    from kit.builder.freeze import freeze_runtime, host_platform, import_runtime
+
+    found = [import_runtime(path, cache / "imported") for path in imported]
+    platforms = [rt.platform for rt in found]
+    duplicate = next((p for p in platforms if platforms.count(p) > 1), None)
+    if duplicate:
+        raise BuildError(f"two runtimes given for {duplicate}", "pass one --runtime per platform")
+    if freeze and host_platform() in platforms:
+        report(f"using the imported {host_platform()} runtime instead of freezing one here")
+    elif freeze:
+        found.append(freeze_runtime(cache / "freeze", report=report))
+    return found
 
 
 def _default_cache() -> Path:

@@ -69,7 +69,7 @@ class KitApp(App[int]):
 
     def begin_chat(self, session) -> None:
         self.session = session
-        if self.history is None or self.history.folder != HistoryStore(session.state).folder:
+        if self.history is None or self.history.state != session.state:  # kept across model switches
             self.history = HistoryStore(session.state)
         conversation, self._carry = self._carry, None
         self._replace_top(ChatScreen(session, self.history, conversation))

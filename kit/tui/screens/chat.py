@@ -164,6 +164,11 @@ class ChatScreen(Screen):
     # ------------------------------------------------------------------ asking
 
     def action_send(self) -> None:
+        # The send key is a screen binding, seen before the text box has handled the keys typed just
+        # before it (a fast typist, a terminal flushing a burst): read the box after its own queue.
+        self.query_one("#question", TextArea).call_later(self.send_now)
+
+    def send_now(self) -> None:
         box = self.query_one("#question", TextArea)
         question = box.text.strip()
         if self.answering:
