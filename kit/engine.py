@@ -21,6 +21,12 @@ from kit.errors import EngineError
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
 DEFAULT_MAX_TOKENS = 512
+# Fallback chat formats that do not tell llama-cpp-python where a turn ends: without these a base
+# model writes the next "### Instruction" itself and talks to itself until max_tokens.
+TURN_MARKERS = {"alpaca": ["###", "</s>"], "vicuna": ["USER:", "</s>"], "zephyr": ["<|user|>", "</s>"]}
+# A base model under a foreign template ends its answer with its own family's markers, which
+# llama.cpp does not treat as end-of-generation (Gemma 3 270M loops on <start_of_image>).
+FAMILY_MARKERS = ["<start_of_image>", "<end_of_turn>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"]
 _loaded_variants: set[str] = set()
 _variant_lock = threading.Lock()
 
@@ -35,7 +41,11 @@ class GenStats:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+        """Generation speed after the first token (the prompt's processing is not generation)."""
+        if self.first_token_s is None or self.completion_tokens < 2:
+            return 0.0
+        generating = self.seconds - self.first_token_s
+        return (self.completion_tokens - 1) / generating if generating > 0 else 0.0
 
 
 class ChatEngine(Protocol):
@@ -100,6 +110,7 @@ class LlamaEngine:
     model_id: str
     n_ctx: int
     last_stats: GenStats | None = None
+    stop_strings: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -124,9 +135,11 @@ class LlamaEngine:
         # A GGUF without a chat template (Gemma 3 270M is a base model) gets the manifest's
         # fallback format. Templates from metadata are rendered by llama-cpp-python in a Jinja
         # sandbox (ImmutableSandboxedEnvironment): no code runs from model metadata.
+        stops: list[str] = []
         if "tokenizer.chat_template" not in llm.metadata and chat_format_fallback:
             llm.chat_format = chat_format_fallback
-        return cls(llm=llm, model_id=model_id, n_ctx=n_ctx)
+            stops = TURN_MARKERS.get(chat_format_fallback, []) + FAMILY_MARKERS
+        return cls(llm=llm, model_id=model_id, n_ctx=n_ctx, stop_strings=stops)
 
     def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]:
@@ -137,7 +150,7 @@ class LlamaEngine:
             try:
                 chunks = self.llm.create_chat_completion(
                     messages=list(messages), stream=True, max_tokens=max_tokens,
-                    temperature=temperature, repeat_penalty=1.1)
+                    temperature=temperature, repeat_penalty=1.1, stop=self.stop_strings or None)
                 for chunk in chunks:
                     if stop is not None and stop.is_set():
                         chunks.close()

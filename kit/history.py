@@ -10,7 +10,6 @@ memory only, and `persistent` says so.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import threading
@@ -19,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kit.errors import KitError
-from kit.fsutil import fsync_dir
+from kit.fsutil import atomic_write
 
 SCHEMA_VERSION = 1
 HISTORY_DIRNAME = "history"
@@ -152,23 +151,9 @@ def to_markdown(conv: Conversation, *, assistant: str = "Assistant", preset: str
 
 
 def write_file_atomically(path: Path, data: bytes) -> None:
-    """Like kit.fsutil.atomic_write, with a temp name unique to this writer.
-
-    Two kits writing the same conversation must not share one temp file: each would rename
-    the other's half-written bytes into place.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """kit.fsutil.atomic_write: its temp name is unique to each writer, so two kits writing the
+    same conversation never rename each other's half-written bytes into place."""
+    atomic_write(path, data)
 
 
 class HistoryStore:

@@ -217,6 +217,7 @@ def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, 
     last_error: Exception | None = None
     for attempt in attempts:
         model = manifest.model(attempt.model_id)
+        on_status(f"loading {model.name}: {attempt_description(attempt)}")
         if attempt.model_id != plan.model_id:
             verify_model(bundle, manifest, model, on_progress)
         try:

@@ -496,7 +496,7 @@ class LoopStick:
 
     def __init__(self, folder: Path, source: Path):
         self.image, self.mount = folder / "stick.img", folder / "mnt"
-        self.mount.mkdir()
+        self.mount.mkdir(parents=True)
         with open(self.image, "wb") as fh:
             fh.truncate(400 << 20)
         sh("mkfs.ext4", "-q", "-F", str(self.image))
@@ -506,9 +506,13 @@ class LoopStick:
         shutil.copytree(source, self.mount / "stick", ignore=shutil.ignore_patterns("state"))
         sh("umount", str(self.mount))  # mount again: nothing of the stick left in memory
         sh("mount", self.device, str(self.mount))
-        for p in (self.mount / "stick").rglob("*"):  # folders and names cached, as after a first look
-            p.lstat()
         self.stick = self.mount / "stick"
+
+    def look(self) -> None:
+        """What a first look leaves in memory: the folders, the names and the small files."""
+        for p in self.stick.rglob("*"):
+            if p.is_file() and p.stat().st_size < 1 << 20:
+                p.read_bytes()
 
     def pull(self) -> None:
         with open(self.image, "r+b") as fh:
@@ -538,14 +542,19 @@ def loop_stick(demo_stick, tmp_path):
 
 @pytest.mark.slow
 def test_stick_pulled_out_gives_a_clear_message(loop_stick, tmp_path, probe_cache):
-    stick = loop_stick()
-    state = tmp_path / "state"  # the probe cache off the stick: this test is about the model's reads
+    state = tmp_path / "state"  # the probe cache off the stick: this test is about the stick's reads
     state.mkdir()
     (state / "kernel-probe.json").write_bytes(probe_cache)
     env = {"KIT_STATE_DIR": str(state)}
+    stick = loop_stick()  # pulled before anything was read: bundle.json itself fails
+    stick.pull()
+    for command in (["verify", str(stick.stick)], ["ask", "--stick", str(stick.stick), "hello"]):
+        refused(run_kit(*command, env=env, timeout=120), "could not be read (was it pulled out?)")
+    stick = loop_stick()  # pulled after a first look: the model's reads fail, each file is named
+    stick.look()
     stick.pull()
     done = run_kit("verify", str(stick.stick), timeout=120)
-    assert done.returncode == 4 and "cannot be read: Input/output error" in done.stdout, done.stdout
+    assert done.returncode == 4 and "cannot be read: Input/output error" in done.stdout, done.stdout + done.stderr
     refused(run_kit("ask", "--stick", str(stick.stick), "hello", env=env, timeout=120), "cannot be read", code=4)
 
 
@@ -562,6 +571,7 @@ def test_stick_pulled_out_mid_session_never_hangs(loop_stick, tmp_path, probe_ca
     outcomes = []
     for trial in range(3):
         stick = loop_stick()
+        stick.look()
         delay = rng.uniform(0.2, 3.0)
         proc = subprocess.Popen([*KIT, "ask", "--stick", str(stick.stick), "--max-tokens", "8", "hello"],
                                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -118,7 +118,10 @@ class Tmux:
         return self.exit_code(screen)  # type: ignore[return-value]
 
     def close(self) -> None:
+        socket_path = self._run("display-message", "-p", "#{socket_path}", check=False).strip()
         self._run("kill-server", check=False)
+        if socket_path:  # tmux leaves the socket file behind
+            Path(socket_path).unlink(missing_ok=True)
 
     def __enter__(self) -> Tmux:
         return self

@@ -372,8 +372,8 @@ def _remove_stale(out_dir: Path, stem: str, keep: set[str]) -> None:
     pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.gguf")
     for path in out_dir.iterdir():
         name = path.name
-        if name.startswith(".") and name.endswith(".part"):
-            name = name[1:-len(".part")]
+        if name.startswith(".") and name.endswith(".part"):  # kit.fsutil.temp_name: .NAME.PID-HEX.part
+            name = re.sub(r"\.\d+-[0-9a-f]+$", "", name[1:-len(".part")])
         if pattern.fullmatch(name) and path.name not in keep:
             path.unlink(missing_ok=True)
 
