@@ -21,7 +21,8 @@ def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """Decimal units, as a stick's box and a file manager count them."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -45,7 +46,7 @@ class ProgressLine:
             return
         self.last = pct
         eta = f", {p.eta:.0f} s left" if p.eta is not None else ""
-        sys.stderr.write(f"\r{self.label}: {pct:3.0f}%  {_human_bytes(p.rate)}/s{eta}   ")
+        sys.stderr.write(f"\r{self.label}: {pct:3.0f}%  {human_bytes(p.rate)}/s{eta}   ")
         if p.all_done >= p.all_total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -100,8 +101,8 @@ def render_verify(report) -> str:
     c = report.counts()
     rate = report.bytes_hashed / report.seconds if report.seconds else 0
     summary = (f"{c['ok']} files ok, {c['corrupt']} corrupt, {c['missing']} missing, "
-               f"{c['unexpected']} unexpected ({_human_bytes(report.bytes_hashed)} in "
-               f"{report.seconds:.1f} s, {_human_bytes(rate)}/s)")
+               f"{c['unexpected']} unexpected ({human_bytes(report.bytes_hashed)} in "
+               f"{report.seconds:.1f} s, {human_bytes(rate)}/s)")
     verdict = "The stick is intact." if report.ok else \
         "The stick is damaged: do not trust the files above. Copy it again from a good stick."
     return "\n".join([*lines, summary, verdict])
@@ -134,10 +135,10 @@ def render_doctor(report: dict) -> str:
     host = report["host"]
     out = [f"Host: {host['os']}-{host['arch']}, {host['cpu_name']}",
            f"      {host['physical_cores']} cores ({host['logical_cores']} threads), "
-           f"RAM {_human_bytes(host['ram_total'])} total, {_human_bytes(host['ram_available'])} available"
-           + (f", limit {_human_bytes(host['memory_limit'])}" if host.get("memory_limit") else "")]
+           f"RAM {human_bytes(host['ram_total'])} total, {human_bytes(host['ram_available'])} available"
+           + (f", limit {human_bytes(host['memory_limit'])}" if host.get("memory_limit") else "")]
     for g in host["gpus"]:
-        vram = _human_bytes(g["vram_total"]) if g.get("vram_total") else "unknown"
+        vram = human_bytes(g["vram_total"]) if g.get("vram_total") else "unknown"
         out.append(f"      GPU: {g['name']} ({g['backend']}, {vram})")
     if not host["gpus"]:
         out.append("      GPU: none found")

@@ -42,8 +42,8 @@ class GenStats:
     @property
     def tokens_per_s(self) -> float:
         """Generation speed after the first token (the prompt's processing is not generation)."""
-        if self.first_token_s is None or self.completion_tokens < 2:
-            return 0.0
+        if self.first_token_s is None:  # no first-token time recorded: the whole span
+            return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
         generating = self.seconds - self.first_token_s
         return (self.completion_tokens - 1) / generating if generating > 0 else 0.0
 

@@ -6,17 +6,9 @@ import math
 import traceback
 
 from kit import errors
+from kit.cli import human_bytes  # noqa: F401 - the screens' one byte formatter is the CLI's
 from kit.engine import GenStats
 from kit.integrity import Progress
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units, as a stick's box and a file manager count them."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def duration(seconds: float) -> str:

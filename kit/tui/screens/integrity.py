@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from rich.text import Text
 from textual import work
@@ -17,9 +16,8 @@ from textual.widgets import DataTable, Footer, Static
 
 from kit import integrity
 from kit.tui.text import duration, human_bytes
-from kit.tui.widgets.progress import ByteProgress
+from kit.tui.widgets.progress import ByteProgress, throttled_progress
 
-PROGRESS_INTERVAL_S = 0.1
 _ORDER = {integrity.CORRUPT: 0, integrity.MISSING: 1, integrity.UNEXPECTED: 2, integrity.OK: 3}
 
 
@@ -96,16 +94,8 @@ class IntegrityScreen(ModalScreen):
 
     @work(thread=True, exclusive=True, group="verify")
     def verify(self) -> None:
-        last = 0.0
-
-        def on_progress(p: integrity.Progress) -> None:
-            nonlocal last
-            if self.cancel.is_set():
-                raise _Cancelled
-            now = time.monotonic()
-            if now - last >= PROGRESS_INTERVAL_S or p.all_done >= p.all_total:
-                last = now
-                self.post_message(self.ProgressUpdate(p))
+        on_progress = throttled_progress(lambda p: self.post_message(self.ProgressUpdate(p)), self.cancel,
+                                         _Cancelled)
 
         try:
             report = integrity.verify_bundle(self.bundle.kit, self.manifest, progress=on_progress)

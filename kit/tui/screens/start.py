@@ -20,9 +20,8 @@ from textual.widgets import Footer, Static
 
 from kit.integrity import Progress
 from kit.plan import Overrides
-from kit.tui.widgets.progress import ByteProgress
+from kit.tui.widgets.progress import ByteProgress, throttled_progress
 
-PROGRESS_INTERVAL_S = 0.1  # hashing reports every 8 MiB block: hundreds a second from page cache
 STATUS_LINES = 8
 
 
@@ -88,16 +87,8 @@ class StartScreen(Screen):
 
     @work(thread=True, exclusive=True, group="start")
     def run_starter(self) -> None:
-        last = 0.0
-
-        def on_progress(p: Progress) -> None:
-            nonlocal last
-            if self.cancel.is_set():
-                raise StartCancelled
-            now = time.monotonic()
-            if now - last >= PROGRESS_INTERVAL_S or p.all_done >= p.all_total:
-                last = now
-                self.post_message(self.ProgressUpdate(p))
+        on_progress = throttled_progress(lambda p: self.post_message(self.ProgressUpdate(p)), self.cancel,
+                                         StartCancelled)
 
         def on_status(text: str) -> None:
             if self.cancel.is_set():
