@@ -106,17 +106,17 @@ def resident_fraction(path: Path) -> float:
                           ctypes.c_long]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
     fd = os.open(path, os.O_RDONLY)
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)  # maps; reads nothing
+    os.close(fd)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
         if libc.mincore(addr, size, vec) != 0:
             return float("nan")
-        libc.munmap(addr, size)
-        return sum(b & 1 for b in vec) / pages
     finally:
-        os.close(fd)
+        libc.munmap(addr, size)
+    return sum(b & 1 for b in vec) / pages
 
 
 def cold_load(args) -> dict:

@@ -23,7 +23,7 @@ class Sizes:
     gen_tokens: int = 64
     repeats: int = 3  # inside one process: the kit's benchmark and llama-bench both keep the best
     chat_tokens: int = 64
-    kernel_rounds: int = 3
+    kernel_rounds: int = 4
     verify_rounds: int = 5
     first_token_rounds: int = 5
     version_runs: int = 10

@@ -35,6 +35,15 @@ def probe_speed(result: kernels.ProbeResult) -> float:
     return tokens / result.seconds if result.ok and result.seconds else float("nan")
 
 
+def state_text(result: kernels.ProbeResult, score: int | str) -> str:
+    """Why a variant does not work, short (the full detail is in --json)."""
+    if result.state == "crashed":
+        return f"crashed ({result.detail})"
+    if score == 0:
+        return f"{result.state}: ggml refuses it here (score 0)"
+    return result.state
+
+
 def measure(ctx: Context, variants: list[kernels.Variant]) -> dict[str, list[kernels.ProbeResult]]:
     """Probe every variant once, then repeat the contenders, round-robin (interleaved)."""
     results: dict[str, list[kernels.ProbeResult]] = {v.name: [] for v in variants}
@@ -75,7 +84,7 @@ def run(ctx: Context) -> Section:
     for v in sorted(variants, key=lambda v: -(working.get(v.name) or 0)):
         rs = results[v.name]
         ok = [r for r in rs if r.ok]
-        state = "ok" if ok else f"{rs[0].state} {rs[0].detail}".strip()
+        state = "ok" if ok else state_text(rs[0], scores[v.name])
         pickers = [who for who, name in (("kit", chosen), ("ggml", ggml), ("fastest", fastest)) if name == v.name]
         section.rows.append([
             v.name, str(scores[v.name]), state, fmt(median([r.prompt_tps for r in ok])),

@@ -243,6 +243,22 @@ def cmd_lock(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """bench/run.py of the source checkout: it builds llama.cpp's own tools to compare with."""
+    _needs_python_install("bench")
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    if not script.is_file():
+        raise KitError("`kit bench` needs the kit's source checkout (bench/ is not installed)",
+                       "run it from a clone of the project: .venv/bin/kit bench")
+    forwarded = ["--quick"] if args.quick else []
+    for option in ("only", "stick", "variant", "json"):
+        if getattr(args, option) is not None:
+            forwarded.append(f"--{option}={getattr(args, option)}")
+    return subprocess.call([sys.executable, str(script), *forwarded])
+
+
 def cmd_probe(args) -> int:
     from kit import kernels
 
@@ -317,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lock", help="pin revisions and hashes of a profile's models (needs network)")
     p.add_argument("profile")
     p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("bench", help="measure the kit against llama.cpp itself (bench/run.py; source checkout)")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer repeats")
+    p.add_argument("--only", metavar="SECTIONS", help="overhead,kernels,verify,first-token,footprint")
+    p.add_argument("--stick", metavar="DIR", help="a stick with a frozen runtime (default: build one)")
+    p.add_argument("--variant", help="CPU kernel for the overhead and verification sections")
+    p.add_argument("--json", metavar="FILE", help="also write every number as JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("_probe", help=argparse.SUPPRESS)
     p.add_argument("--variant", required=True)

@@ -34,7 +34,7 @@ CHILD = textwrap.dedent("""
     out["stats"] = eng.last_stats.__dict__
     stop = threading.Event()
     pieces = []
-    for piece in eng.stream(msgs, max_tokens=200, stop=stop):
+    for piece in eng.stream(msgs, max_tokens=200, stop=stop, temperature=0.0):
         pieces.append(piece)
         if len(pieces) == 5:
             stop.set()

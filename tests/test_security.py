@@ -571,10 +571,10 @@ def test_stick_pulled_out_mid_session_never_hangs(loop_stick, tmp_path, probe_ca
     (state / "kernel-probe.json").write_bytes(probe_cache)
     env = dict(os.environ, PYTHONPATH=str(ROOT), KIT_STATE_DIR=str(state))
     outcomes = []
-    for trial in range(3):
+    for trial in range(4):  # the kit reads the stick in its first ~1.5 s here; later it runs from memory
         stick = loop_stick()
         stick.look()
-        delay = rng.uniform(0.2, 3.0)
+        delay = rng.uniform(0.0, 1.5)
         proc = subprocess.Popen([*KIT, "ask", "--stick", str(stick.stick), "--max-tokens", "8", "hello"],
                                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -586,9 +586,9 @@ def test_stick_pulled_out_mid_session_never_hangs(loop_stick, tmp_path, probe_ca
         assert proc.returncode >= 0, f"{where}: killed by signal {-proc.returncode}\n{err}"
         if proc.returncode:
             refused(done)
-        outcomes.append("answered" if proc.returncode == 0 else "refused")
+        outcomes.append(f"{delay:.2f} s: {'answered' if proc.returncode == 0 else 'refused'}")
         stick.close()
-    print(f"seed {seed}: {outcomes}")
+    print(f"\n[pulled mid-session] seed {seed}: {outcomes}")
 
 
 def test_model_changed_between_verify_and_load_is_refused(stick_copy):

@@ -1,0 +1,84 @@
+"""bench/: the quick benchmark runs end to end and prints every table with numeric ratios (so the
+scripts cannot rot), plus the small pure helpers. No test asserts that a target is met: timings on
+a shared machine are not pass/fail material; docs/BENCHMARKS.md holds the measured numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from bench import run as bench_run  # noqa: E402
+from bench.common import Ratio, interleave, median, table  # noqa: E402
+from bench.kernel_choice import ggml_pick  # noqa: E402
+
+TITLES = ["## Machine", "## 1. Engine overhead", "## 2. Kernel choice", "## 3. Verification",
+          "## 4. Launch to first token", "## 5. Footprint", "## Summary"]
+RATIOS = {"engine prompt", "engine generation", "chat stream generation", "kernel: kit's choice / fastest working",
+          "verify+load / load alone (cold cache)", "launch to first token, kit / llama.cpp CLI"}
+RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)
+
+
+def test_interleave_alternates_the_runs():
+    calls = []
+    a, b = interleave(3, lambda: calls.append("a") or 1, lambda: calls.append("b") or 2)
+    assert calls == ["a", "b"] * 3
+    assert (a, b) == ([1, 1, 1], [2, 2, 2])
+
+
+def test_median_skips_runs_that_measured_nothing():
+    assert median([3.0, float("nan"), 1.0, 2.0]) == 2.0
+    assert math.isnan(median([float("nan")]))
+
+
+def test_ratio_verdicts_for_floors_ceilings_and_missing_values():
+    assert Ratio("floor", 0.98, 0.97).met is True
+    assert Ratio("floor", 0.96, 0.97).met is False
+    assert Ratio("ceiling", 1.2, 1.15, at_most=True).met is False
+    assert Ratio("ceiling", 1.0, 1.15, at_most=True).met is True
+    missing = Ratio("nothing", float("nan"), 1.0)
+    assert missing.met is None and "not measured" in missing.line()
+
+
+def test_ggml_pick_is_the_highest_positive_score_and_ignores_crashes():
+    assert ggml_pick({"x64": 1, "zen4": 1984, "sapphirerapids": 0, "icelake": "crash"}) == "zen4"
+    assert ggml_pick({"sapphirerapids": 0, "icelake": "crash"}) is None
+
+
+def test_table_pads_columns():
+    lines = table(["a", "bb"], [["long cell", "1"]]).splitlines()
+    assert lines[0] == "| a         | bb |"
+    assert len({len(line) for line in lines}) == 1
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--only", "overhead,warp-drive"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first run builds llama.cpp's tools (~10 min on 2 cores, more when busy)
+def test_quick_bench_prints_every_table_and_numeric_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=3500, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for title in TITLES:
+        assert title in proc.stdout, f"missing table {title!r}"
+
+    printed = {name: float(value) for name, value, *_ in RATIO_LINE.findall(proc.stdout)}
+    assert set(printed) == RATIOS
+    assert all(math.isfinite(v) and v > 0 for v in printed.values()), printed
+
+    data = json.loads(out.read_text())
+    assert data["failures"] == {}
+    stored = {r["name"]: r["value"] for s in data["sections"] for r in s["ratios"]}
+    assert stored.keys() == printed.keys()
+    assert all(abs(stored[name] - printed[name]) < 1e-3 for name in stored)
