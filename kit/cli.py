@@ -184,7 +184,7 @@ def cmd_ask(args) -> int:
                            on_progress=ProgressLine("checking the model"),
                            on_status=lambda s: print(s, file=sys.stderr))
     messages = session.messages(question, preset=args.preset)
-    for token in session.engine.stream(messages, max_tokens=args.max_tokens):
+    for token in session.engine.stream(messages, max_tokens=args.max_tokens, temperature=args.temperature):
         sys.stdout.write(token)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.add_argument("--preset", help="system prompt preset id from the stick")
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.3, help="0 = always the most likely word (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no statistics line")
     p.set_defaults(func=cmd_ask)
 

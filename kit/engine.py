@@ -54,7 +54,7 @@ class ChatEngine(Protocol):
     last_stats: GenStats | None
 
     def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-               stop: threading.Event | None = None) -> Iterator[str]: ...
+               stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]: ...
 
     def close(self) -> None: ...
 
@@ -222,7 +222,7 @@ class FakeEngine:
             self.queue.append(a.split(" ") if isinstance(a, str) else a)
 
     def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]:
         self.prompts.append(list(messages))
         answer = self.queue.pop(0) if self.queue else ["(no", "answer", "queued)"]
         if isinstance(answer, Exception):

@@ -52,7 +52,8 @@ def test_doctor_names_a_working_fast_kernel(demo_stick):
 
 def test_ask_answers_with_no_network(demo_stick):
     assert shutil.which("unshare"), "util-linux unshare is needed"
-    done = run_kit("ask", "--stick", str(demo_stick), "--max-tokens", "40", "How do I purify water?",
+    done = run_kit("ask", "--stick", str(demo_stick), "--max-tokens", "40", "--temperature", "0",
+                   "How do I purify water?",
                    prefix=["unshare", "-n"], timeout=900)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) >= 8 and "water" in done.stdout.lower()

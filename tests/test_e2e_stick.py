@@ -121,7 +121,7 @@ def test_the_frozen_runtime_verifies_the_stick_offline(debian_root, built_stick)
 
 
 def test_ask_answers_offline_on_a_bare_host(debian_root, built_stick):
-    proc = run_on_bare_host(debian_root, built_stick, "ask", QUESTION, "--max-tokens", "48")
+    proc = run_on_bare_host(debian_root, built_stick, "ask", QUESTION, "--max-tokens", "48", "--temperature", "0")
     diagnostics = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     print(diagnostics)
     assert proc.returncode == 0, diagnostics
