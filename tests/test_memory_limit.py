@@ -71,7 +71,8 @@ def test_a_tight_limit_gets_a_smaller_context_and_answers(demo_stick):
     unlimited_ctx = json.loads(free.stdout)["plan"]["n_ctx"]
     with memory_limit(1200 * MiB) as prefix:
         doctor = run_kit("doctor", "--stick", str(demo_stick), "--json", prefix=prefix)
-        done = run_kit("ask", "--stick", str(demo_stick), "--max-tokens", "16", "--temperature", "0", "How do I purify water?",
+        done = run_kit("ask", "--stick", str(demo_stick), "--max-tokens", "16", "--temperature", "0",
+                       "How do I purify water?",
                        prefix=prefix, timeout=900)
     report = json.loads(doctor.stdout)
     assert report["host"]["memory_limit"] == 1200 * MiB
