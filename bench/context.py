@@ -20,9 +20,9 @@ class Sizes:
 
     overhead_rounds: int = 5
     prompt_tokens: int = 128
-    gen_tokens: int = 64
+    gen_tokens: int = 32
     repeats: int = 3  # inside one process: the kit's benchmark and llama-bench both keep the best
-    chat_tokens: int = 64
+    chat_tokens: int = 48
     kernel_rounds: int = 4
     verify_rounds: int = 5
     first_token_rounds: int = 5

@@ -132,27 +132,30 @@ class BenchResult:
 
 def llama_bench(folder: Path, kit_lib: Path, variant_lib: Path, model: Path, *, threads: int,
                 prompt_tokens: int, gen_tokens: int, repeats: int) -> BenchResult:
-    """Prompt at depth 0 and generation at depth `prompt_tokens`: what the kit's benchmark does
-    (it generates right after its prompt). Flash attention off, as llama-cpp-python's default."""
-    cmd = [str(folder / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt_tokens),
-           "-n", str(gen_tokens), "-d", f"0,{prompt_tokens}", "-r", str(repeats), "-fa", "0",
-           "-o", "json"]
+    """Prompt at depth 0, then generation at depth `prompt_tokens`: what the kit's benchmark does
+    (it generates right after its prompt). Two runs, as one run would time every combination."""
+    prompt = _llama_bench_test(folder, kit_lib, variant_lib, model, threads, repeats,
+                               n_prompt=prompt_tokens, n_gen=0, n_depth=0)
+    gen = _llama_bench_test(folder, kit_lib, variant_lib, model, threads, repeats,
+                            n_prompt=0, n_gen=gen_tokens, n_depth=prompt_tokens)
+    return BenchResult(prompt[0], gen[0], gen[1])
+
+
+def _llama_bench_test(folder: Path, kit_lib: Path, variant_lib: Path, model: Path, threads: int, repeats: int,
+                      **test: int) -> tuple[float, str]:
+    """Best tok/s of one llama-bench test, and the kernel it loaded. Flash attention off, as in
+    llama-cpp-python's default."""
+    cmd = [str(folder / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(test["n_prompt"]),
+           "-n", str(test["n_gen"]), "-d", str(test["n_depth"]), "-r", str(repeats), "-fa", "0", "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=folder, env=tool_env(kit_lib),
                           stdin=subprocess.DEVNULL, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
     backend = check_backend(proc.stderr, folder, variant_lib)
-    tests = json.loads(proc.stdout)
-    prompt = _best(tests, n_prompt=prompt_tokens, n_gen=0, n_depth=0)
-    gen = _best(tests, n_prompt=0, n_gen=gen_tokens, n_depth=prompt_tokens)
-    return BenchResult(prompt, gen, backend)
-
-
-def _best(tests: list[dict], **where: int) -> float:
-    for t in tests:
-        if all(t.get(k) == v for k, v in where.items()):
-            return max(t["samples_ts"])
-    raise RuntimeError(f"llama-bench printed no test with {where}")
+    for t in json.loads(proc.stdout):
+        if all(t.get(k) == v for k, v in test.items()):
+            return max(t["samples_ts"]), backend  # the best repetition, as engine.benchmark keeps
+    raise RuntimeError(f"llama-bench printed no test with {test}")
 
 
 def completion_command(folder: Path, model: Path, prompt: str, *, threads: int, max_tokens: int,

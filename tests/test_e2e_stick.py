@@ -158,3 +158,24 @@ def test_ask_maps_one_libggml_from_the_stick(built_stick):
     ggml = sorted(p for p in seen if Path(p).name.startswith(("libggml.so", "libggml-base.so")))
     assert ggml == [str(lib / "libggml-base.so.0"), str(lib / "libggml.so.0")]
     assert any(Path(p).name.startswith("libggml-cpu-") for p in seen) and out.strip()
+
+
+def test_launcher_opens_the_chat_in_a_real_terminal(built_stick):
+    """The frozen runtime's chat, started by the launcher with no arguments, in tmux with no network:
+    start, verification, a question, a streamed answer, stop, quit."""
+    from tmuxdrv import Tmux
+
+    launcher = built_stick / "START-linux.sh"
+    with Tmux(width=100, height=30) as term:
+        term.start(["unshare", "-n", "sh", launcher], env={"NO_COLOR": "1"})
+        screen = term.wait_for("Ctrl+S sends", timeout=900)
+        assert "Gemma 3 270M" in screen
+        term.type(QUESTION)
+        term.keys("C-s")
+        screen = term.wait_for(lambda s: re.search(r"Answering\.\.\. (\d\d+) tokens", s) is not None, timeout=300)
+        assert QUESTION in screen
+        term.keys("Escape")
+        screen = term.wait_for("Stopped ·", timeout=60)
+        assert re.search(r"Stopped · [\d.]+ tok/s · context \d+ of \d+ tokens", screen)
+        term.keys("C-q")
+        assert term.wait_exit(timeout=60) == 0

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import apt_install
 
 from kit.builder.freeze import host_platform
 from kit.builder.sticktext import LAUNCHER_DIR
@@ -139,9 +140,9 @@ def test_macos_launcher_explains_gatekeeper_when_the_runtime_is_killed(tmp_path,
     assert "Gatekeeper" in proc.stderr and f'xattr -dr com.apple.quarantine "{stick}"' in proc.stderr
 
 
-@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck is not installed")
 @pytest.mark.parametrize("launcher", POSIX_LAUNCHERS)
 def test_launchers_pass_shellcheck_as_posix_sh(launcher):
+    apt_install("shellcheck")
     proc = subprocess.run(["shellcheck", "-s", "dash", str(LAUNCHER_DIR / launcher)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

@@ -37,7 +37,7 @@ EXIT_MARK = "KIT-EXITED"
 
 
 def require_tmux() -> str:
-    """tmux's path; installs it from Debian's packages when missing, skips when that is impossible."""
+    """tmux's path; installs it from Debian's packages when missing, fails when that is impossible."""
     found = shutil.which("tmux")
     if found:
         return found
@@ -45,7 +45,7 @@ def require_tmux() -> str:
         subprocess.run(["apt-get", "install", "-y", "-q", "tmux"], capture_output=True, timeout=300)
         found = shutil.which("tmux")
     if not found:
-        pytest.skip("tmux is not installed and could not be installed")
+        pytest.fail("tmux is not installed and could not be installed (apt-get install tmux)")
     return found
 
 
