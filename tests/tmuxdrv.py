@@ -155,3 +155,27 @@ def shared_demo_stick(tmp_path_factory) -> Path:
     if not (target / "KIT" / "bundle.json").exists():
         build_demo_stick(target)
     return target
+
+
+LONG_PROMPTS = ("Tell me a long story about mountains.", "Write a long story about a river and a boat.",
+                "List everything a family needs in an emergency kit, with details.")
+STREAMING = re.compile(r"Answering\.\.\. \d+ tokens")
+
+
+def ask_and_stop(term: Tmux, prompts: Sequence[str] = LONG_PROMPTS, timeout: float = 300) -> str:
+    """Ask until an answer is still streaming when Esc arrives; returns the 'Stopped' screen.
+
+    A tiny model sometimes ends an answer before a test can press Esc: that answer is fine, and
+    the next prompt gets its chance (a new conversation each time, so context stays small)."""
+    for prompt in prompts:
+        term.type(prompt)
+        term.keys("C-s")
+        screen = term.wait_for(lambda s: STREAMING.search(s) is not None or "tok/s ·" in s, timeout=timeout)
+        if STREAMING.search(screen):
+            term.keys("Escape")
+            screen = term.wait_for(lambda s: "Stopped ·" in s or "tok/s ·" in s, timeout=60)
+            if "Stopped ·" in screen:
+                return screen
+        term.keys("C-n")
+        term.wait_for(lambda s: "tok/s ·" not in s, timeout=30)
+    raise AssertionError(f"every answer ended before Esc could stop it ({len(prompts)} prompts)")
