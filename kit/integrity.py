@@ -67,12 +67,13 @@ def hash_file(path: Path, *, sha256: bool = False, on_block: Callable[[int], Non
 
 # ---------------------------------------------------------------- verified-in-this-process registry
 # The engine loads only files recorded here; the identity check catches a file swapped after hashing.
-_verified: dict[str, tuple[int, int, int, int, str]] = {}
+_verified: dict[str, tuple[int, int, int, int, int, str]] = {}
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
+def _identity(path: Path) -> tuple[int, int, int, int, int]:
+    # ctime too: a rewrite can put the old mtime back, but setting it moves ctime
     st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _remember(path: Path, blake3_hex: str) -> None:
@@ -84,10 +85,10 @@ def require_verified(path: Path) -> str:
     record = _verified.get(str(Path(path).resolve()))
     if record is None:
         raise NotVerifiedError(f"{path} was not verified in this process; refusing to load it")
-    if record[:4] != _identity(Path(path)):
+    if record[:5] != _identity(Path(path)):
         raise NotVerifiedError(f"{path} changed after it was verified; refusing to load it",
                                "the stick may be failing or was modified while in use")
-    return record[4]
+    return record[5]
 
 
 def forget_verified() -> None:

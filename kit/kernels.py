@@ -234,14 +234,18 @@ def _cache_key(host: Host, variants: list[Variant]) -> str:
 _memory_cache: dict[str, dict] = {}
 
 
-def _read_cache(state: Path | None) -> dict[str, dict]:
-    if state is None:
-        return _memory_cache
-    try:
-        data = json.loads((state / "kernel-probe.json").read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+def _read_cache(state: Path | None, saved: Path | None = None) -> dict[str, dict]:
+    """Verdicts from the writable state folder; on a read-only stick, those saved on it earlier
+    (read, never written) plus this run's memory."""
+    folder = state or saved
+    data: dict = {}
+    if folder is not None:
+        try:
+            loaded = json.loads((folder / "kernel-probe.json").read_text())
+            data = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+    return data if state is not None else {**data, **_memory_cache}
 
 
 def _write_cache(state: Path | None, cache: dict[str, dict]) -> None:
@@ -261,7 +265,7 @@ def rank(results: list[ProbeResult]) -> list[ProbeResult]:
     return sorted((r for r in results if r.ok), key=lambda r: r.seconds or float("inf"))
 
 
-def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None,
+def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None, saved: Path | None = None,
                   variants: list[Variant] | None = None, refresh: bool = False,
                   on_result=None) -> KernelChoice:
     """The fastest variant that works here: from the cache for this CPU, else by probing."""
@@ -271,7 +275,7 @@ def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None,
                           "rebuild the runtime with build/install.sh; see build/llama-cpp.env")
     by_name = {v.name: v for v in variants}
     key = _cache_key(host, variants)
-    cache = _read_cache(state)
+    cache = _read_cache(state, saved)
     entry = cache.get(key)
     if entry and not refresh and entry.get("chosen") in by_name:
         results = tuple(ProbeResult(**r) for r in entry["results"])

@@ -133,7 +133,7 @@ def choose_cpu_kernel(bundle, manifest, host, state, *, refresh=False, on_probe=
     verify_model(bundle, manifest, probe_model, progress)
     first = bundle.resolve(probe_model.files[0])
     return kernels.choose_kernel(host, first, integrity.require_verified(first), state=state,
-                                 refresh=refresh, on_result=on_probe)
+                                 saved=bundle.kit / "state", refresh=refresh, on_result=on_probe)
 
 
 def measured_speed(manifest: BundleManifest, kernel: kernels.KernelChoice) -> CpuSpeed | None:

@@ -28,17 +28,21 @@ def copy_hashed(src: Path, dest: Path, on_block: OnBytes | None = None) -> Diges
     tmp = temp_name(dest)
     b3, sha = blake3.blake3(), hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(BLOCK):
-            fout.write(chunk)
-            b3.update(chunk)
-            sha.update(chunk)
-            size += len(chunk)
-            if on_block:
-                on_block(len(chunk))
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dest)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while chunk := fin.read(BLOCK):
+                fout.write(chunk)
+                b3.update(chunk)
+                sha.update(chunk)
+                size += len(chunk)
+                if on_block:
+                    on_block(len(chunk))
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+    except BaseException:  # a full disk or a kill: give the space back, the rerun copies again
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(dest.parent)
     return Digest(size, b3.hexdigest(), sha.hexdigest())
 
