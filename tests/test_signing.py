@@ -175,10 +175,12 @@ def test_unsigned_stick_says_so(demo_stick, keys):
 
 @pytest.mark.slow
 def test_changed_after_signing_is_refused_everywhere(signed_copy):
-    """One byte of bundle.json changed (a preset's wording): every front end refuses before parsing."""
+    """One byte of bundle.json changed (the profile's name): every front end refuses before parsing."""
     manifest = signed_copy / "KIT" / "bundle.json"
     raw = manifest.read_bytes()
-    manifest.write_bytes(raw.replace(b"Answer briefly", b"Answer wrongly", 1))
+    changed = raw.replace(b'"profile": "demo"', b'"profile": "deme"', 1)
+    assert changed != raw
+    manifest.write_bytes(changed)
     for command in (["verify", str(signed_copy)], ["ask", "--stick", str(signed_copy), "hi"],
                     ["doctor", "--stick", str(signed_copy)]):
         refused(run_kit(*command, timeout=120), "does not match its signature")
