@@ -47,9 +47,30 @@ def engine_speed(args) -> dict:
     engine.ensure_backend(args.variant)
     result = engine.benchmark(args.model, threads=args.threads, prompt_tokens=args.prompt_tokens,
                               gen_tokens=args.gen_tokens, repeats=args.repeats)
+    result["decode_tps"] = decode_only_speed(args)
     if args.chat_tokens:
         result["chat_gen_tps"] = chat_decode_speed(args)
     return result
+
+
+def decode_only_speed(args) -> float:
+    """Generation without sampling, as llama-bench generates (it feeds tokens, it never samples):
+    what the kit's Python path costs per token with the sampler's share taken out."""
+    from kit.engine import LlamaEngine
+
+    llm = LlamaEngine.load([args.model], model_id="bench", n_ctx=max(256, args.prompt_tokens + args.gen_tokens + 16),
+                           threads=args.threads, variant=args.variant).llm
+    prompt = llm.tokenize(CHAT_QUESTION.encode() * 16)[:args.prompt_tokens]  # llama-bench's depth
+    best = 0.0
+    for _ in range(args.repeats):
+        llm.reset()
+        llm.eval(prompt)
+        start = time.perf_counter()
+        for _ in range(args.gen_tokens):
+            llm.eval(prompt[-1:])
+        best = max(best, args.gen_tokens / (time.perf_counter() - start))
+    llm.close()
+    return best
 
 
 def chat_decode_speed(args) -> float:

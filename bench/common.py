@@ -69,6 +69,12 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(kept) if kept else float("nan")
 
 
+def spread(values: Sequence[float], digits: int = 1) -> str:
+    """min–max of the measured values: how noisy the machine was while they were taken."""
+    kept = [v for v in values if v == v]
+    return f"{min(kept):.{digits}f}–{max(kept):.{digits}f}" if kept else "-"
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -107,6 +113,18 @@ class Ratio:
     def to_dict(self) -> dict:
         return {"name": self.name, "value": self.value, "target": self.target,
                 "at_most": self.at_most, "met": self.met, "note": self.note}
+
+
+def compare(name: str, mine: Sequence[float], theirs: Sequence[float], target: float, *,
+            times: bool = False) -> list[Ratio]:
+    """Two ratios of the same samples: of the medians, and of the best runs (the fastest speed,
+    or the shortest time). On a busy machine the best run of each side is the least disturbed one,
+    so the second ratio says more about the code and the first more about the machine."""
+    kept_mine, kept_theirs = [v for v in mine if v == v], [v for v in theirs if v == v]
+    best = min if times else max
+    best_ratio = best(kept_mine) / best(kept_theirs) if kept_mine and kept_theirs else None
+    return [Ratio(name, median(mine) / median(theirs), target, at_most=times),
+            Ratio(f"{name}, best runs", best_ratio, target, at_most=times)]
 
 
 @dataclass

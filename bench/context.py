@@ -18,12 +18,12 @@ from kit import hardware, integrity, kernels
 class Sizes:
     """How much to measure. Full: enough repeats for stable medians on a noisy 2-core machine."""
 
-    overhead_rounds: int = 5
+    overhead_rounds: int = 7
     prompt_tokens: int = 128
     gen_tokens: int = 32
     repeats: int = 3  # inside one process: the kit's benchmark and llama-bench both keep the best
     chat_tokens: int = 48
-    kernel_rounds: int = 4
+    kernel_rounds: int = 3
     verify_rounds: int = 5
     first_token_rounds: int = 5
     version_runs: int = 10

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench import llamacpp
-from bench.common import Ratio, Section, fmt, interleave, median, say
+from bench.common import Section, compare, fmt, interleave, median, say, spread
 from bench.context import Context
 
 TARGET = 1.5
@@ -99,10 +99,10 @@ def run(ctx: Context) -> Section:
     kit_times, cpp_times = interleave(ctx.sizes.first_token_rounds, kit, cpp)
     kit_s, cpp_s = median(kit_times), median(cpp_times)
 
-    section = Section("4. Launch to first token", ["start", "first token, s (median)", "runs, s"])
-    section.rows += [["START-linux.sh ask (frozen runtime)", fmt(kit_s, 2), " ".join(fmt(t, 2) for t in kit_times)],
-                     ["llama-completion (llama.cpp CLI)", fmt(cpp_s, 2), " ".join(fmt(t, 2) for t in cpp_times)]]
-    section.ratios.append(Ratio("launch to first token, kit / llama.cpp CLI", kit_s / cpp_s, TARGET, at_most=True))
+    section = Section("4. Launch to first token", ["start", "first token, s (median)", "range, s"])
+    section.rows += [["START-linux.sh ask (frozen runtime)", fmt(kit_s, 2), spread(kit_times, 2)],
+                     ["llama-completion (llama.cpp CLI)", fmt(cpp_s, 2), spread(cpp_times, 2)]]
+    section.ratios += compare("launch to first token, kit / llama.cpp CLI", kit_times, cpp_times, TARGET, times=True)
     section.notes += [
         f"model {model.id}, context {plan['n_ctx']}, {plan['threads']} threads, kernel {plan['cpu_variant']} "
         f"(the stick's cached verdict) for both; the same prompt text ({model.chat_format} format)",

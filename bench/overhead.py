@@ -4,7 +4,7 @@ kernel and libraries, interleaved (kit, llama-bench, kit, llama-bench, ...), med
 from __future__ import annotations
 
 from bench import llamacpp
-from bench.common import Ratio, Section, fmt, interleave, median, run_child, say
+from bench.common import Section, compare, fmt, interleave, median, run_child, say, spread
 from bench.context import Context
 
 TARGET = 0.97
@@ -27,20 +27,24 @@ def run(ctx: Context) -> Section:
                                     prompt_tokens=s.prompt_tokens, gen_tokens=s.gen_tokens, repeats=s.repeats)
 
     kit_runs, cpp_runs = interleave(s.overhead_rounds, kit, cpp)
-    kit_prompt = median([r["prompt_tps"] for r in kit_runs])
-    kit_gen = median([r["gen_tps"] for r in kit_runs])
-    kit_chat = median([r["chat_gen_tps"] for r in kit_runs])
-    cpp_prompt = median([r.prompt_tps for r in cpp_runs])
-    cpp_gen = median([r.gen_tps for r in cpp_runs])
-
+    measures = [
+        (f"prompt, {s.prompt_tokens} tokens (engine.benchmark)", "engine prompt",
+         [r["prompt_tps"] for r in kit_runs], [r.prompt_tps for r in cpp_runs]),
+        (f"generation, {s.gen_tokens} tokens (engine.benchmark)", "engine generation",
+         [r["gen_tps"] for r in kit_runs], [r.gen_tps for r in cpp_runs]),
+        (f"generation, {s.gen_tokens} tokens, decode only (no sampling)", "engine decode only",
+         [r["decode_tps"] for r in kit_runs], [r.gen_tps for r in cpp_runs]),
+        (f"generation, chat stream ({s.chat_tokens} max)", "chat stream generation",
+         [r["chat_gen_tps"] for r in kit_runs], [r.gen_tps for r in cpp_runs]),
+    ]
     section = Section("1. Engine overhead: the kit vs llama-bench",
-                      ["measure", "kit tok/s", "llama-bench tok/s", "kit / llama-bench"])
-    rows = [(f"prompt, {s.prompt_tokens} tokens (engine.benchmark)", kit_prompt, cpp_prompt, "engine prompt"),
-            (f"generation, {s.gen_tokens} tokens (engine.benchmark)", kit_gen, cpp_gen, "engine generation"),
-            (f"generation, chat stream ({s.chat_tokens} max)", kit_chat, cpp_gen, "chat stream generation")]
-    for label, mine, theirs, ratio_name in rows:
-        section.rows.append([label, fmt(mine), fmt(theirs), fmt(mine / theirs, 3)])
-        section.ratios.append(Ratio(ratio_name, mine / theirs, TARGET))
+                      ["measure", "kit tok/s", "llama-bench tok/s", "kit / llama-bench", "kit range",
+                       "llama-bench range"])
+    for label, ratio_name, mine, theirs in measures:
+        ratio = median(mine) / median(theirs)
+        section.rows.append([label, fmt(median(mine)), fmt(median(theirs)), fmt(ratio, 3),
+                             spread(mine), spread(theirs)])
+        section.ratios += compare(ratio_name, mine, theirs, TARGET)
     backend = cpp_runs[0].backend
     section.notes += [
         f"kernel {variant.name} on both sides; llama-bench loaded {backend} (checked on every run)",
@@ -48,8 +52,8 @@ def run(ctx: Context) -> Section:
         f"{ctx.threads} threads, flash attention off, best of {s.repeats} repetitions per process, "
         f"median of {s.overhead_rounds} interleaved rounds",
         "llama-bench generation runs at depth = prompt tokens (-d), as the kit generates after its prompt; "
-        "the chat stream includes the chat template, sampling (temperature 0.3, repeat penalty 1.1) "
-        "and detokenising",
+        "it never samples: engine.benchmark samples greedily, the chat stream samples (temperature 0.3, "
+        "repeat penalty 1.1) and detokenises; 'decode only' feeds tokens like llama-bench",
     ]
     section.data = {"kit": kit_runs, "llama_bench": [r.__dict__ for r in cpp_runs]}
     return section

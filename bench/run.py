@@ -1,6 +1,6 @@
 """Every benchmark of the kit in one run: prints each table and every ratio with its target.
 
-    .venv/bin/python bench/run.py            full run (~10 min; first run also builds llama.cpp's tools)
+    .venv/bin/python bench/run.py            full run (~4 min quiet, 20+ busy; the first also builds llama.cpp)
     .venv/bin/python bench/run.py --quick    smoke run: same tables, fewer repeats
     .venv/bin/kit bench [--quick]            the same, from the kit's command line
 

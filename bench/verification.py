@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench.common import Ratio, Section, ensure_cache, fmt, interleave, median, run_child, say, timed
+from bench.common import Section, compare, ensure_cache, fmt, interleave, median, run_child, say, timed
 from bench.context import Context
 from kit import integrity
 
@@ -38,24 +38,23 @@ def plain_read(path: Path) -> None:
             pass
 
 
-def hash_tools() -> dict[str, list[str]]:
-    """The command-line hashers to compare with, those installed."""
-    return {name: [name] for name in ("sha256sum", "b3sum") if shutil.which(name)}
+HASHERS = ("sha256sum", "b3sum")  # the command-line tools a person would check a stick with
 
 
 def throughput(ctx: Context, path: Path) -> tuple[dict[str, float], list[str]]:
-    """GB/s of each reader from the page cache, interleaved rounds, medians."""
+    """GB/s of each reader from the page cache (interleaved rounds, medians), and the tools
+    that are not installed."""
     plain_read(path)  # into the page cache
     readers = {"plain sequential read": lambda: plain_read(path),
                "BLAKE3, kit.integrity.hash_file": lambda: integrity.hash_file(path)}
-    for name, cmd in hash_tools().items():
-        readers[name] = lambda cmd=cmd: subprocess.run([*cmd, str(path)], check=True, stdout=subprocess.DEVNULL)
+    installed = [tool for tool in HASHERS if shutil.which(tool)]
+    for tool in installed:
+        readers[tool] = lambda tool=tool: subprocess.run([tool, str(path)], check=True, stdout=subprocess.DEVNULL)
     rounds = max(3, ctx.sizes.verify_rounds)
     seconds = interleave(rounds, *(lambda fn=fn: timed(fn) for fn in readers.values()))
     size = path.stat().st_size
     rates = {name: size / median(times) / 1e9 for name, times in zip(readers, seconds, strict=True)}
-    missing = [n for n in ("b3sum",) if n not in hash_tools()]
-    return rates, missing
+    return rates, [tool for tool in HASHERS if tool not in installed]
 
 
 def cold_runs(ctx: Context, path: Path) -> tuple[list[dict], list[dict]]:
@@ -93,7 +92,8 @@ def run(ctx: Context) -> Section:
                      ["  of which verify (BLAKE3 while reading), s", fmt(median([r["verify_s"] for r in verified]), 2),
                       "-"],
                      ["cold load + first decode alone, s", fmt(load_only, 2), "-"]]
-    section.ratios.append(Ratio("verify+load / load alone (cold cache)", with_verify / load_only, TARGET, at_most=True))
+    section.ratios += compare("verify+load / load alone (cold cache)", [r["seconds"] for r in verified],
+                              [r["seconds"] for r in alone], TARGET, times=True)
     resident = max(r["resident_before"] for r in verified + alone)
     methods = sorted({r["evicted_by"] for r in verified + alone})
     section.notes += [

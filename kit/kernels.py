@@ -203,8 +203,10 @@ def probe_variant(variant: Variant, model: Path, blake3: str, threads: int,
     try:
         data = json.loads(last[0])
     except json.JSONDecodeError:
-        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        return ProbeResult(variant.name, "failed", tail[:200])
+        lines = proc.stderr.strip().splitlines()
+        # the CLI's error sentence ("kit: ..."), not the "what to do" line after it
+        said = next((ln for ln in lines if ln.startswith("kit: ")), lines[-1] if lines else "")
+        return ProbeResult(variant.name, "failed", (said or f"exit code {proc.returncode}")[:200])
     if proc.returncode != 0 or "seconds" not in data:
         return ProbeResult(variant.name, "failed", str(data.get("error", proc.returncode))[:200])
     return ProbeResult(variant.name, "ok", "", data["prompt_tps"], data["gen_tps"], data["seconds"])

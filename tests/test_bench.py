@@ -16,13 +16,15 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT))
 
 from bench import run as bench_run  # noqa: E402
-from bench.common import Ratio, interleave, median, table  # noqa: E402
-from bench.kernel_choice import ggml_pick  # noqa: E402
+from bench.common import Ratio, compare, interleave, median, table  # noqa: E402
+from bench.kernel_choice import ggml_pick, share_of_fastest  # noqa: E402
 
 TITLES = ["## Machine", "## 1. Engine overhead", "## 2. Kernel choice", "## 3. Verification",
           "## 4. Launch to first token", "## 5. Footprint", "## Summary"]
-RATIOS = {"engine prompt", "engine generation", "chat stream generation", "kernel: kit's choice / fastest working",
-          "verify+load / load alone (cold cache)", "launch to first token, kit / llama.cpp CLI"}
+COMPARED = ["engine prompt", "engine generation", "engine decode only", "chat stream generation",
+            "kernel: kit's choice / fastest working", "verify+load / load alone (cold cache)",
+            "launch to first token, kit / llama.cpp CLI"]
+RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED}  # medians, and the least disturbed runs
 RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)
 
 
@@ -45,6 +47,19 @@ def test_ratio_verdicts_for_floors_ceilings_and_missing_values():
     assert Ratio("ceiling", 1.0, 1.15, at_most=True).met is True
     missing = Ratio("nothing", float("nan"), 1.0)
     assert missing.met is None and "not measured" in missing.line()
+
+
+def test_compare_gives_the_ratio_of_medians_and_of_the_best_runs():
+    speeds = compare("speed", [10.0, 20.0, 30.0], [20.0, 20.0, 60.0], 0.97)
+    assert [r.value for r in speeds] == [1.0, 0.5]
+    times = compare("time", [1.0, 2.0, 9.0], [2.0, 4.0, 4.0], 1.5, times=True)
+    assert [r.value for r in times] == [0.5, 0.5] and all(r.at_most for r in times)
+
+
+def test_share_of_fastest_ignores_variants_that_did_not_work():
+    speeds = {"zen4": 60.0, "icelake": 57.0, "sapphirerapids": float("nan")}
+    assert share_of_fastest(speeds, "icelake") == 0.95
+    assert share_of_fastest(speeds, "sapphirerapids") is None
 
 
 def test_ggml_pick_is_the_highest_positive_score_and_ignores_crashes():
