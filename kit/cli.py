@@ -196,9 +196,9 @@ def cmd_ask(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from kit import launch
+    from kit.tui.app import run
 
-    return launch.run_chat(args.stick, _overrides(args))
+    return run(args.stick, _overrides(args))
 
 
 def _needs_python_install(command: str) -> None:

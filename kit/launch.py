@@ -238,35 +238,3 @@ def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, 
 def attempt_description(plan: LaunchPlan) -> str:
     gpu = f", {plan.gpu_layers} GPU layers" if plan.gpu_layers else ""
     return f"{plan.model_id} at {plan.n_ctx} tokens{gpu}"
-
-
-def run_chat(stick, overrides: Overrides) -> int:
-    """The chat: the Textual app when this runtime has it, else a plain prompt loop."""
-    try:
-        from kit.tui.app import run as run_tui
-    except ImportError:
-        run_tui = None
-    if run_tui is not None:
-        return run_tui(stick, overrides)
-    return plain_chat(stick, overrides)
-
-
-def plain_chat(stick, overrides: Overrides) -> int:
-    session = start(stick, overrides, on_status=lambda s: print(s, file=sys.stderr))
-    history: list[dict] = []
-    print(f"Survival Kit — {session.model.name}. Type a question; an empty line or Ctrl-D quits.")
-    while True:
-        try:
-            question = input("> ").strip()
-        except EOFError:
-            return 0
-        if not question:
-            return 0
-        answer = []
-        for token in session.engine.stream(session.messages(question, history=history)):
-            answer.append(token)
-            sys.stdout.write(token)
-            sys.stdout.flush()
-        print()
-        history += [{"role": "user", "content": question},
-                    {"role": "assistant", "content": "".join(answer)}]
