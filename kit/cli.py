@@ -214,6 +214,7 @@ def cmd_build(args) -> int:
 
     result = build(Path(args.profile), Path(args.target), max_file_size=args.max_file_size,
                    runtimes=[Path(r) for r in args.runtime], freeze=not args.no_freeze,
+                   progress=None if args.json else ProgressLine("copying to the stick"),
                    sign_key=Path(args.sign) if args.sign else None,
                    report=lambda s: print(s, file=sys.stderr))
     if args.json:

@@ -130,7 +130,7 @@ class VerifyReport:
                 "seconds": round(self.seconds, 3), "files": [asdict(f) for f in self.files]}
 
 
-class _Meter:
+class ByteMeter:
     """Turns per-block byte counts into Progress values for one whole job."""
 
     def __init__(self, total: int, progress: ProgressFn | None):
@@ -195,7 +195,7 @@ def verify_bundle(kit_dir: Path, manifest: BundleManifest, *, only: Iterable[str
     """Verify every file (or only the named ones) of a stick; `only` skips the unexpected-file scan."""
     wanted = set(only) if only is not None else None
     entries = [f for f in manifest.files if wanted is None or f.path in wanted]
-    meter = _Meter(sum(e.size for e in entries), progress)
+    meter = ByteMeter(sum(e.size for e in entries), progress)
     statuses = [verify_entry(kit_dir, e, meter.file(e.path, e.size)) for e in entries]
     if wanted is None:
         extra = unexpected_files(kit_dir, manifest)

@@ -17,7 +17,7 @@ from kit import __version__
 from kit.builder import fs, stage
 from kit.errors import BuildError
 from kit.fsutil import atomic_write
-from kit.integrity import hash_file, sums_text
+from kit.integrity import ByteMeter, ProgressFn, hash_file, sums_text
 from kit.manifest import BundleManifest, FileEntry, ModelEntry, RuntimeEntry, load_profile
 from kit.paths import KIT_DIRNAME, MANIFEST_NAME
 
@@ -61,7 +61,8 @@ def _now() -> str:
 
 def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
           runtimes: list[Path] = (), freeze: bool = True, cache_dir: Path | None = None,
-          sign_key: Path | None = None, report: Report = lambda s: None) -> BuildResult:
+          sign_key: Path | None = None, report: Report = lambda s: None,
+          progress: ProgressFn | None = None) -> BuildResult:
     from kit import signing
     from kit.builder import sources
     from kit.builder.sticktext import write_stick_texts
@@ -94,7 +95,8 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
     for model, source in parsed:
         report(f"model {model.id}: fetching")
         fetched = sources.fetch(source, cache / "sources", progress=None)
-        shards, extras, n_copied = _stage_model(model.id, fetched, kit_dir, cache, max_file_size, report)
+        shards, extras, n_copied = _stage_model(model.id, fetched, kit_dir, cache, max_file_size, report,
+                                                progress)
         copied += n_copied
         kept += len(shards) + len(extras) - n_copied
         files += shards + extras
@@ -152,7 +154,7 @@ def _default_cache() -> Path:
 
 
 def _stage_model(model_id: str, fetched, kit_dir: Path, cache: Path, max_file_size: int | None,
-                 report: Report) -> tuple[list[FileEntry], list[FileEntry], int]:
+                 report: Report, progress: ProgressFn | None = None) -> tuple[list[FileEntry], list[FileEntry], int]:
     """Copy a model (split into shards when it is too big for the medium) onto the stick,
     with the licence texts its source ships (they go beside it, in the manifest too)."""
     src = fetched.path
@@ -165,8 +167,10 @@ def _stage_model(model_id: str, fetched, kit_dir: Path, cache: Path, max_file_si
     entries, extras, copied = [], [], 0
     for part in parts:
         digest = hash_file(part, sha256=True)
-        entry, did_copy = stage.stage_file(part, kit_dir, f"models/{model_id}/{part.name}",
-                                           source_digest=digest)
+        relpath = f"models/{model_id}/{part.name}"
+        meter = ByteMeter(digest.size, progress)  # the bytes copied to (or checked on) the stick
+        entry, did_copy = stage.stage_file(part, kit_dir, relpath, source_digest=digest,
+                                           on_block=meter.file(relpath, digest.size))
         report(f"model {model_id}: {part.name} {'copied' if did_copy else 'already on the stick'}")
         entries.append(entry)
         copied += did_copy
