@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -78,6 +80,15 @@ def saved_conversations(state: Path) -> None:
                             f"2025-06-0{i + 1}T12:30:00Z", [], "tiny", "general")
         conv.messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         store.save(conv)
+
+
+@pytest.fixture
+def tmp_path():
+    """A temp folder whose path always has the same length (pytest's grows with its run counter):
+    the stick's path is on screen, and a longer one would wrap the snapshot differently."""
+    path = Path(tempfile.mkdtemp(prefix="kit-snap-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
