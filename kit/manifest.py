@@ -387,13 +387,22 @@ def parse_bundle_manifest(raw: bytes) -> BundleManifest:
     return manifest
 
 
-def load_bundle_manifest(bundle: BundlePaths) -> BundleManifest:
-    """bundle.json of a stick; an unfinished build says so instead of looking broken or fine."""
+MAX_MANIFEST = 64 << 20  # bytes: a real bundle.json is far smaller
+
+
+def read_manifest_bytes(bundle: BundlePaths) -> bytes:
+    """bundle.json's bytes, read once (what is verified is what is parsed); an unfinished build
+    says so instead of looking broken or fine."""
     if bundle.incomplete_marker.exists() or not bundle.manifest.exists():
         raise IncompleteBundleError(f"the stick at {bundle.root} is incomplete: its build did not finish")
     st = bundle.manifest.lstat()
     if not stat.S_ISREG(st.st_mode):
         raise UnsafePathError("bundle.json is not a regular file")
-    if st.st_size > 64 << 20:
+    if st.st_size > MAX_MANIFEST:
         raise ManifestError(f"bundle.json is {st.st_size} bytes; a real one is far smaller")
-    return parse_bundle_manifest(bundle.manifest.read_bytes())
+    return bundle.manifest.read_bytes()
+
+
+def load_bundle_manifest(bundle: BundlePaths) -> BundleManifest:
+    """bundle.json of a stick, read and validated."""
+    return parse_bundle_manifest(read_manifest_bytes(bundle))

@@ -24,9 +24,9 @@ import blake3
 import nacl.exceptions
 import nacl.signing
 
-from kit.errors import IncompleteBundleError, KitError, ManifestError, SignatureError, UnsafePathError
+from kit.errors import KitError, SignatureError
 from kit.fsutil import atomic_write, fsync_dir
-from kit.manifest import BundleManifest, parse_bundle_manifest
+from kit.manifest import BundleManifest, parse_bundle_manifest, read_manifest_bytes
 from kit.paths import KIT_DIRNAME, BundlePaths
 
 SIG_NAME = "bundle.json.sig"
@@ -34,7 +34,6 @@ PUB_NAME = "signer.pub"
 PUBLIC_PREFIX = "ed25519:"
 PRIVATE_PREFIX = "ed25519-private:"
 MAX_KEY_FILE = 1024  # a key or signature file is one short line; anything bigger is not one
-MAX_MANIFEST = 64 << 20  # as kit.manifest.load_bundle_manifest
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
@@ -214,18 +213,6 @@ class Trust:
     @property
     def signer_label(self) -> str:
         return self.signer or "unsigned"
-
-
-def read_manifest_bytes(bundle: BundlePaths) -> bytes:
-    """bundle.json's bytes, read once (what is verified is what is parsed)."""
-    if bundle.incomplete_marker.exists() or not bundle.manifest.exists():
-        raise IncompleteBundleError(f"the stick at {bundle.root} is incomplete: its build did not finish")
-    st = bundle.manifest.lstat()
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafePathError("bundle.json is not a regular file")
-    if st.st_size > MAX_MANIFEST:
-        raise ManifestError(f"bundle.json is {st.st_size} bytes; a real one is far smaller")
-    return bundle.manifest.read_bytes()
 
 
 def check_stick(bundle: BundlePaths, *, key: nacl.signing.VerifyKey | None = None,
