@@ -28,7 +28,7 @@ def verify(model: Path) -> None:
     """What the kit does before any load: hash the bytes, remember them for the engine's check."""
     from kit import integrity
 
-    integrity._remember(model, integrity.hash_file(model).blake3)
+    integrity.verify_file(model, integrity.hash_file(model).blake3)
 
 
 def skip_verify(model: Path) -> None:
@@ -40,12 +40,22 @@ def skip_verify(model: Path) -> None:
 
 # ---------------------------------------------------------------- engine: tok/s through the kit
 
+def bench_settings(args, n_ctx: int | None = None):
+    """The EngineSettings a benchmark of args' sizes runs with (the kit's one settings value)."""
+    from kit import engine
+    from kit.settings import EngineSettings
+
+    return EngineSettings(n_ctx=n_ctx or engine.bench_context(args.prompt_tokens, args.gen_tokens),
+                          threads=args.threads)
+
+
 def engine_speed(args) -> dict:
     from kit import engine
 
     verify(args.model)
     engine.ensure_backend(args.variant)
-    result = engine.benchmark(args.model, threads=args.threads, prompt_tokens=args.prompt_tokens,
+    settings = bench_settings(args).with_(n_batch=args.prompt_tokens)
+    result = engine.benchmark(args.model, settings, prompt_tokens=args.prompt_tokens,
                               gen_tokens=args.gen_tokens, repeats=args.repeats)
     result["decode_tps"] = decode_only_speed(args)
     if args.chat_tokens:
@@ -58,8 +68,7 @@ def decode_only_speed(args) -> float:
     what the kit's Python path costs per token with the sampler's share taken out."""
     from kit.engine import LlamaEngine
 
-    llm = LlamaEngine.load([args.model], model_id="bench", n_ctx=max(256, args.prompt_tokens + args.gen_tokens + 16),
-                           threads=args.threads, variant=args.variant).llm
+    llm = LlamaEngine.load([args.model], bench_settings(args), model_id="bench", variant=args.variant).llm
     prompt = llm.tokenize(CHAT_QUESTION.encode() * 16)[:args.prompt_tokens]  # llama-bench's depth
     best = 0.0
     for _ in range(args.repeats):
@@ -79,7 +88,7 @@ def chat_decode_speed(args) -> float:
     of `repeats` answers, as for the other measures."""
     from kit.engine import LlamaEngine
 
-    chat = LlamaEngine.load([args.model], model_id="bench", n_ctx=1024, threads=args.threads,
+    chat = LlamaEngine.load([args.model], bench_settings(args, 1024), model_id="bench",
                             chat_format_fallback=args.chat_format, variant=args.variant, seed=1)
     messages = [{"role": "user", "content": CHAT_QUESTION}]
     best = float("nan")
@@ -147,6 +156,7 @@ def resident_fraction(path: Path) -> float:
 def cold_load(args) -> dict:
     """Verify (or not), load, decode a few tokens (that touches every weight): the user's wait."""
     from kit import engine
+    from kit.settings import EngineSettings
 
     engine.ensure_backend(args.variant)  # imports llama_cpp and loads the kernel before the clock
     method = evict(args.model)
@@ -154,8 +164,8 @@ def cold_load(args) -> dict:
     start = time.perf_counter()
     (verify if args.verify else skip_verify)(args.model)
     verified = time.perf_counter()
-    loaded = engine.LlamaEngine.load([args.model], model_id="bench", n_ctx=512, threads=args.threads,
-                                     variant=args.variant)
+    settings = EngineSettings(n_ctx=512, threads=args.threads)
+    loaded = engine.LlamaEngine.load([args.model], settings, model_id="bench", variant=args.variant)
     loaded.llm.eval(loaded.llm.tokenize(b"How do I purify water?"))
     end = time.perf_counter()
     loaded.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import ROOT, ensure_cache, say
-from kit import hardware, integrity, kernels
+from kit import ggml, hardware, integrity, kernels
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Context:
 
     @functools.cached_property
     def kit_lib(self) -> Path:
-        return kernels.lib_dir()
+        return ggml.lib_dir()
 
     @functools.cached_property
     def host(self) -> hardware.Host:
@@ -64,9 +64,9 @@ class Context:
         return max(1, self.host.physical_cores)  # what the kit's plan gives a CPU-only host
 
     @functools.cached_property
-    def variant(self) -> kernels.Variant:
+    def variant(self) -> ggml.Variant:
         """The kernel the kit runs here (its cached probe verdict), or the one --variant names."""
-        variants = {v.name: v for v in kernels.list_variants(self.kit_lib)}
+        variants = {v.name: v for v in ggml.list_variants(self.kit_lib)}
         if self._variant_name:
             return variants[self._variant_name]
         choice = kernels.choose_kernel(self.host, self.model, self.blake3, state=ensure_cache() / "state")

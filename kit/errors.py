@@ -1,9 +1,13 @@
-"""The KitError tree. Every error a user can meet carries one sentence and one fix.
+"""The KitError tree, and the one table from any exception to (sentence, fix, exit code).
 
-The CLI and the TUI show `str(err)` and `err.hint`; a traceback only with KIT_DEBUG=1.
+Every error a user can meet carries one sentence and one fix. The CLI, the TUI and the probe
+child all describe errors through `describe_error` (as huggingface_hub's cli/_errors.py does);
+a traceback only with KIT_DEBUG=1.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class KitError(Exception):
@@ -93,3 +97,28 @@ class SourceError(KitError):
 
 class BuildError(KitError):
     hint = "fix the cause and run the same `kit build` again; finished files are kept"
+
+
+# OS errors a user can meet, as one sentence and a fix each (others fall to the last row).
+OS_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "free space on the target or use a bigger stick, then rerun"),
+    errno.EIO: ("the stick could not be read (was it pulled out?)",
+                "plug the stick back in and start again; run `kit verify` if it keeps failing"),
+    errno.ENODEV: ("the stick is gone (was it pulled out?)", "plug the stick back in and start again"),
+    errno.ENXIO: ("the stick is gone (was it pulled out?)", "plug the stick back in and start again"),
+    errno.EROFS: ("the target is read-only", "choose a writable folder or unlock the stick"),
+    errno.EACCES: ("permission denied", "choose a folder you may write to"),
+    errno.ENOENT: ("a file or folder does not exist", "check the path you gave"),
+}
+UNEXPECTED_EXIT_CODE = 70
+
+
+def describe_error(err: BaseException) -> tuple[str, str, int]:
+    """The one table from exceptions to (sentence, fix, exit code)."""
+    if isinstance(err, KitError):
+        return str(err), err.hint, err.exit_code
+    if isinstance(err, OSError) and err.errno in OS_ERRORS:
+        what, fix = OS_ERRORS[err.errno]
+        return what + (f" ({err.filename})" if err.filename else ""), fix, 1
+    return (f"unexpected error: {type(err).__name__}: {err}",
+            "run again with KIT_DEBUG=1 and report the output", UNEXPECTED_EXIT_CODE)

@@ -1,15 +1,17 @@
-"""GGUF header -> ModelFacts, and what a model needs in memory at a given context.
+"""GGUF header -> ModelFacts: what the planner and the memory estimate (kit.estimate) know of a model.
 
 Part of the pure core: no llama_cpp, no textual, no printing.
 
 The header is walked by a small bounded reader of our own instead of `gguf.GGUFReader`:
-- the file comes from a stick of unknown origin, so every count and length is checked against
-  fixed limits and against the bytes the file really has *before* anything is allocated or
-  iterated (GGUFReader loops `array length` times even when the file ends long before);
+- the file comes from a stick (or a download) of unknown origin, so every count and length is
+  checked against fixed limits and against the bytes the file really has *before* anything is
+  allocated or iterated (GGUFReader loops `array length` times even when the file ends long
+  before);
 - GGUFReader builds one numpy view per vocabulary entry: 13 s for Gemma 3 270M's 262k-token
   vocabulary on the build machine, at every start. This walk skips what it does not need (< 1 s).
-The `gguf` package still gives the format's enums and block sizes, and the tests check this reader
-against GGUFReader on the real model.
+`read_header` is that walk, for the facts here and for kit.builder.split, which copies the
+records it finds as they are. The `gguf` package still gives the format's enums and block sizes,
+and the tests check this reader against GGUFReader on the real model.
 """
 
 from __future__ import annotations
@@ -19,31 +21,34 @@ import re
 import stat
 import struct
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from gguf.constants import (
     GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
     GGMLQuantizationType,
     GGUFValueType,
     LlamaFileType,
 )
 
 from kit.errors import ManifestError
+from kit.units import MiB
 
 # --- limits for a hostile header -------------------------------------------------------------
 
 MAX_TENSORS = 100_000  # the largest real models hold a few thousand tensors
 MAX_KV = 100_000  # real files hold a few dozen keys
 MAX_KEY_LEN = 4096  # keys are dotted names ("gemma3.attention.head_count")
-MAX_STRING_LEN = 64 * 1024 * 1024  # chat templates are KBs; tokenizer.huggingface.json a few MB
+MAX_STRING_LEN = 64 * MiB  # chat templates are KBs; tokenizer.huggingface.json a few MB
 MAX_ARRAY_LEN = 16 * 1024 * 1024  # vocabularies and merges are < 1M entries
 MAX_TENSOR_NAME = 64  # GGML_MAX_NAME in ggml.h
 MAX_DIMS = 4  # GGML_MAX_DIMS
 KEEP_ARRAY_LEN = 4096  # arrays up to this length are kept (per-layer values); longer: only counted
 
-SUPPORTED_VERSIONS = (2, 3)
+SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit lengths
 _FIXED_HEADER = 24  # magic u32, version u32, tensor_count u64, kv_count u64
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
 _MIN_TENSOR_BYTES = 8 + 1 + 4 + 4 + 8  # name length, 1-byte name, n_dims, type, offset
@@ -95,7 +100,7 @@ SWA_RULES: dict[str, tuple[int, bool, int]] = {
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the planner needs to know about one model, read from its GGUF header."""
+    """What the planner and the memory estimate need to know of one model, from its GGUF header."""
 
     architecture: str
     name: str
@@ -151,11 +156,6 @@ class ModelFacts:
             return f"{self.n_params / 1e9:.1f}B"
         return f"{self.n_params / 1e6:.0f}M"
 
-    def kv_bytes_per_token(self, kv_bytes_per_element: float = 2) -> int:
-        """KV bytes one context cell costs over all layers (SWA layers ignored)."""
-        per = sum(self.n_head_kv) * (self.key_length + self.value_length)
-        return int(per * kv_bytes_per_element)
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("n_head_kv", "swa_layers", "layer_bytes"):
@@ -168,208 +168,57 @@ class ModelFacts:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# --- estimate ----------------------------------------------------------------------------------
-
-# llama.cpp pads the context (llama-context.cpp: cparams.n_ctx = GGML_PAD(n_ctx, 256)) and the
-# SWA cache (llama-kv-cache-iswa.cpp) to 256 cells.
-KV_PAD = 256
-DEFAULT_N_BATCH = 512  # llama-cpp-python's Llama(n_batch=512, n_ubatch=512)
-
-# Compute buffers, calibrated with bench/memory_estimate.py (context filled, then 32 tokens) on
-# the real Gemma 3 270M (4 heads, 262k vocabulary, SWA) and a random-weight llama written by the
-# bench (32 heads, 32k vocabulary), 512..8192 cells, n_ubatch 512 and 128, with and without
-# flash attention.
-# - llama.cpp *reserves* the worst-case graph of one ubatch (llama-context.cpp graph_reserve):
-#   max(logits n_vocab x n_ubatch f32, KQ scores n_head x n_ubatch x n_ctx f32) plus a little;
-#   its log said 514 MiB for Gemma at every context (the logits) and 550 MiB for the llama at
-#   8192 (the scores). A GPU backend allocates that for real: VRAM gets the reserved size.
-# - On the CPU most of a reserve is never touched (the chat asks logits of one token); what
-#   becomes *resident* grows by 1.43 x the KQ scores per cell on both models (the scores, the
-#   softmax in place, and the f16 copy the KQ x V product converts them to in the CPU backend's
-#   work buffer), plus the KQ mask (n_ubatch x n_ctx f32; two for models with SWA layers),
-#   plus ~240 bytes per vocabulary entry (sampler and logits copies) and a few MiB.
-# - Flash attention (Llama(flash_attn=True)) never materialises the scores: only the masks grow.
-# Estimate vs measured peak, without the UI allowance below: +0 % .. +7 % on all 17 points.
-COMPUTE_KQ_FACTOR = 1.5
-COMPUTE_ACT_FACTOR = 3  # activations: x n_embd x n_ubatch f32
-COMPUTE_VOCAB_BYTES = 240
-COMPUTE_FIXED = 8 * 1024 * 1024
-# Python + llama_cpp + ggml + the CPU variant: 48 MiB RSS measured after imports; Textual and its
-# widgets +16 MiB measured at import; +32 MiB allowance for the running UI and chat history.
-RUNTIME_OVERHEAD = 96 * 1024 * 1024
-# llama.cpp keeps the vocabulary in RAM once loaded (token text, scores, maps, piece cache):
-# measured 180 bytes per token for Gemma 3 (262,144 tokens), 230 for the 32k llama.
-VOCAB_BYTES_PER_TOKEN = 240
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes a model needs to run at n_ctx; `ram` + `vram` == `total`."""
-
-    n_ctx: int
-    gpu_layers: int
-    weights: int
-    kv_cache: int
-    compute: int
-    overhead: int
-    total: int
-    ram: int
-    vram: int
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-def _pad(n: int, to: int = KV_PAD) -> int:
-    return (n + to - 1) // to * to
-
-
-def kv_cache_bytes(
-    facts: ModelFacts,
-    n_ctx: int,
-    *,
-    kv_bytes_per_element: float = 2,
-    n_batch: int = DEFAULT_N_BATCH,
-    swa_full: bool = True,
-    layers: range | None = None,
-) -> int:
-    """KV cache bytes for `layers` (default all) at n_ctx.
-
-    Full-attention layers hold PAD(n_ctx, 256) cells. Sliding-window layers, as
-    llama-kv-cache-iswa.cpp sizes them: PAD(min(n_ctx, n_swa + n_ubatch), 256) cells — but only
-    with swa_full=False. llama.cpp's llama_context_default_params() sets swa_full=true
-    (llama-context.cpp) and llama-cpp-python 0.3.36 keeps that unless Llama(swa_full=False) is
-    passed; then SWA layers are as big as the others. The default here follows that default.
-    """
-    cells = _pad(n_ctx)
-    n_ubatch = min(n_ctx, n_batch)
-    swa_cells = _pad(min(cells, facts.sliding_window + n_ubatch))
-    total = 0.0
-    for il in layers if layers is not None else range(facts.n_layers):
-        per_cell = facts.n_head_kv[il] * (facts.key_length + facts.value_length)
-        use_swa = not swa_full and facts.sliding_window > 0 and facts.swa_layers[il]
-        total += (swa_cells if use_swa else cells) * per_cell * kv_bytes_per_element
-    return int(total)
-
-
-def compute_bytes(facts: ModelFacts, n_ctx: int, *, n_batch: int = DEFAULT_N_BATCH,
-                  reserved: bool = False, flash_attn: bool = False) -> int:
-    """llama.cpp's compute buffer at n_ctx: resident on the CPU, or `reserved` (what a GPU
-    backend allocates). See the COMPUTE_* constants for the calibration."""
-    n_ubatch = min(n_ctx, n_batch)
-    cells = _pad(n_ctx)
-    scores = facts.n_head * n_ubatch * cells * 4
-    masks = (2 if facts.n_swa_layers else 1) * n_ubatch * cells * 4
-    act = COMPUTE_ACT_FACTOR * facts.n_embd * n_ubatch * 4
-    if reserved:
-        attn = masks if flash_attn else scores + masks
-        return max(facts.vocab_size * n_ubatch * 4, attn) + act
-    kq = 0 if flash_attn else int(COMPUTE_KQ_FACTOR * scores)
-    return kq + masks + act + COMPUTE_VOCAB_BYTES * facts.vocab_size + COMPUTE_FIXED
-
-
-def _layer_weights(facts: ModelFacts) -> tuple[list[int], int]:
-    """(bytes per block, output layer bytes)."""
-    if facts.layer_bytes:
-        return list(facts.layer_bytes), facts.output_bytes
-    # facts without a tensor table: spread the file over the blocks and the output layer
-    share = facts.file_size // (facts.n_layers + 1)
-    return [share] * facts.n_layers, facts.output_bytes or share
-
-
-def estimate_memory(
-    facts: ModelFacts,
-    n_ctx: int,
-    *,
-    gpu_layers: int = 0,
-    kv_bytes_per_element: float = 2,
-    n_batch: int = DEFAULT_N_BATCH,
-    swa_full: bool = True,
-    flash_attn: bool = False,
-) -> MemoryEstimate:
-    """What running `facts` at `n_ctx` needs, split between RAM and VRAM.
-
-    `gpu_layers` is llama.cpp's n_gpu_layers: it offloads the *last* gpu_layers of the
-    n_layers + 1 layers, where the extra one is the output layer (llama-model.cpp:
-    i_gpu_start = n_layer + 1 - n_gpu_layers). So 1 moves only the output layer and
-    n_layers + 1 moves everything; the token embeddings always stay in RAM. With offload_kqv
-    (llama-cpp-python's default) an offloaded block's KV cache lives in VRAM too.
-    """
-    if n_ctx < 1:
-        raise ValueError("n_ctx must be >= 1")
-    gpu_layers = max(0, min(gpu_layers, facts.n_layers + 1))
-    per_layer, output = _layer_weights(facts)
-    first_gpu = facts.n_layers + 1 - gpu_layers  # index among blocks (n_layers = output)
-
-    gpu_blocks = range(min(first_gpu, facts.n_layers), facts.n_layers)
-    cpu_blocks = range(0, min(first_gpu, facts.n_layers))
-    kv_args = {"kv_bytes_per_element": kv_bytes_per_element, "n_batch": n_batch,
-               "swa_full": swa_full}
-    kv_gpu = kv_cache_bytes(facts, n_ctx, layers=gpu_blocks, **kv_args) if gpu_layers else 0
-    kv_cpu = kv_cache_bytes(facts, n_ctx, layers=cpu_blocks, **kv_args)
-
-    weights = facts.file_size
-    w_gpu = sum(per_layer[i] for i in gpu_blocks) + (output if gpu_layers else 0)
-    compute = compute_bytes(facts, n_ctx, n_batch=n_batch, flash_attn=flash_attn)
-    overhead = RUNTIME_OVERHEAD + facts.vocab_size * VOCAB_BYTES_PER_TOKEN
-
-    if gpu_layers:
-        # The GPU backend allocates its reserved compute buffer for real; the CPU keeps the
-        # resident one for the blocks it still runs, or only the fixed part when all moved.
-        c_gpu = compute_bytes(facts, n_ctx, n_batch=n_batch, reserved=True,
-                              flash_attn=flash_attn)
-        c_cpu = compute if cpu_blocks else (COMPUTE_FIXED
-                                            + COMPUTE_VOCAB_BYTES * facts.vocab_size)
-        # Offloaded tensors leave RAM: the last blocks lie at the file's end, and
-        # llama-model-loader.cpp unmaps the mapped range no CPU tensor uses ("unmap offloaded
-        # tensors and metadata"). A tied output layer is a copy of the token embeddings, which
-        # stay in RAM.
-        w_cpu = weights - w_gpu + (output if facts.tied_embeddings else 0)
-    else:
-        c_gpu, c_cpu, w_cpu = 0, compute, weights
-    ram = w_cpu + kv_cpu + c_cpu + overhead
-    vram = w_gpu + kv_gpu + c_gpu
-    return MemoryEstimate(
-        n_ctx=n_ctx,
-        gpu_layers=gpu_layers,
-        weights=weights,
-        kv_cache=kv_cpu + kv_gpu,
-        compute=c_cpu + c_gpu,
-        overhead=overhead,
-        total=ram + vram,
-        ram=ram,
-        vram=vram,
-    )
-
-
 # --- reading -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Big:
-    """An array too long to keep: only its element type and length."""
+@dataclass(frozen=True)
+class LongArray:
+    """An array too long to keep (a vocabulary, merges): only its element type and length."""
 
     type: int
     count: int
 
 
-@dataclass
-class _Tensor:
+@dataclass(frozen=True)
+class KeyRecord:
+    """One metadata key; its record (key, value type, value) is bytes [start, end) of the file."""
+
+    key: str
+    type: int  # GGUFValueType of the value
+    value: Any  # a scalar, a string, a list, or a LongArray
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header record, bytes [start, end) of the file; `offset` is its last 8 bytes."""
+
     name: str
     dims: tuple[int, ...]
-    type: int
-    offset: int
+    type: int  # GGMLQuantizationType
+    offset: int  # of its data, from data_start
     n_elements: int
     n_bytes: int
+    start: int
+    end: int
 
 
-@dataclass
-class _Header:
+@dataclass(frozen=True)
+class GGUFHeader:
+    """A GGUF file's header, every count, length and offset checked against the file."""
+
     version: int
-    kv: dict[str, Any] = field(default_factory=dict)
-    tensors: list[_Tensor] = field(default_factory=list)
-    data_start: int = 0
-    file_size: int = 0
+    keys: tuple[KeyRecord, ...]  # in file order
+    tensors: tuple[TensorInfo, ...]  # in file order
+    alignment: int  # general.alignment, or GGUF's default 32
+    data_start: int  # where tensor data begins: the header's end, padded to the alignment
+    file_size: int
+    raw: bytes = b""  # with keep_bytes: the header's bytes (fixed part, key records, tensor infos)
+
+    @cached_property
+    def kv(self) -> dict[str, Any]:
+        return {k.key: k.value for k in self.keys}
 
 
 class _Cursor:
@@ -428,7 +277,7 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
             cur.need(count * size, f"array {key}")
             if count > KEEP_ARRAY_LEN:
                 cur.pos += count * size
-                return _Big(itype, count)
+                return LongArray(itype, count)
             values = struct.unpack_from(f"<{count}{fmt}", cur.buf, cur.pos)
             cur.pos += count * size
             return list(values)
@@ -437,13 +286,18 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
             cur.need(count * 8, f"array {key}")
             keep = count <= KEEP_ARRAY_LEN
             out = [cur.string(f"element of {key}", keep=keep) for _ in range(count)]
-            return out if keep else _Big(itype, count)
+            return out if keep else LongArray(itype, count)
         raise cur.fail(f"{key} is an array of type {itype}, which GGUF does not allow")
     raise cur.fail(f"{key} has unknown value type {vtype}")
 
 
-def _walk(path: Path) -> _Header:
-    """The pre-check and the parse in one bounded pass over the header."""
+def read_header(path: Path, *, keep_bytes: bool = False) -> GGUFHeader:
+    """The pre-check and the parse in one bounded pass over the header of one file.
+
+    keep_bytes: also return the header's raw bytes, for a tool that copies records as they are
+    (kit.builder.split). Raises ManifestError for anything that is not a sane GGUF file.
+    """
+    path = Path(path)
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block or never end
             raise ManifestError(f"{path.name}: not a regular file", hint=_HINT)
@@ -473,31 +327,34 @@ def _walk(path: Path) -> _Header:
                 raise ManifestError(f"{path.name}: header claims at least {least} bytes, the "
                                     f"file has {size}", hint=_HINT)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                return _parse(mm, size, path, version, n_tensors, n_kv)
+                return _parse(mm, size, path, version, n_tensors, n_kv, keep_bytes)
     except OSError as exc:
         raise ManifestError(f"{path.name}: cannot read ({exc.strerror or exc})",
                             hint=_HINT) from exc
 
 
-def _parse(buf: Any, size: int, path: Path, version: int, n_tensors: int, n_kv: int) -> _Header:
+def _parse(buf: Any, size: int, path: Path, version: int, n_tensors: int, n_kv: int,
+           keep_bytes: bool) -> GGUFHeader:
     cur = _Cursor(buf, size, path)
     cur.pos = _FIXED_HEADER
-    hdr = _Header(version=version, file_size=size)
+    keys: dict[str, KeyRecord] = {}
     for _ in range(n_kv):
+        start = cur.pos
         key = cur.string("a metadata key", limit=MAX_KEY_LEN)
         assert key is not None
-        if key in hdr.kv:
+        if key in keys:
             raise cur.fail(f"metadata key {key!r} appears twice")
         vtype = cur.u32(f"type of {key}")
-        hdr.kv[key] = _read_value(cur, vtype, key)
+        value = _read_value(cur, vtype, key)
+        keys[key] = KeyRecord(key, vtype, value, start, cur.pos)
 
-    names: set[str] = set()
+    tensors: dict[str, TensorInfo] = {}
     for _ in range(n_tensors):
+        start = cur.pos
         name = cur.string("a tensor name", limit=MAX_TENSOR_NAME)
         assert name is not None
-        if name in names:
+        if name in tensors:
             raise cur.fail(f"tensor {name!r} appears twice")
-        names.add(name)
         n_dims = cur.u32(f"dimensions of {name}")
         if n_dims > MAX_DIMS:
             raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (limit {MAX_DIMS})")
@@ -516,18 +373,21 @@ def _parse(buf: Any, size: int, path: Path, version: int, n_tensors: int, n_kv: 
             raise cur.fail(f"tensor {name!r}: rows of {dims[0]} are not whole {block}-blocks")
         offset = cur.u64(f"offset of {name}")
         n_bytes = n_elements // block * type_size
-        hdr.tensors.append(_Tensor(name, dims, ttype, offset, n_elements, n_bytes))
+        tensors[name] = TensorInfo(name, dims, ttype, offset, n_elements, n_bytes, start, cur.pos)
 
-    alignment = hdr.kv.get("general.alignment", 32)
+    align_key = keys.get("general.alignment")
+    alignment = align_key.value if align_key else GGUF_DEFAULT_ALIGNMENT
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise cur.fail(f"general.alignment {alignment!r} is not a power of two")
-    hdr.data_start = _pad(cur.pos, alignment)
-    for t in hdr.tensors:
-        end = hdr.data_start + t.offset + t.n_bytes
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    for t in tensors.values():
+        end = data_start + t.offset + t.n_bytes
         if t.offset % alignment or end > size:
             raise cur.fail(f"tensor {t.name!r} lies outside the file (ends at {end}, file has "
                            f"{size} bytes): truncated or damaged")
-    return hdr
+    return GGUFHeader(version=version, keys=tuple(keys.values()), tensors=tuple(tensors.values()),
+                      alignment=alignment, data_start=data_start, file_size=size,
+                      raw=bytes(buf[: cur.pos]) if keep_bytes else b"")
 
 
 # --- from header to facts ------------------------------------------------------------------------
@@ -577,7 +437,7 @@ def _swa(kv: dict[str, Any], arch: str, n_layers: int) -> tuple[int, tuple[bool,
     return window, tuple(il % period < period - 1 for il in range(n_layers))
 
 
-def _quant_name(kv: dict[str, Any], tensors: list[_Tensor]) -> str:
+def _quant_name(kv: dict[str, Any], tensors: list[TensorInfo]) -> str:
     ftype = kv.get("general.file_type")
     if isinstance(ftype, int) and not isinstance(ftype, bool):
         try:
@@ -596,7 +456,7 @@ def _quant_name(kv: dict[str, Any], tensors: list[_Tensor]) -> str:
     return GGMLQuantizationType(by_bytes.most_common(1)[0][0]).name
 
 
-def _check_shards(paths: list[Path], headers: list[_Header]) -> None:
+def _check_shards(paths: list[Path], headers: list[GGUFHeader]) -> None:
     count = headers[0].kv.get("split.count")
     if len(paths) == 1 and count in (None, 1, 0):
         return
@@ -619,7 +479,7 @@ def read_facts(paths: list[Path]) -> ModelFacts:
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("read_facts needs at least one path")
-    headers = [_walk(p) for p in paths]
+    headers = [read_header(p) for p in paths]
     _check_shards(paths, headers)
     kv = headers[0].kv
     tensors = [t for h in headers for t in h.tensors]
@@ -653,8 +513,8 @@ def read_facts(paths: list[Path]) -> ModelFacts:
     window, swa_layers = _swa(kv, arch, n_layers)
 
     tokens = kv.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, _Big | list):
-        vocab_size = tokens.count if isinstance(tokens, _Big) else len(tokens)
+    if isinstance(tokens, LongArray | list):
+        vocab_size = tokens.count if isinstance(tokens, LongArray) else len(tokens)
     else:
         vocab_size = _int(kv, f"{arch}.vocab_size", 0) or 0
         embd = next((t for t in tensors if t.name == "token_embd.weight"), None)

@@ -80,6 +80,15 @@ def _remember(path: Path, blake3_hex: str) -> None:
     _verified[str(path.resolve())] = (*_identity(path), blake3_hex)
 
 
+def verify_file(path: Path, blake3_hex: str, on_block: Callable[[int], None] | None = None) -> bool:
+    """Hash `path`; when it matches `blake3_hex`, remember it for the engine's load check."""
+    digest = hash_file(path, on_block=on_block)
+    if digest.blake3 != blake3_hex:
+        return False
+    _remember(path, digest.blake3)
+    return True
+
+
 def require_verified(path: Path) -> str:
     """The BLAKE3 this process checked for `path`; raises if unchecked or changed since."""
     record = _verified.get(str(Path(path).resolve()))

@@ -2,15 +2,12 @@
 which really work (probed in a child process, where a SIGILL is harmless), which is fastest.
 
 ggml's own choice scores variants by CPUID and picks one that can die with SIGILL on hosts
-that advertise more than they run (DESIGN.md). The kit never loads an unprobed variant.
+that advertise more than they run (docs/ARCHITECTURE.md, trap 4). The kit never loads an unprobed variant.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,60 +15,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kit.errors import KernelError
+from kit.errors import KernelError, KitError, describe_error
+from kit.ggml import VARIANT_FLAGS, Variant, list_variants, load_variant
 from kit.hardware import Host
 
-# The instruction sets each variant is compiled for (vendor/llama.cpp/ggml/src/CMakeLists.txt,
-# ggml_add_cpu_backend_variant), in /proc/cpuinfo spelling. AVX512 there means F, CD, VL, DQ, BW.
-_AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
-_HASWELL = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2")
-VARIANT_FLAGS: dict[str, tuple[str, ...]] = {
-    "x64": (),
-    "sse42": ("sse4_2",),
-    "sandybridge": ("sse4_2", "avx"),
-    "ivybridge": ("sse4_2", "avx", "f16c"),
-    "piledriver": ("sse4_2", "avx", "f16c", "fma"),
-    "haswell": _HASWELL,
-    "skylakex": _HASWELL + _AVX512,
-    "cannonlake": _HASWELL + _AVX512 + ("avx512vbmi",),
-    "cascadelake": _HASWELL + _AVX512 + ("avx512_vnni",),
-    "icelake": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni"),
-    "cooperlake": _HASWELL + _AVX512 + ("avx512_vnni", "avx512_bf16"),
-    "zen4": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni", "avx512_bf16"),
-    "alderlake": _HASWELL + ("avx_vnni",),
-    "sapphirerapids": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"),
-    "armv8.0_1": (),
-    "armv8.2_1": ("asimddp",),
-    "armv8.2_2": ("asimddp", "asimdhp"),
-    "armv8.2_3": ("asimddp", "asimdhp", "sve"),
-    "armv8.6_1": ("asimddp", "asimdhp", "sve", "i8mm"),
-    "armv8.6_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2"),
-    "armv9.2_1": ("asimddp", "asimdhp", "sve", "i8mm", "sme"),
-    "armv9.2_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2", "sme"),
-    "apple_m1": ("asimddp",),
-    "apple_m2_m3": ("asimddp", "i8mm"),
-    "apple_m4": ("asimddp", "i8mm", "sme"),
-}
-
-# How each OS names the shared libraries (libggml is the one libllama links against).
-_LIB_NAMES = {
-    "linux": ("libggml-cpu-", ".so", "libggml.so.0"),
-    "macos": ("libggml-cpu-", ".so", "libggml.0.dylib"),
-    "windows": ("ggml-cpu-", ".dll", "ggml.dll"),
-}
 PROBE_TIMEOUT_S = 120
 PROBE_PROMPT_TOKENS = 64
 PROBE_GEN_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    path: Path
-
-    @property
-    def required_flags(self) -> tuple[str, ...]:
-        return VARIANT_FLAGS.get(self.name, ())
 
 
 @dataclass(frozen=True)
@@ -99,46 +49,6 @@ class KernelChoice:
         return {"chosen": self.chosen, "cached": self.cached, "results": [asdict(r) for r in self.results]}
 
 
-def _os_key() -> str:
-    return {"darwin": "macos", "win32": "windows"}.get(sys.platform, "linux")
-
-
-def lib_dir() -> Path:
-    """llama_cpp/lib of this installation or frozen runtime, found without importing llama_cpp."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        raise KernelError("llama_cpp is not installed in this runtime",
-                          "install the kit with build/install.sh")
-    return Path(spec.origin).parent / "lib"
-
-
-def list_variants(directory: Path | None = None) -> list[Variant]:
-    prefix, suffix, _ = _LIB_NAMES[_os_key()]
-    directory = directory or lib_dir()
-    found = []
-    for path in sorted(directory.glob(f"{prefix}*{suffix}")):
-        name = path.name[len(prefix): -len(suffix)]
-        found.append(Variant(name, path))
-    return found
-
-
-# GPU backends built as loadable modules beside the CPU variants (GGML_BACKEND_DL).
-_GPU_MODULES = {"cuda": "cuda", "rocm": "hip", "metal": "metal", "vulkan": "vulkan"}
-
-
-def gpu_backend_libs(directory: Path | None = None) -> dict[str, Path]:
-    """The GPU backends this runtime can drive: {"cuda": path, ...}; empty for a CPU-only build."""
-    prefix, suffix, _ = _LIB_NAMES[_os_key()]
-    directory = directory or lib_dir()
-    base = prefix.removesuffix("cpu-")
-    found = {}
-    for backend, module in _GPU_MODULES.items():
-        path = directory / f"{base}{module}{suffix}"
-        if path.is_file():
-            found[backend] = path
-    return found
-
-
 def missing_flags(variant: Variant, flags: frozenset[str]) -> list[str]:
     return [f for f in variant.required_flags if f not in flags]
 
@@ -156,21 +66,6 @@ def candidates(variants: list[Variant], host: Host) -> tuple[list[Variant], list
         else:
             keep.append(v)
     return keep, skipped
-
-
-# ---------------------------------------------------------------- loading into this process
-
-def load_variant(path: Path) -> None:
-    """Register a backend module with the libggml that libllama uses (DESIGN.md, trap 2).
-
-    libllama links libggml by soname (libggml.so.0 on Linux); opening that exact file gives the
-    same instance. llama_cpp._ggml opens libggml.so, a second copy, which llama never sees.
-    """
-    ggml = ctypes.CDLL(str(lib_dir() / _LIB_NAMES[_os_key()][2]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
-    ggml.ggml_backend_load.restype = ctypes.c_void_p
-    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
-    if not ggml.ggml_backend_load(os.fsencode(path)):
-        raise KernelError(f"ggml could not load the backend {path.name}")
 
 
 # ---------------------------------------------------------------- probing in a child
@@ -191,7 +86,11 @@ def _signal_name(code: int) -> str:
 
 def probe_variant(variant: Variant, model: Path, blake3: str, threads: int,
                   timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
-    """Run one variant on a real batch in a child; its crash stays there."""
+    """Run one variant on a real batch in a child; its crash stays there.
+
+    The protocol: the child prints exactly one JSON line on stdout, either the measurement
+    ({"prompt_tps", "gen_tps", "seconds", ...}) or {"error": sentence}; its stderr is not read.
+    """
     try:
         proc = subprocess.run(probe_command(variant, model, blake3, threads), capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -199,31 +98,63 @@ def probe_variant(variant: Variant, model: Path, blake3: str, threads: int,
         return ProbeResult(variant.name, "failed", f"no answer within {timeout:.0f} s")
     if proc.returncode < 0:
         return ProbeResult(variant.name, "crashed", _signal_name(proc.returncode))
-    last = proc.stdout.strip().splitlines()[-1:] or [""]
-    try:
-        data = json.loads(last[0])
-    except json.JSONDecodeError:
-        lines = proc.stderr.strip().splitlines()
-        # the CLI's error sentence ("kit: ..."), not the "what to do" line after it
-        said = next((ln for ln in lines if ln.startswith("kit: ")), lines[-1] if lines else "")
-        return ProbeResult(variant.name, "failed", (said or f"exit code {proc.returncode}")[:200])
-    if proc.returncode != 0 or "seconds" not in data:
-        return ProbeResult(variant.name, "failed", str(data.get("error", proc.returncode))[:200])
+    data = parse_probe_line(proc.stdout)
+    if data is None:
+        return ProbeResult(variant.name, "failed", f"the probe gave no result line (exit code {proc.returncode})")
+    if "error" in data or proc.returncode != 0:
+        return ProbeResult(variant.name, "failed", str(data.get("error", f"exit code {proc.returncode}"))[:200])
     return ProbeResult(variant.name, "ok", "", data["prompt_tps"], data["gen_tps"], data["seconds"])
 
 
-def run_probe_child(variant_path: Path, model: Path, blake3: str, threads: int) -> dict:
-    """Body of `kit _probe`: verify the model, load the variant, time a real batch and a few tokens."""
+_PROBE_KEYS = {"prompt_tps": float, "gen_tps": float, "seconds": float}
+
+
+def parse_probe_line(stdout: str) -> dict | None:
+    """The child's one JSON line, or None when stdout is not exactly one well-formed result."""
+    lines = stdout.strip().splitlines()
+    if len(lines) != 1:
+        return None
+    try:
+        data = json.loads(lines[0])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "error" in data:
+        return {"error": str(data["error"])}
+    if not all(isinstance(data.get(k), (int, float)) for k in _PROBE_KEYS):
+        return None
+    return data
+
+
+def probe_child(variant_path: Path, model: Path, blake3: str, threads: int) -> int:
+    """Body of `kit _probe`: print exactly one JSON line (the protocol above), return the exit code.
+
+    Any error becomes {"error": sentence} through the one error table; a crash in the kernel
+    kills the process, which the parent reads from the signal."""
+    try:
+        result = run_probe(variant_path, model, blake3, threads)
+    except Exception as err:  # every failure is reported on the protocol line
+        what, _fix, code = describe_error(err)
+        result, status = {"error": what}, code
+    else:
+        status = 0
+    print(json.dumps(result), flush=True)
+    return status
+
+
+def run_probe(variant_path: Path, model: Path, blake3: str, threads: int) -> dict:
+    """Verify the model, load the variant, time a real batch and a few tokens."""
     from kit import engine, integrity, offline
+    from kit.settings import EngineSettings
 
     offline.go_offline()
-    digest = integrity.hash_file(model)
-    if digest.blake3 != blake3:
-        return {"error": "model bytes do not match the manifest"}
-    integrity._remember(model, digest.blake3)
+    if not integrity.verify_file(model, blake3):
+        raise KitError("model bytes do not match the manifest")
     load_variant(variant_path)
-    return engine.benchmark(model, threads=threads, prompt_tokens=PROBE_PROMPT_TOKENS,
-                            gen_tokens=PROBE_GEN_TOKENS)
+    return engine.benchmark(model, EngineSettings(n_ctx=engine.bench_context(PROBE_PROMPT_TOKENS, PROBE_GEN_TOKENS),
+                                                  threads=threads, n_batch=PROBE_PROMPT_TOKENS),
+                            prompt_tokens=PROBE_PROMPT_TOKENS, gen_tokens=PROBE_GEN_TOKENS)
 
 
 # ---------------------------------------------------------------- choosing, with a per-CPU cache
@@ -293,7 +224,7 @@ def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None, s
             if on_result:
                 on_result(result)
 
-    # Kernels without AVX2 run 3-10x slower (DESIGN.md): probe them only when none with it works.
+    # Kernels without AVX2 run 3-10x slower (docs/ARCHITECTURE.md, trap 4): probe them only when none with it works.
     fast = [v for v in to_probe if "avx2" in v.required_flags]
     slow = [v for v in to_probe if v not in fast]
     probe_all(fast)

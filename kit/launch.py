@@ -1,27 +1,49 @@
-"""Starting the model on a stick: the steps every front end shares (ask, chat, doctor).
+"""Starting the model on a stick: the one opening sequence every front end shares (ask, chat,
+doctor; later serve).
 
 Order: offline gate → stick and manifest (signature checked on the raw bytes before parsing,
-then the rollback check) → host → plan (from the manifest's facts, no model parsed yet) → verify
-the chosen model's bytes and walk its GGUF header with kit.ggufmeta's bounded reader → choose the
-CPU kernel (probe in children) → load, stepping down the fallback ladder if loading or the first
-decode fails.
+then the rollback check) → host (`open_stick`) → the runtime's own libraries verified → plan
+(from the manifest's facts, no model parsed yet) → verify the probe model's bytes and walk its
+GGUF header with kit.ggufmeta's bounded reader → choose the CPU kernel (probe in children) → plan
+with the probe's measured speed (`choose_kernel_and_plan`) → `start` then verifies the chosen
+model and loads it, stepping down the fallback ladder when a load fails.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kit import integrity, kernels, offline, rollback, signing
+from kit import ggml, integrity, kernels, offline, rollback, signing
+from kit.engine import ChatEngine
 from kit.errors import EngineError, IntegrityError, KernelError, PlanError
 from kit.hardware import Host, detect
 from kit.manifest import BundleManifest, ModelEntry
 from kit.paths import BundlePaths, find_bundle, state_dir
 from kit.plan import CpuSpeed, LaunchPlan, ModelOption, Overrides, fallback_steps, make_plan
+from kit.report import DoctorReport, ModelSummary
 
 Status = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OpenStick:
+    """A stick whose manifest passed the signature and rollback checks, and the host it is on."""
+
+    bundle: BundlePaths
+    trust: signing.Trust
+    state: Path | None  # None: read-only stick, state in memory only
+    host: Host
+
+    @property
+    def manifest(self) -> BundleManifest:
+        return self.trust.manifest
+
+    @property
+    def options(self) -> list[ModelOption]:
+        return model_options(self.manifest)
 
 
 @dataclass
@@ -31,7 +53,7 @@ class Session:
     host: Host
     plan: LaunchPlan
     kernel: kernels.KernelChoice
-    engine: object  # kit.engine.ChatEngine
+    engine: ChatEngine
     state: Path | None
     steps: list[str] = field(default_factory=list)  # fallback steps taken, in words
     signer: str = "unsigned"  # the signer's fingerprint (kit.signing), or "unsigned"
@@ -51,16 +73,21 @@ class Session:
             msgs.append({"role": "system", "content": chosen.system})
         return msgs + list(history) + [{"role": "user", "content": question}]
 
+    def report(self) -> DoctorReport:
+        """What `kit doctor` would show, from what start() already found (nothing re-probed)."""
+        return DoctorReport(str(self.bundle.root), self.signer, self.host, ModelSummary.all_of(self.manifest),
+                            tuple(sorted(ggml.runtime_backends())), self.kernel, self.plan,
+                            fallback_steps=tuple(self.steps))
 
-def open_stick(stick: str | Path | None) -> tuple[BundlePaths, BundleManifest]:
-    bundle, trust = open_trusted(stick)
-    return bundle, trust.manifest
 
-
-def open_trusted(stick: str | Path | None) -> tuple[BundlePaths, signing.Trust]:
-    """The stick and its manifest, refused if its signature is bad (an unsigned stick is allowed)."""
+def open_stick(stick: str | Path | None) -> OpenStick:
+    """The first steps of every front end: offline, trusted manifest, rollback check, host."""
+    offline.go_offline()
     bundle = find_bundle(stick)
-    return bundle, signing.check_stick(bundle)
+    trust = signing.check_stick(bundle)  # refused if its signature is bad (unsigned is allowed)
+    state = state_dir(bundle)
+    rollback.check_bundle(bundle, trust.raw, state)
+    return OpenStick(bundle, trust, state, detect())
 
 
 def model_options(manifest: BundleManifest) -> list[ModelOption]:
@@ -126,16 +153,6 @@ def smallest_model(manifest: BundleManifest) -> ModelEntry:
     return min(manifest.models, key=manifest.model_size)
 
 
-def choose_cpu_kernel(bundle, manifest, host, state, *, refresh=False, on_probe=None,
-                      progress=None) -> kernels.KernelChoice:
-    """Probe with the smallest model (verified first: the probe child loads it)."""
-    probe_model = smallest_model(manifest)
-    verify_model(bundle, manifest, probe_model, progress)
-    first = bundle.resolve(probe_model.files[0])
-    return kernels.choose_kernel(host, first, integrity.require_verified(first), state=state,
-                                 saved=bundle.kit / "state", refresh=refresh, on_result=on_probe)
-
-
 def measured_speed(manifest: BundleManifest, kernel: kernels.KernelChoice) -> CpuSpeed | None:
     """The probe's generation speed with the smallest model: the planner scales it to the others."""
     chosen = next((r for r in kernel.results if r.variant == kernel.chosen), None)
@@ -144,75 +161,68 @@ def measured_speed(manifest: BundleManifest, kernel: kernels.KernelChoice) -> Cp
     return CpuSpeed(manifest.model_size(smallest_model(manifest)), chosen.gen_tps)
 
 
-def runtime_backends() -> frozenset[str]:
-    try:
-        return frozenset(kernels.gpu_backend_libs())
-    except KernelError:
-        return frozenset()
+def choose_kernel(opened: OpenStick, *, refresh: bool = False, on_probe=None,
+                  progress=None) -> kernels.KernelChoice:
+    """Verify the runtime's own libraries, then probe (or recall) the CPU kernel with the smallest
+    model, verified first: the probe children load it."""
+    bundle, manifest = opened.bundle, opened.manifest
+    verify_own_libraries(bundle, manifest, opened.host.platform)
+    probe_model = smallest_model(manifest)
+    verify_model(bundle, manifest, probe_model, progress)
+    first = bundle.resolve(probe_model.files[0])
+    return kernels.choose_kernel(opened.host, first, integrity.require_verified(first), state=opened.state,
+                                 saved=bundle.kit / "state", refresh=refresh, on_result=on_probe)
 
 
-def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None) -> dict:
-    """Everything `kit doctor` shows, as data: host, kernel probe table, plan (or why none)."""
-    offline.go_offline()
-    bundle, trust = open_trusted(stick)
-    manifest, state = trust.manifest, state_dir(bundle)
-    rollback.check_bundle(bundle, trust.raw, state)
-    host = detect()
-    report: dict = {"stick": str(bundle.root), "signer": trust.signer_label,
-                    "host": host.to_dict(), "kernel": None, "plan": None,
-                    "runtime_backends": sorted(runtime_backends()),
-                    "models": [{"id": m.id, "name": m.name, "bytes": manifest.model_size(m),
-                                "quant": m.quant, "params": m.params} for m in manifest.models]}
+def plan_for(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoice | None = None) -> LaunchPlan:
+    """The plan; with the kernel's measured speed it skips a model that would answer slower than
+    people read. Without a kernel it only checks the overrides (they fail before any probe)."""
+    return make_plan(opened.host, opened.options, runtime_backends=ggml.runtime_backends(), overrides=overrides,
+                     cpu_variant=kernel.chosen if kernel else None,
+                     cpu_speed=measured_speed(opened.manifest, kernel) if kernel else None)
+
+
+def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None) -> DoctorReport:
+    """Everything `kit doctor` shows: host, kernel probe table, plan (or why none)."""
+    opened = open_stick(stick)
+    report = DoctorReport(str(opened.bundle.root), opened.trust.signer_label, opened.host,
+                          ModelSummary.all_of(opened.manifest), tuple(sorted(ggml.runtime_backends())))
     try:
-        verify_own_libraries(bundle, manifest, host.platform)
-        kernel = choose_cpu_kernel(bundle, manifest, host, state, refresh=refresh,
-                                   on_probe=on_probe)
-        report["kernel"] = kernel.to_dict()
-        plan = make_plan(host, model_options(manifest), runtime_backends=runtime_backends(),
-                         cpu_variant=kernel.chosen, overrides=overrides,
-                         cpu_speed=measured_speed(manifest, kernel))
-        report["plan"] = plan.to_dict()
+        report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
+        return replace(report, plan=plan_for(opened, overrides, report.kernel))
     except (KernelError, PlanError, IntegrityError) as err:
-        report["error"] = f"{err} — {err.hint}"
-    return report
+        return replace(report, error=f"{err} — {err.hint}")
 
 
 def start(stick, overrides: Overrides | None = None, *, on_progress=None,
           on_status: Status = lambda s: None) -> Session:
     """Everything up to a loaded, answering model."""
-    offline.go_offline()
-    bundle, trust = open_trusted(stick)
-    manifest, state = trust.manifest, state_dir(bundle)
-    rollback.check_bundle(bundle, trust.raw, state)
-    host = detect()
-    verify_own_libraries(bundle, manifest, host.platform)
-    options = model_options(manifest)
-    backends = runtime_backends()
+    opened = open_stick(stick)
+    manifest = opened.manifest
     overrides = overrides or Overrides()
-    make_plan(host, options, runtime_backends=backends, overrides=overrides)  # bad overrides fail fast
+    plan_for(opened, overrides)  # bad overrides fail fast, before any probe
     on_status("checking the stick's smallest model and choosing the CPU kernel")
-    kernel = choose_cpu_kernel(bundle, manifest, host, state, progress=on_progress,
-                               on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
-    # The probe's measured speed lets the plan skip a model that would answer slower than people read.
-    plan = make_plan(host, options, runtime_backends=backends, overrides=overrides, cpu_variant=kernel.chosen,
-                     cpu_speed=measured_speed(manifest, kernel))
+    kernel = choose_kernel(opened, progress=on_progress,
+                           on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
+    plan = plan_for(opened, overrides, kernel)
     model = manifest.model(plan.model_id)
     on_status(f"checking {model.id} against the stick's manifest")
-    verify_model(bundle, manifest, model, on_progress)
-    engine, plan, steps = load_with_fallback(bundle, manifest, host, plan, options, backends,
-                                             kernel, on_status, on_progress)
-    return Session(bundle, manifest, host, plan, kernel, engine, state, steps, trust.signer_label)
+    verify_model(opened.bundle, manifest, model, on_progress)
+    engine, plan, steps = load_with_fallback(opened, plan, kernel, on_status, on_progress)
+    return Session(opened.bundle, manifest, opened.host, plan, kernel, engine, opened.state, steps,
+                   opened.trust.signer_label)
 
 
-def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, on_status,
-                       on_progress):
-    """Try the plan, then each step of the ladder; the user sees steps, never a crash.
-
-    Smaller models on the ladder are verified before they load, like the first choice."""
+def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.KernelChoice, on_status: Status,
+                       on_progress) -> tuple[ChatEngine, LaunchPlan, list[str]]:
+    """Try the plan, then each step of the ladder when a load fails; the user sees steps, never a
+    crash. Smaller models on the ladder are verified before they load, like the first choice."""
     from kit.engine import LlamaEngine
 
-    gpu_libs = kernels.gpu_backend_libs() if backends else {}
-    attempts = [plan] + fallback_steps(plan, host, options, runtime_backends=backends)
+    bundle, manifest = opened.bundle, opened.manifest
+    backends = ggml.runtime_backends()
+    gpu_libs = ggml.gpu_backend_libs() if backends else {}
+    attempts = [plan] + fallback_steps(plan, opened.host, opened.options, runtime_backends=backends)
     steps: list[str] = []
     last_error: Exception | None = None
     for attempt in attempts:
@@ -222,8 +232,7 @@ def load_with_fallback(bundle, manifest, host, plan, options, backends, kernel, 
             verify_model(bundle, manifest, model, on_progress)
         try:
             engine = LlamaEngine.load(
-                model_paths(bundle, model), model_id=model.id, n_ctx=attempt.n_ctx,
-                threads=attempt.threads, gpu_layers=attempt.gpu_layers,
+                model_paths(bundle, model), attempt.settings, model_id=model.id,
                 chat_format_fallback=model.chat_format, variant=kernel.path,
                 gpu_backend=gpu_libs.get(attempt.gpu.backend) if attempt.gpu else None)
             return engine, attempt, steps

@@ -2,7 +2,7 @@
 
 Part of the pure core: no llama_cpp, no textual, no printing. The same inputs give the same plan.
 
-Rules (DESIGN.md, "plan.py"):
+Rules:
 - Memory: each pool keeps max(15 %, 512 MiB) of what is available free (SAFETY_*); see `Budget`.
 - Model: the largest (by parameters) that fits with room to talk (PREFERRED_CTX tokens, or its
   trained context when smaller); when none has that room, the largest that fits at MIN_CTX.
@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kit.errors import PlanError
-from kit.ggufmeta import MemoryEstimate, ModelFacts, estimate_memory
+from kit.estimate import KV_PAD, MemoryEstimate, estimate_memory
+from kit.ggufmeta import ModelFacts
 from kit.hardware import Gpu, Host
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
+from kit.settings import EngineSettings
+from kit.units import GiB, MiB, human_bytes
 
 GPU_BACKENDS = frozenset({"cuda", "rocm", "metal", "vulkan"})
 DEFAULT_CTX_CAP = 8192
@@ -34,7 +34,7 @@ OVERRIDE_MIN_CTX = 128  # what a user may force
 # Below this many generated tokens per second an answer comes slower than people read: a smaller
 # model that keeps up is the better companion (only judged when the kernel probe measured speed).
 MIN_TALK_TPS = 4.0
-CTX_STEP = 256  # llama.cpp pads n_ctx to 256 cells (llama-context.cpp)
+CTX_STEP = KV_PAD  # llama.cpp pads the context to this many cells: sizes between cost the same
 
 # Keep max(15 % of what is available, 512 MiB) of each pool free:
 # - 512 MiB: the OS, the terminal and the page cache that keeps the mmapped weights resident need
@@ -45,11 +45,6 @@ CTX_STEP = 256  # llama.cpp pads n_ctx to 256 cells (llama-context.cpp)
 SAFETY_FRACTION = 0.15
 SAFETY_MIN = 512 * MiB
 UNKNOWN_RAM_ASSUMED = 2 * GiB  # when the host could not say how much memory it has
-
-# How kit.engine creates the context beyond n_ctx / threads / gpu_layers, as estimate_memory
-# keywords. Empty = llama-cpp-python 0.3.36's defaults (n_batch 512, f16 KV, flash_attn=False,
-# swa_full=True), which is what the engine passes today. Change both together.
-ENGINE_OPTIONS: dict[str, Any] = {}
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -109,14 +104,25 @@ class ModelVerdict:
 @dataclass(frozen=True)
 class LaunchPlan:
     model_id: str
-    n_ctx: int
-    threads: int
-    gpu_layers: int  # llama.cpp's n_gpu_layers; facts.n_layers + 1 = everything
+    settings: EngineSettings  # what the engine is handed; `estimate` priced exactly this
     gpu: Gpu | None
     cpu_variant: str | None
     estimate: MemoryEstimate
     decisions: tuple[Decision, ...] = ()
     verdicts: tuple[ModelVerdict, ...] = ()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.settings.n_ctx
+
+    @property
+    def threads(self) -> int:
+        return self.settings.threads
+
+    @property
+    def gpu_layers(self) -> int:
+        """llama.cpp's n_gpu_layers; facts.n_layers + 1 = everything."""
+        return self.settings.gpu_layers
 
     def decision(self, topic: str) -> Decision | None:
         return next((d for d in self.decisions if d.topic == topic), None)
@@ -127,6 +133,7 @@ class LaunchPlan:
             "n_ctx": self.n_ctx,
             "threads": self.threads,
             "gpu_layers": self.gpu_layers,
+            "settings": self.settings.to_dict(),
             "gpu": asdict(self.gpu) if self.gpu else None,
             "cpu_variant": self.cpu_variant,
             "estimate": self.estimate.to_dict(),
@@ -164,14 +171,10 @@ class Budget:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _size(n: int) -> str:
-    if n >= GiB:
-        return f"{n / GiB:.1f} GiB"
-    return f"{round(n / MiB)} MiB"
-
-
-def _estimate(facts: ModelFacts, n_ctx: int, gpu_layers: int = 0) -> MemoryEstimate:
-    return estimate_memory(facts, n_ctx, gpu_layers=gpu_layers, **ENGINE_OPTIONS)
+def _base_settings(threads: int) -> EngineSettings:
+    """What every candidate starts from: the plan chooses n_ctx and gpu_layers per candidate
+    (MIN_CTX here is only a placeholder) and keeps EngineSettings' defaults for the rest."""
+    return EngineSettings(n_ctx=MIN_CTX, threads=threads)
 
 
 def _margin(available: int) -> int:
@@ -210,17 +213,17 @@ def make_budget(host: Host, runtime_backends: frozenset[str] = frozenset()) -> B
     notes: list[Decision] = []
     if host.ram_available > 0:
         available = host.ram_available
-        why = f"{_size(available)} RAM available"
+        why = f"{human_bytes(available)} RAM available"
     elif host.ram_total > 0:
         available = host.ram_total // 2
-        why = f"free RAM unknown: assuming half of {_size(host.ram_total)}"
+        why = f"free RAM unknown: assuming half of {human_bytes(host.ram_total)}"
     else:
         available = UNKNOWN_RAM_ASSUMED
-        why = f"RAM size unknown: assuming {_size(available)}"
+        why = f"RAM size unknown: assuming {human_bytes(available)}"
     margin = _margin(available)
     ram = max(0, available - margin)
-    notes.append(Decision("memory", ram, f"{why}; keeping {_size(margin)} free "
-                                         f"(max of 15 % and 512 MiB): {_size(ram)} usable"))
+    notes.append(Decision("memory", ram, f"{why}; keeping {human_bytes(margin)} free "
+                                         f"(max of 15 % and 512 MiB): {human_bytes(ram)} usable"))
     gpu, gpu_why = _usable_gpu(host, frozenset(runtime_backends) & GPU_BACKENDS)
     vram_available = vram = 0
     if gpu is not None:
@@ -228,10 +231,10 @@ def make_budget(host: Host, runtime_backends: frozenset[str] = frozenset()) -> B
         vram = max(0, vram_available - _margin(vram_available))
         if gpu.unified_memory:
             vram = min(vram, ram)
-            gpu_why += (f"; unified memory: up to {_size(vram)} of the same RAM, "
+            gpu_why += (f"; unified memory: up to {human_bytes(vram)} of the same RAM, "
                         "not counted twice")
         else:
-            gpu_why += f"; {_size(vram)} of {_size(vram_available)} VRAM usable"
+            gpu_why += f"; {human_bytes(vram)} of {human_bytes(vram_available)} VRAM usable"
     notes.append(Decision("gpu", gpu.name if gpu else None, gpu_why))
     return Budget(ram_available=available, ram=ram, gpu=gpu, vram_available=vram_available,
                   vram=vram, notes=tuple(notes))
@@ -241,9 +244,10 @@ def _all_layers(facts: ModelFacts) -> int:
     return facts.n_layers + 1  # the blocks and the output layer (llama-model.cpp)
 
 
-def _best_layers(facts: ModelFacts, n_ctx: int, budget: Budget,
-                 forced: int | None = None) -> tuple[int, MemoryEstimate] | None:
-    """The most GPU layers that fit at n_ctx (0 without a GPU), or None when nothing fits."""
+def _best_layers(facts: ModelFacts, want: EngineSettings, budget: Budget,
+                 forced: int | None = None) -> tuple[EngineSettings, MemoryEstimate] | None:
+    """`want` with the most GPU layers that fit at its n_ctx (0 without a GPU), and its
+    estimate; None when nothing fits."""
     if forced is not None:
         candidates = [forced]
     elif budget.gpu is None:
@@ -251,33 +255,34 @@ def _best_layers(facts: ModelFacts, n_ctx: int, budget: Budget,
     else:
         candidates = list(range(_all_layers(facts), -1, -1))
     for k in candidates:
-        est = _estimate(facts, n_ctx, k)
+        settings = want.with_(gpu_layers=k)
+        est = estimate_memory(facts, settings)
         if budget.fits(est):
-            return k, est
+            return settings, est
     return None
 
 
-def _ctx_candidates(facts: ModelFacts, cap: int, low: int = MIN_CTX) -> list[int]:
+def _ctx_candidates(facts: ModelFacts, cap: int) -> list[int]:
     top = min(cap, facts.n_ctx_train)
-    low = min(low, top)
+    low = min(MIN_CTX, top)
     steps = list(range(low, top, CTX_STEP))
     return [*steps, top]
 
 
-def _largest_ctx(facts: ModelFacts, budget: Budget, cap: int, *, low: int = MIN_CTX,
+def _largest_ctx(facts: ModelFacts, base: EngineSettings, budget: Budget, cap: int, *,
                  forced_ctx: int | None = None, forced_layers: int | None = None
-                 ) -> tuple[int, int, MemoryEstimate] | None:
-    """(n_ctx, gpu_layers, estimate) with the largest context that fits; None if none does."""
+                 ) -> tuple[EngineSettings, MemoryEstimate] | None:
+    """`base` with the largest context that fits (and its GPU layers), and its estimate; None if
+    none does."""
     if forced_ctx is not None:
-        got = _best_layers(facts, forced_ctx, budget, forced_layers)
-        return (forced_ctx, *got) if got else None
-    cands = _ctx_candidates(facts, cap, low)
+        return _best_layers(facts, base.with_(n_ctx=forced_ctx), budget, forced_layers)
+    cands = _ctx_candidates(facts, cap)
     lo, hi, best = 0, len(cands) - 1, None
     while lo <= hi:  # memory grows with the context: binary search
         mid = (lo + hi) // 2
-        got = _best_layers(facts, cands[mid], budget, forced_layers)
+        got = _best_layers(facts, base.with_(n_ctx=cands[mid]), budget, forced_layers)
         if got:
-            best, lo = (cands[mid], *got), mid + 1
+            best, lo = got, mid + 1
         else:
             hi = mid - 1
     return best
@@ -291,24 +296,26 @@ def _layers_text(k: int, facts: ModelFacts, gpu: Gpu | None) -> str:
     return f"{k} of {_all_layers(facts)} layers on {gpu.name}"
 
 
-def _needs_text(facts: ModelFacts, budget: Budget, n_ctx: int) -> tuple[int, str]:
-    need = _estimate(facts, n_ctx).total
-    have = f"{_size(budget.ram)} RAM usable"
+def _needs_text(facts: ModelFacts, base: EngineSettings, budget: Budget,
+                n_ctx: int) -> tuple[int, str]:
+    """Bytes at n_ctx without a GPU, and the sentence comparing them with what is usable."""
+    need = estimate_memory(facts, base.with_(n_ctx=n_ctx, gpu_layers=0)).total
+    have = f"{human_bytes(budget.ram)} RAM usable"
     if budget.gpu is not None and not budget.unified:
-        have += f" + {_size(budget.vram)} VRAM"
-    return need, f"needs {_size(need)} at {n_ctx} tokens, {have}"
+        have += f" + {human_bytes(budget.vram)} VRAM"
+    return need, f"needs {human_bytes(need)} at {n_ctx} tokens, {have}"
 
 
-def _no_fit_text(facts: ModelFacts, budget: Budget, ov: Overrides) -> str:
+def _no_fit_text(facts: ModelFacts, base: EngineSettings, budget: Budget, ov: Overrides) -> str:
     """Why a model does not fit, needs vs usable, at the context it was tried with."""
     ctx = ov.n_ctx or min(MIN_CTX, facts.n_ctx_train)
     if ov.gpu_layers:
         k = min(ov.gpu_layers, _all_layers(facts))
-        est = _estimate(facts, ctx, k)
+        est = estimate_memory(facts, base.with_(n_ctx=ctx, gpu_layers=k))
         if est.vram > budget.vram:
-            return (f"{k} GPU layers need {_size(est.vram)} of VRAM at {ctx} tokens, "
-                    f"{_size(budget.vram)} usable")
-    return _needs_text(facts, budget, ctx)[1]
+            return (f"{k} GPU layers need {human_bytes(est.vram)} of VRAM at {ctx} tokens, "
+                    f"{human_bytes(budget.vram)} usable")
+    return _needs_text(facts, base, budget, ctx)[1]
 
 
 def _threads(host: Host, forced: int | None) -> Decision:
@@ -355,20 +362,27 @@ def _validate(host: Host, models: Sequence[ModelOption], ov: Overrides, budget: 
 @dataclass(frozen=True)
 class _Fit:
     option: ModelOption
-    n_ctx: int
-    gpu_layers: int
-    estimate: MemoryEstimate
+    settings: EngineSettings
+    estimate: MemoryEstimate  # of exactly `settings`
+
+    @property
+    def n_ctx(self) -> int:
+        return self.settings.n_ctx
+
+    @property
+    def gpu_layers(self) -> int:
+        return self.settings.gpu_layers
 
 
-def _fit(option: ModelOption, budget: Budget, ov: Overrides, cap: int,
-         low: int = MIN_CTX) -> _Fit | None:
+def _fit(option: ModelOption, base: EngineSettings, budget: Budget, ov: Overrides,
+         cap: int) -> _Fit | None:
     facts = option.facts
     if ov.n_ctx is not None and ov.n_ctx > facts.n_ctx_train:
         return None
     layers = None
     if ov.gpu_layers is not None:
         layers = min(ov.gpu_layers, _all_layers(facts))
-    got = _largest_ctx(facts, budget, cap, low=low, forced_ctx=ov.n_ctx, forced_layers=layers)
+    got = _largest_ctx(facts, base, budget, cap, forced_ctx=ov.n_ctx, forced_layers=layers)
     return _Fit(option, *got) if got else None
 
 
@@ -389,21 +403,23 @@ def make_plan(
     budget = make_budget(host, runtime_backends)
     _validate(host, models, ov, budget)
     ordered = sorted(models, key=lambda m: (-m.facts.n_params, m.id))
-    fits = {m.id: _fit(m, budget, ov, ctx_cap) for m in ordered}
+    threads = _threads(host, ov.threads)
+    base = _base_settings(threads.value)
+    fits = {m.id: _fit(m, base, budget, ov, ctx_cap) for m in ordered}
 
     if ov.model is not None:
         option = next(m for m in ordered if m.id == ov.model)
         chosen = fits[option.id]
         if chosen is None:
             raise PlanError(f"{option.name} does not fit this host: "
-                            f"{_no_fit_text(option.facts, budget, ov)}")
+                            f"{_no_fit_text(option.facts, base, budget, ov)}")
         model_why = f"{option.name}, as asked"
     else:
         chosen = _choose(ordered, _fast_enough(fits, cpu_speed), ov) or _choose(ordered, fits, ov)
         if chosen is None:
             smallest = ordered[-1]
             raise PlanError(f"no model on this stick fits: the smallest, {smallest.name}, "
-                            f"{_no_fit_text(smallest.facts, budget, ov)}")
+                            f"{_no_fit_text(smallest.facts, base, budget, ov)}")
         model_why = f"{chosen.option.name} ({chosen.option.facts.params_label}): the largest " \
                     "that fits"
         if chosen.n_ctx < _room(chosen.option.facts) and ov.n_ctx is None:
@@ -413,8 +429,9 @@ def make_plan(
             model_why += f" at a talking pace (about {speed:.0f} tok/s expected)" if speed >= MIN_TALK_TPS \
                 else f"; none keeps a talking pace here (about {speed:.1f} tok/s expected)"
 
-    verdicts = tuple(_verdict(m, fits[m.id], chosen, budget, _speed(fits[m.id], cpu_speed)) for m in ordered)
-    return _assemble(host, chosen, budget, ov, cpu_variant, ctx_cap, model_why, verdicts)
+    verdicts = tuple(_verdict(m, fits[m.id], chosen, base, budget, _speed(fits[m.id], cpu_speed))
+                     for m in ordered)
+    return _assemble(chosen, budget, ov, cpu_variant, ctx_cap, model_why, verdicts, threads=threads)
 
 
 def _speed(fit: _Fit | None, cpu_speed: CpuSpeed | None) -> float | None:
@@ -443,11 +460,11 @@ def _choose(ordered: list[ModelOption], fits: dict[str, _Fit | None],
     return next((fits[m.id] for m in ordered if fits[m.id]), None)
 
 
-def _verdict(option: ModelOption, fit: _Fit | None, chosen: _Fit, budget: Budget,
-             speed: float | None = None) -> ModelVerdict:
+def _verdict(option: ModelOption, fit: _Fit | None, chosen: _Fit, base: EngineSettings,
+             budget: Budget, speed: float | None = None) -> ModelVerdict:
     facts = option.facts
     low = min(MIN_CTX, facts.n_ctx_train)
-    need, need_text = _needs_text(facts, budget, low)
+    need, need_text = _needs_text(facts, base, budget, low)
     if fit is None:
         reason = f"{option.name} skipped: {need_text}"
     elif speed is not None and speed < MIN_TALK_TPS and option.id != chosen.option.id \
@@ -457,7 +474,7 @@ def _verdict(option: ModelOption, fit: _Fit | None, chosen: _Fit, budget: Budget
     elif option.id == chosen.option.id:
         reason = (f"{option.name} chosen: {chosen.n_ctx} tokens, "
                   f"{_layers_text(chosen.gpu_layers, facts, budget.gpu)}, "
-                  f"needs {_size(chosen.estimate.total)}")
+                  f"needs {human_bytes(chosen.estimate.total)}")
     elif facts.n_params > chosen.option.facts.n_params:
         reason = (f"{option.name} fits only at {fit.n_ctx} tokens (less than "
                   f"{_room(facts)}): {chosen.option.name} has room to talk")
@@ -467,10 +484,11 @@ def _verdict(option: ModelOption, fit: _Fit | None, chosen: _Fit, budget: Budget
                         fit.n_ctx if fit else None, need, reason)
 
 
-def _assemble(host: Host, fit: _Fit, budget: Budget, ov: Overrides, cpu_variant: str | None,
-              cap: int, model_why: str, verdicts: tuple[ModelVerdict, ...], *,
-              threads: Decision | None = None, gpu: Gpu | None = None,
-              extra: tuple[Decision, ...] = ()) -> LaunchPlan:
+def _assemble(fit: _Fit, budget: Budget, ov: Overrides, cpu_variant: str | None, cap: int,
+              model_why: str, verdicts: tuple[ModelVerdict, ...], *, threads: Decision,
+              gpu: Gpu | None = None, extra: tuple[Decision, ...] = ()) -> LaunchPlan:
+    """The plan of `fit`, its every decision with its reason; `threads` is the decision that
+    fit.settings.threads came from."""
     facts = fit.option.facts
     top = min(cap, facts.n_ctx_train)
     if ov.n_ctx is not None:
@@ -480,7 +498,7 @@ def _assemble(host: Host, fit: _Fit, budget: Budget, ov: Overrides, cpu_variant:
         ctx_why = f"{fit.n_ctx} tokens: {limit} ({top})"
     else:
         ctx_why = f"{fit.n_ctx} tokens: the largest that fits (cap {top})"
-    ctx_why += f"; KV cache {_size(fit.estimate.kv_cache)}"
+    ctx_why += f"; KV cache {human_bytes(fit.estimate.kv_cache)}"
     if gpu is None and fit.gpu_layers > 0:
         gpu = budget.gpu
     if ov.gpu_layers is not None:
@@ -491,18 +509,18 @@ def _assemble(host: Host, fit: _Fit, budget: Budget, ov: Overrides, cpu_variant:
         layers_why = "0 GPU layers: CPU only"
     elif fit.gpu_layers >= _all_layers(facts):
         layers_why = (f"{_layers_text(fit.gpu_layers, facts, budget.gpu)}: weights and KV fit "
-                      f"({_size(fit.estimate.vram)})")
+                      f"({human_bytes(fit.estimate.vram)})")
     else:
         layers_why = (f"{_layers_text(fit.gpu_layers, facts, budget.gpu)}: as many as fit in "
-                      f"{_size(budget.vram)} usable")
-    threads = threads or _threads(host, ov.threads)
+                      f"{human_bytes(budget.vram)} usable")
     variant_why = (f"CPU kernel {cpu_variant} (chosen by probing)" if cpu_variant
                    else "CPU kernel not chosen yet")
     est = fit.estimate
-    mem_why = (f"needs {_size(est.total)}: weights {_size(est.weights)}, KV {_size(est.kv_cache)}, "
-               f"compute {_size(est.compute)}, runtime {_size(est.overhead)}")
+    mem_why = (f"needs {human_bytes(est.total)}: weights {human_bytes(est.weights)}, "
+               f"KV {human_bytes(est.kv_cache)}, compute {human_bytes(est.compute)}, "
+               f"runtime {human_bytes(est.overhead)}")
     if est.vram:
-        mem_why += f" ({_size(est.ram)} RAM + {_size(est.vram)} VRAM)"
+        mem_why += f" ({human_bytes(est.ram)} RAM + {human_bytes(est.vram)} VRAM)"
     decisions = (
         *budget.notes,
         Decision("model", fit.option.id, model_why),
@@ -515,9 +533,7 @@ def _assemble(host: Host, fit: _Fit, budget: Budget, ov: Overrides, cpu_variant:
     )
     return LaunchPlan(
         model_id=fit.option.id,
-        n_ctx=fit.n_ctx,
-        threads=threads.value,
-        gpu_layers=fit.gpu_layers,
+        settings=fit.settings,
         gpu=gpu,
         cpu_variant=cpu_variant,
         estimate=est,
@@ -537,7 +553,8 @@ def fallback_steps(
     runtime_backends: frozenset[str] = frozenset(),
     ctx_cap: int = DEFAULT_CTX_CAP,
 ) -> list[LaunchPlan]:
-    """The plans to try, in order, when loading `plan` or its first decode fails.
+    """The plans to try, in order, when loading `plan` fails (kit.launch.load_with_fallback steps
+    down only on a load failure).
 
     Fewer GPU layers (half, then 0; the GPU backend still loaded: `gpu` stays set), then CPU
     only (`gpu` None: no GPU backend at all), then smaller contexts (halving down to MIN_CTX),
@@ -552,12 +569,13 @@ def fallback_steps(
     budget = make_budget(host, runtime_backends)
     cpu = budget.cpu_only()
     threads = plan.decision("threads") or Decision("threads", plan.threads, "as before")
+    base = plan.settings  # every step keeps the plan's threads and engine options
     steps: list[LaunchPlan] = []
 
     def step(fit: _Fit, b: Budget, why: str, gpu: Gpu | None = None) -> None:
         model_why = (f"{fit.option.name}, as before" if fit.option.id == plan.model_id
                      else f"{fit.option.name}: the next smaller model")
-        steps.append(_assemble(host, fit, b, Overrides(), plan.cpu_variant, ctx_cap, model_why,
+        steps.append(_assemble(fit, b, Overrides(), plan.cpu_variant, ctx_cap, model_why,
                                plan.verdicts, threads=threads, gpu=gpu,
                                extra=(Decision("fallback", len(steps) + 1, why),)))
 
@@ -565,14 +583,14 @@ def fallback_steps(
     layers = plan.gpu_layers
     if layers > 0 and budget.gpu is not None:
         for k in dict.fromkeys([layers // 2, 0]):
-            got = _largest_ctx(facts, budget, plan.n_ctx, forced_layers=k) if k < layers else None
+            got = _largest_ctx(facts, base, budget, plan.n_ctx, forced_layers=k) if k < layers else None
             if got:
                 step(_Fit(option, *got), budget, f"{layers} GPU layers failed: trying {k}",
                      gpu=budget.gpu)
                 layers = k
     # 2. CPU only: no GPU backend at all
     if plan.gpu is not None or plan.gpu_layers > 0:
-        got = _largest_ctx(facts, cpu, plan.n_ctx)
+        got = _largest_ctx(facts, base, cpu, plan.n_ctx)
         if got:
             step(_Fit(option, *got), cpu, "the GPU failed: CPU only")
     # 3. smaller contexts, halving down to MIN_CTX
@@ -580,16 +598,16 @@ def fallback_steps(
     last_ctx = steps[-1].n_ctx if steps else plan.n_ctx
     while last_ctx > low:
         n_ctx = max(low, last_ctx // 2)
-        got = _best_layers(facts, n_ctx, cpu, 0)
+        got = _best_layers(facts, base.with_(n_ctx=n_ctx), cpu, 0)
         if got:
-            step(_Fit(option, n_ctx, *got), cpu, f"{last_ctx} tokens failed: trying {n_ctx}")
+            step(_Fit(option, *got), cpu, f"{last_ctx} tokens failed: trying {n_ctx}")
         last_ctx = n_ctx
     # 4. each smaller model, CPU only
     smaller = sorted((m for m in models if m.facts.n_params < facts.n_params),
                      key=lambda m: (-m.facts.n_params, m.id))
     prev = option.name
     for m in smaller:
-        fit = _fit(m, cpu, Overrides(), ctx_cap)
+        fit = _fit(m, base, cpu, Overrides(), ctx_cap)
         if fit:
             step(fit, cpu, f"{prev} failed: trying the smaller {m.name}")
             prev = m.name

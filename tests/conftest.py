@@ -6,9 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from kit.engine import DEFAULT_MAX_TOKENS, ChatEngine, GenStats, Message
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = [sys.executable, "-m", "kit"]
@@ -60,3 +66,44 @@ def stick_copy(demo_stick, tmp_path) -> Path:
     target = tmp_path / "stick"
     shutil.copytree(demo_stick, target, ignore=shutil.ignore_patterns("state"))
     return target
+
+
+@dataclass
+class FakeEngine(ChatEngine):
+    """Scriptable engine for fast UI tests (simonw/llm's MockModel.enqueue): it subclasses the real
+    base class, so the app cannot tell it from LlamaEngine; enqueue answers (lists of tokens) or
+    exceptions."""
+
+    model_id: str = "fake"
+    n_ctx: int = 2048
+    delay: float = 0.0
+    last_stats: GenStats | None = None
+    queue: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+
+    def enqueue(self, *answers: Sequence[str] | str | Exception) -> None:
+        for a in answers:
+            self.queue.append(a.split(" ") if isinstance(a, str) else a)
+
+    def stream(self, messages: Sequence[Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+               stop: threading.Event | None = None, temperature: float = 0.3) -> Iterator[str]:
+        self.prompts.append(list(messages))
+        answer = self.queue.pop(0) if self.queue else ["(no", "answer", "queued)"]
+        if isinstance(answer, Exception):
+            raise answer
+        stats = GenStats(context_used=sum(len(m["content"].split()) for m in messages))
+        self.last_stats = stats
+        start = time.perf_counter()
+        for i, token in enumerate(answer[:max_tokens]):
+            if stop is not None and stop.is_set():
+                stats.stopped = True
+                return
+            if self.delay:
+                time.sleep(self.delay)
+            stats.completion_tokens += 1
+            stats.context_used += 1
+            stats.seconds = time.perf_counter() - start
+            yield token if i == 0 else " " + token
+
+    def close(self) -> None:
+        pass

@@ -143,7 +143,7 @@ def _mapped_paths(pid: int) -> set[str]:
 
 
 def test_ask_maps_one_libggml_from_the_stick(built_stick):
-    """DESIGN.md trap 2, on the stick itself: the launcher execs the runtime (same pid), whose
+    """docs/ARCHITECTURE.md trap 2, on the stick itself: the launcher execs the runtime (same pid), whose
     libllama and CPU kernel must share the one libggml in its llama_cpp/lib."""
     launcher = built_stick / "START-linux.sh"
     proc = subprocess.Popen(["sh", str(launcher), "ask", QUESTION, "--max-tokens", "8"], stdout=subprocess.PIPE,

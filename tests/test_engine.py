@@ -9,9 +9,10 @@ import textwrap
 import threading
 
 import pytest
+from conftest import FakeEngine
 
 from kit import integrity
-from kit.engine import FakeEngine, GenStats
+from kit.engine import GenStats
 from kit.errors import NotVerifiedError
 
 pytestmark = pytest.mark.slow
@@ -19,16 +20,17 @@ pytestmark = pytest.mark.slow
 # Run in a child: a kernel is loaded into the process for good, and a crash must not take pytest.
 CHILD = textwrap.dedent("""
     import json, pathlib, sys, threading
-    from kit import engine, integrity, kernels
+    from kit import engine, ggml, integrity
+    from kit.settings import EngineSettings
     model = pathlib.Path(sys.argv[1])
     out = {}
     try:
-        engine.LlamaEngine.load([model], model_id="m", n_ctx=512, threads=2)
+        engine.LlamaEngine.load([model], EngineSettings(n_ctx=512, threads=2), model_id="m")
     except Exception as err:
         out["unverified"] = type(err).__name__ + ": " + str(err)
-    integrity._remember(model, integrity.hash_file(model).blake3)
-    eng = engine.LlamaEngine.load([model], model_id="m", n_ctx=1024, threads=2, chat_format_fallback="alpaca",
-                                  variant=kernels.lib_dir() / "libggml-cpu-haswell.so")
+    assert integrity.verify_file(model, integrity.hash_file(model).blake3)
+    eng = engine.LlamaEngine.load([model], EngineSettings(n_ctx=1024, threads=2), model_id="m",
+                                  chat_format_fallback="alpaca", variant=ggml.lib_dir() / "libggml-cpu-haswell.so")
     msgs = [{"role": "user", "content": "How do I purify water?"}]
     out["answer"] = "".join(eng.stream(msgs, max_tokens=24, temperature=0.0))
     out["stats"] = eng.last_stats.__dict__

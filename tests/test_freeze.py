@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kit import __version__, integrity, kernels
+from kit import __version__, ggml, integrity, kernels
 from kit.builder import freeze
 from kit.builder.freeze import RUNTIME_MANIFEST, RuntimeDir, import_runtime, write_runtime_manifest
 from kit.errors import BuildError
@@ -62,8 +62,8 @@ def test_frozen_version_starts(frozen):
 
 @pytest.mark.slow
 def test_every_cpu_variant_and_openmp_are_frozen(frozen):
-    source = {v.name for v in kernels.list_variants()}
-    inside = {v.name for v in kernels.list_variants(_lib_dir(frozen.folder))}
+    source = {v.name for v in ggml.list_variants()}
+    inside = {v.name for v in ggml.list_variants(_lib_dir(frozen.folder))}
     assert source and inside == source
     if sys.platform.startswith("linux"):  # the variants need it, and a bare host may lack it
         assert (_lib_dir(frozen.folder) / "libgomp.so.1").is_file()
@@ -95,9 +95,9 @@ def test_runtime_manifest_lists_every_file(frozen):
         assert data["glibc"] == freeze.build_glibc()
 
 
-def _simplest_variant(lib: Path) -> kernels.Variant:
+def _simplest_variant(lib: Path) -> ggml.Variant:
     """The variant with the fewest required instructions this CPU has: it works everywhere."""
-    usable, _ = kernels.candidates(kernels.list_variants(lib), detect())
+    usable, _ = kernels.candidates(ggml.list_variants(lib), detect())
     return min(usable, key=lambda v: len(v.required_flags))
 
 
@@ -113,7 +113,7 @@ def _mapped_paths(pid: int) -> set[str]:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
 @pytest.mark.parametrize("as_probe_child", [False, True], ids=["direct", "probe-child-env"])
 def test_one_libggml_is_mapped_when_the_frozen_runtime_runs(stick_copy_of_runtime, gemma_path, as_probe_child):
-    """DESIGN.md trap 2: libllama and the CPU kernel must share one libggml.
+    """docs/ARCHITECTURE.md trap 2: libllama and the CPU kernel must share one libggml.
 
     A frozen kit starts its `_probe` children with the bootloader's LD_LIBRARY_PATH (the runtime's
     _internal/), which wins over RUNPATH: a stray top-level libggml.so.0 would be bound there.

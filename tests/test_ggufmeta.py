@@ -1,14 +1,11 @@
-"""kit.ggufmeta: GGUF header -> ModelFacts (real Gemma 3 270M, small written models, hostile
-files) and estimate_memory (llama.cpp's own KV sizes, measured peaks)."""
+"""kit.ggufmeta: the bounded GGUF header reader and ModelFacts (real Gemma 3 270M, small written
+models, hostile files). The memory estimate is tested in tests/test_estimate.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,22 +14,31 @@ import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 
 from kit.errors import ManifestError
-from kit.ggufmeta import (
-    MAX_ARRAY_LEN,
-    MemoryEstimate,
-    ModelFacts,
-    estimate_memory,
-    kv_cache_bytes,
-    read_facts,
-)
-
-MiB = 1024 * 1024
-ROOT = Path(__file__).resolve().parents[1]
+from kit.estimate import kv_cache_bytes
+from kit.ggufmeta import MAX_ARRAY_LEN, LongArray, ModelFacts, read_facts, read_header
+from kit.settings import EngineSettings
+from kit.units import MiB
 
 
 @pytest.fixture(scope="session")
 def gemma(gemma_path: Path) -> ModelFacts:
     return read_facts([gemma_path])
+
+
+def assert_header_matches(path: Path, reader: GGUFReader) -> None:
+    """read_header against GGUFReader: every record's bytes (what kit.builder.split copies),
+    every tensor's data offset, and where the data section starts."""
+    header = read_header(path, keep_bytes=True)
+    assert header.alignment == reader.alignment and header.data_start == reader.data_offset
+    assert header.file_size == path.stat().st_size
+    records = {k.key: header.raw[k.start:k.end] for k in header.keys}
+    assert records == {name: b"".join(p.tobytes() for p in f.parts)
+                       for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    assert [(t.name, header.raw[t.start:t.end], header.data_start + t.offset, t.n_bytes)
+            for t in header.tensors] == [
+        (t.name, b"".join(p.tobytes() for p in t.field.parts), t.data_offset, t.n_bytes)
+        for t in reader.tensors]
+    assert read_header(path).raw == b""  # only kept when asked
 
 
 # --- the real model ---------------------------------------------------------------------------
@@ -50,7 +56,7 @@ def test_gemma_facts(gemma: ModelFacts, gemma_path: Path):
     assert gemma.vocab_size == 262_144
     assert gemma.quant == "Q4_K_M"
     assert gemma.file_size == gemma_path.stat().st_size
-    assert not gemma.has_chat_template  # a base model (DESIGN.md)
+    assert not gemma.has_chat_template  # a base model: no chat template in its metadata
     assert gemma.tied_embeddings  # no output.weight: the output layer reuses token_embd
     assert gemma.n_files == 1
 
@@ -78,6 +84,10 @@ def test_gemma_facts_match_gguf_reader(gemma: ModelFacts, gemma_path: Path):
     assert sum(gemma.layer_bytes) == sum(
         int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk."))
     assert LlamaFileType(field("general.file_type")).name == "MOSTLY_Q4_K_M"
+    assert_header_matches(gemma_path, reader)
+    # the vocabulary is counted, not kept
+    tokens = read_header(gemma_path).kv["tokenizer.ggml.tokens"]
+    assert tokens == LongArray(GGUFValueType.STRING, 262_144)
 
 
 def test_reading_is_fast(gemma_path: Path):
@@ -162,12 +172,25 @@ def test_written_model(tmp_path: Path):
     assert f.params_label == "0M"  # no size label: from the count
 
 
+def test_header_records_of_a_written_model(tmp_path: Path):
+    def extra(w):
+        w.add_custom_alignment(64)
+        w.add_array("llama.per_layer", [1, 2, 3, 4])
+
+    [p] = write_model(tmp_path / "m.gguf", extra=extra)
+    assert_header_matches(p, GGUFReader(p))
+    header = read_header(p)
+    assert header.alignment == 64 and header.kv["llama.per_layer"] == [1, 2, 3, 4]
+    align = next(k for k in header.keys if k.key == "general.alignment")
+    assert (align.type, align.value) == (GGUFValueType.UINT32, 64)
+
+
 def test_head_count_kv_per_layer(tmp_path: Path):
     [p] = write_model(tmp_path / "m.gguf", n_head_kv=[4, 2, 0, 1])
     f = read_facts([p])
     assert f.n_head_kv == (4, 2, 0, 1)
     # KV = n_ctx x sum over layers (n_kv_heads x (key + value)) x 2 bytes, n_ctx padded to 256
-    assert kv_cache_bytes(f, 1000) == 1024 * (4 + 2 + 0 + 1) * (16 + 16) * 2
+    assert kv_cache_bytes(f, EngineSettings(1000)) == 1024 * (4 + 2 + 0 + 1) * (16 + 16) * 2
 
 
 def test_explicit_key_value_length_and_guessed_quant(tmp_path: Path):
@@ -253,7 +276,8 @@ def refuse(tmp_path: Path, data: bytes, match: str) -> None:
     p.write_bytes(data)
     with pytest.raises(ManifestError, match=match) as info:
         read_facts([p])
-    assert info.value.hint  # every error carries its one-line fix
+    # every error carries the reader's one-line fix, not ManifestError's default about profiles
+    assert "not a GGUF model" in info.value.hint
 
 
 @pytest.mark.parametrize(
@@ -388,125 +412,3 @@ def test_wrong_type_for_a_hyperparameter(tmp_path: Path):
     [p] = write_model(tmp_path / "m.gguf", extra=extra)
     with pytest.raises(ManifestError, match="should be an integer"):
         read_facts([p])
-
-
-# --- estimate_memory ----------------------------------------------------------------------------
-
-
-def test_kv_matches_llama_cpp_log(gemma: ModelFacts):
-    """The "CPU KV buffer size" llama.cpp 0.3.36 logged for this model (bench/memory_estimate.py):
-    full-size SWA cache (llama-cpp-python's default swa_full=True) and the windowed one."""
-    assert kv_cache_bytes(gemma, 512) == 9 * MiB
-    assert kv_cache_bytes(gemma, 2048) == 36 * MiB
-    assert kv_cache_bytes(gemma, 8192) == 144 * MiB
-    # swa_full=False: 15 SWA layers hold PAD(min(n_ctx, 512 + n_ubatch), 256) cells
-    assert kv_cache_bytes(gemma, 2048, swa_full=False) == 21 * MiB
-    assert kv_cache_bytes(gemma, 8192, swa_full=False) == 39 * MiB
-    assert kv_cache_bytes(gemma, 8192, kv_bytes_per_element=1) == 72 * MiB
-
-
-# Peak RSS (MiB, VmHWM) measured by bench/memory_estimate.py on the build machine (2 cores,
-# haswell kernel, context filled, then 32 tokens), llama-cpp-python defaults unless named.
-MEASURED_GEMMA_MIB = [
-    ({"n_ctx": 512}, 432),
-    ({"n_ctx": 2048}, 481),
-    ({"n_ctx": 8192}, 671),
-    ({"n_ctx": 2048, "swa_full": False}, 455),
-    ({"n_ctx": 8192, "swa_full": False}, 552),
-    ({"n_ctx": 512, "n_batch": 128}, 411),
-    ({"n_ctx": 2048, "n_batch": 128}, 441),
-    ({"n_ctx": 2048, "flash_attn": True}, 463),
-    ({"n_ctx": 4096, "flash_attn": True}, 503),
-]
-# `bench/memory_estimate.py --synthetic DIR`: a random-weight F16 llama, 32 heads, 32k vocabulary
-SYNTHETIC_LLAMA = ModelFacts(
-    architecture="llama", name="Synthetic llama", n_params=202_385_408, n_layers=2, n_embd=2048,
-    n_head=32, n_head_kv=8, key_length=64, value_length=64, n_ctx_train=8192, vocab_size=32000,
-    file_size=405_581_440, quant="F16", layer_bytes=(71_319_552,) * 2, output_bytes=131_080_192)
-MEASURED_SYNTHETIC_MIB = [(512, 514), (2048, 658), (4096, 847), (8192, 1238)]
-
-
-def assert_close_above(est: int, peak_mib: int) -> None:
-    # never below what was measured, and not far above: the estimate adds ~48 MiB for Textual
-    # and the chat, which the measuring child does not load
-    assert peak_mib * MiB <= est <= peak_mib * MiB * 1.2
-
-
-@pytest.mark.parametrize(("kwargs", "peak_mib"), MEASURED_GEMMA_MIB)
-def test_estimate_against_measured_gemma(gemma: ModelFacts, kwargs: dict, peak_mib: int):
-    kwargs = dict(kwargs)
-    n_ctx = kwargs.pop("n_ctx")
-    assert_close_above(estimate_memory(gemma, n_ctx, **kwargs).total, peak_mib)
-
-
-@pytest.mark.parametrize(("n_ctx", "peak_mib"), MEASURED_SYNTHETIC_MIB)
-def test_estimate_against_measured_many_heads(n_ctx: int, peak_mib: int):
-    assert_close_above(estimate_memory(SYNTHETIC_LLAMA, n_ctx).total, peak_mib)
-
-
-def test_estimate_parts(gemma: ModelFacts):
-    est = estimate_memory(gemma, 2048)
-    assert isinstance(est, MemoryEstimate)
-    assert est.weights == gemma.file_size
-    assert est.total == est.weights + est.kv_cache + est.compute + est.overhead
-    assert est.ram == est.total and est.vram == 0
-    assert estimate_memory(gemma, 8192).total > est.total > estimate_memory(gemma, 512).total
-    assert estimate_memory(gemma, 8192, flash_attn=True).compute < estimate_memory(
-        gemma, 8192).compute
-    with pytest.raises(ValueError):
-        estimate_memory(gemma, 0)
-
-
-def test_gpu_split(gemma: ModelFacts):
-    all_layers = gemma.n_layers + 1
-    cpu = estimate_memory(gemma, 4096)
-    full = estimate_memory(gemma, 4096, gpu_layers=all_layers)
-    assert full.ram + full.vram == full.total
-    # every block's KV and weights in VRAM; the tied output layer is a copy: RAM keeps token_embd
-    assert full.vram >= sum(gemma.layer_bytes) + gemma.output_bytes + cpu.kv_cache
-    assert full.ram >= gemma.file_size - sum(gemma.layer_bytes)
-    # only the output layer (llama.cpp offloads from the top)
-    one = estimate_memory(gemma, 4096, gpu_layers=1)
-    assert one.vram < full.vram and kv_cache_bytes(gemma, 4096) <= one.ram
-    vrams = [estimate_memory(gemma, 4096, gpu_layers=k).vram for k in range(all_layers + 1)]
-    assert vrams == sorted(vrams) and vrams[0] == 0
-    assert estimate_memory(gemma, 4096, gpu_layers=999) == full  # clamped to all
-
-
-def test_synthetic_facts_spread_weights():
-    f = ModelFacts(architecture="llama", name="x", n_params=8_000_000_000, n_layers=31,
-                   n_embd=4096, n_head=32, n_head_kv=8, key_length=128, value_length=128,
-                   n_ctx_train=131072, vocab_size=128256, file_size=32 * 1000)
-    half = estimate_memory(f, 2048, gpu_layers=16)
-    full = estimate_memory(f, 2048, gpu_layers=32)
-    assert half.vram < full.vram
-    assert full.ram < half.ram
-
-
-# --- the measurement itself (needs the portable llama_cpp) ---------------------------------------
-
-
-def _llama_lib() -> Path | None:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        return None
-    lib = Path(spec.origin).parent / "lib" / "libggml-cpu-haswell.so"
-    return lib if lib.exists() else None
-
-
-@pytest.mark.slow
-def test_bench_measures_under_the_estimate(gemma: ModelFacts, gemma_path: Path):
-    if _llama_lib() is None:
-        pytest.skip("needs llama_cpp with its CPU variants (build/install.sh)")
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if " avx2" not in flags:
-        pytest.skip("the haswell kernel needs AVX2")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "memory_estimate.py"), "--model", str(gemma_path),
-         "--ctx", "1024", "--swa", "full", "--flash-attn", "--json"],
-        capture_output=True, text=True, timeout=600, check=True)
-    [row] = json.loads(out.stdout)
-    peak, est = row["measured"]["peak"], row["estimate"]["total"]
-    assert peak <= est <= peak * 1.25
-    assert row["measured"]["llama_buffers_mib"]["CPU KV"] == pytest.approx(
-        estimate_memory(gemma, 1024).kv_cache / MiB)

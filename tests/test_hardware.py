@@ -18,6 +18,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,16 @@ def test_host_json_is_what_detect_makes_of_the_recording(name):
     assert Host.from_dict(json.loads(saved)) == detect_recorded(name)
 
 
-def test_the_promised_hosts_are_recorded():
-    assert set(PROMISED) <= set(RECORDED)
+@pytest.mark.parametrize("name", PROMISED)
+def test_a_promised_host_is_recorded_and_read_whole(name):
+    # the planning tests plan on these hosts' host.json: each must be recorded and fully read
+    assert name in RECORDED
+    host = detect_recorded(name)
+    assert 0 < host.ram_available <= host.ram_total
+    assert host.logical_cores >= host.physical_cores >= 1
+    if name != "partly-unreadable":
+        assert host.cpu_name != "unknown CPU" and host.cpu_flags
+        assert host.notes == ()
 
 
 def test_netbook_has_sse42_but_no_avx():
@@ -331,6 +340,9 @@ def test_failing_runner_and_live_apis_never_raise(tmp_path):
     for system, machine in [("Linux", "x86_64"), ("Darwin", "arm64"), ("Windows", "ARM64"), ("FreeBSD", "amd64")]:
         host = detect(tmp_path, boom, system, machine, broken)
         assert host.logical_cores >= 1 and host.notes
+        assert host.ram_total == 0  # no source answered: no RAM is made up
+        assert "Could not ask psutil for memory (RuntimeError: boom)." in host.notes
+        assert "Could not read RLIMIT_AS (RuntimeError: boom)." in host.notes
 
 
 def test_garbage_command_output_is_ignored(tmp_path):
@@ -362,6 +374,18 @@ def test_rosetta_is_noted(tmp_path):
     host = detect(tmp_path, run, "Darwin", "x86_64", recorded_live({"memory": [GIB, GIB]}))
     assert any("Rosetta" in note for note in host.notes)
     assert host.gpus == ()
+
+
+def test_cpu_signature_follows_the_cpu_and_nothing_else():
+    laptop = detect_recorded("laptop-8gb")
+    capped = detect_recorded("laptop-8gb", address_space_limit=3 * GIB)
+    assert capped.ram_total < laptop.ram_total
+    assert capped.cpu_signature() == laptop.cpu_signature()  # less RAM is the same CPU
+    assert replace(laptop, cpu_flags=laptop.cpu_flags - {"avx2"}).cpu_signature() != laptop.cpu_signature()
+    assert replace(laptop, cpu_name="Intel(R) Core(TM) i5").cpu_signature() != laptop.cpu_signature()
+    assert replace(laptop, os="windows").cpu_signature() != laptop.cpu_signature()
+    cpus = ["netbook-4gb", "laptop-8gb", "workstation-32gb-rtx4090", "macbook-m2-16gb", "rpi5-8gb"]
+    assert len({detect_recorded(name).cpu_signature() for name in cpus}) == len(cpus)
 
 
 def test_nvidia_smi_odd_cells():
@@ -482,6 +506,7 @@ def test_this_machine():
         assert "sse2" in host.cpu_flags
     assert host.cpu_name != "unknown CPU" or host.notes
     assert len(host.cpu_signature()) == 16
+    assert host.cpu_signature() == detect().cpu_signature()  # the kernel probe's cache key is stable
     assert Host.from_dict(json.loads(json.dumps(host.to_dict()))) == host
 
 

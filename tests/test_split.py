@@ -237,8 +237,8 @@ def test_real_shards_hold_the_same_tensors_and_metadata(real_split: list[Path], 
 
 GENERATE = """
 import json, sys
-from kit import kernels
-kernels.load_variant(kernels.lib_dir() / "libggml-cpu-haswell.so")  # DESIGN.md traps 2-3
+from kit import ggml
+ggml.load_variant(ggml.lib_dir() / "libggml-cpu-haswell.so")  # the CPU kernel, in libllama's libggml
 import llama_cpp
 texts = []
 for path in sys.argv[1:]:

@@ -8,24 +8,23 @@ engine is the scriptable FakeEngine. The helpers are reused by tests/test_tui_sn
 from __future__ import annotations
 
 import io
-import json
-import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import FakeEngine
 from rich.console import Console
 
-from kit import integrity, launch
-from kit.engine import FakeEngine
+from kit import integrity, launch, signing
 from kit.errors import EngineError, IntegrityError, PlanError
 from kit.ggufmeta import ModelFacts
 from kit.hardware import Host
 from kit.history import HistoryStore, new_conversation
 from kit.kernels import KernelChoice, ProbeResult
 from kit.manifest import BundleManifest, FileEntry, ModelEntry, Preset
+from kit.paths import find_bundle
 from kit.plan import Overrides, make_plan
 from kit.tui.app import make_app, pick_theme
 from kit.tui.screens.chat import ChatScreen
@@ -87,7 +86,8 @@ def write_stick(root: Path, *, models=(("tiny", "Tiny Gemma", GEMMA, 3_000_000),
 
 def make_session(stick: Path, *, state: Path | None, overrides: Overrides | None = None,
                  engine: FakeEngine | None = None, steps=()) -> launch.Session:
-    bundle, manifest = launch.open_stick(stick)
+    bundle = find_bundle(stick)
+    manifest = signing.check_stick(bundle).manifest
     overrides = overrides or Overrides()
     plan = make_plan(HOST, launch.model_options(manifest), cpu_variant=KERNEL.chosen, overrides=overrides)
     engine = engine or FakeEngine(model_id=plan.model_id, n_ctx=plan.n_ctx)
@@ -186,12 +186,12 @@ async def test_start_shows_status_and_progress_then_chat(stick, state):
     starter = FakeStarter(stick, state, gate=gate)
     app = make_app(starter=starter)
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for(pilot, lambda: "50.0 MB/s" in screen_text(app), what="progress")
+        await wait_for(pilot, lambda: "47.7 MiB/s" in screen_text(app), what="progress")
         text = screen_text(app)
         assert isinstance(app.screen, StartScreen)
         assert "probed CPU kernel haswell: ok" in text
         assert "models/tiny/tiny.gguf" in text
-        assert "1.5 MB of 3.0 MB · 50.0 MB/s · about 1 s left" in text
+        assert "1.4 MiB of 2.9 MiB · 47.7 MiB/s · about 1 s left" in text
         assert "50%" in text
         gate.set()
         chat = await started(pilot)
@@ -450,8 +450,8 @@ async def test_model_picker_shows_verdicts_and_restarts_with_the_choice(stick, s
         await pilot.press("f3")
         await pilot.pause()
         text = " ".join(screen_text(app).split())
-        assert "Tiny Gemma · 3.0 MB · in use" in text
-        assert "Huge Llama · 1.0 KB · does not fit" in text
+        assert "Tiny Gemma · 2.9 MiB · in use" in text
+        assert "Huge Llama · 1000 B · does not fit" in text
         assert "Huge Llama skipped: needs" in text  # the plan's own reason
         await pilot.press("escape")
         await pilot.pause()
@@ -666,12 +666,13 @@ def test_pick_theme_uses_terminal_colours_where_truecolor_is_unlikely():
 def test_texts():
     from kit.tui.text import duration, human_bytes, key_label, progress_bar, progress_details
 
-    assert human_bytes(253_000_000) == "253.0 MB" and human_bytes(999) == "999 B"
+    assert human_bytes(253_000_000) == "241.3 MiB" and human_bytes(999) == "999 B"
+    assert human_bytes(1.6 * 2**30) == "1.6 GiB" and human_bytes(2048) == "2.0 KiB"
     assert duration(5) == "5 s" and duration(125) == "2 min 5 s" and duration(0.42) == "0.4 s"
     assert progress_bar(0.5, 10) == "█████░░░░░"
     assert key_label("f1,ctrl+g") == "F1 / Ctrl+G" and key_label("escape") == "Esc"
     p = integrity.Progress("a", 10, 100, 50_000_000, 150_000_000, 25_000_000.0)
-    assert progress_details(p) == "50.0 MB of 150.0 MB · 25.0 MB/s · about 4 s left"
+    assert progress_details(p) == "47.7 MiB of 143.1 MiB · 23.8 MiB/s · about 4 s left"
 
 
 @pytest.mark.anyio
@@ -691,10 +692,17 @@ async def test_no_color_and_plain_console_still_render(stick, state, monkeypatch
         assert "First aid" in screen_text(app)
 
 
-def test_session_helpers_use_real_objects(stick, state):
+def test_session_messages_and_report_come_from_the_stick(stick, state):
     session = make_session(stick, state=state)
     assert session.model.name == "Tiny Gemma"
     assert {v.model_id: v.fits for v in session.plan.verdicts} == {"tiny": True, "huge": False}
-    assert json.loads((stick / "KIT/bundle.json").read_text())["presets"][0]["id"] == "general"
-    assert os.path.getsize(stick / "KIT/models/tiny/tiny.gguf") == 3_000_000
-    assert replace(Overrides(), model="x").model == "x"
+    earlier = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    msgs = session.messages("Hi", preset="general", history=earlier)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[0]["content"] == session.manifest.presets[0].system and msgs[-1]["content"] == "Hi"
+    with pytest.raises(PlanError, match="no preset 'nope'") as err:
+        session.messages("Hi", preset="nope")
+    assert "general" in err.value.hint
+    report = session.report()
+    assert report.plan is session.plan and report.kernel is session.kernel
+    assert [m["id"] for m in report.to_dict()["models"]] == ["tiny", "huge"]

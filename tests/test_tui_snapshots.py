@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import FakeEngine
 from test_tui import FakeStarter, screen_text, started, wait_for, write_stick
 
-from kit.engine import FakeEngine
 from kit.errors import IntegrityError
 from kit.history import Conversation, HistoryStore
 from kit.tui.app import make_app
@@ -110,7 +110,7 @@ async def test_start_and_failure_snapshots(size, tmp_path, stick_and_state, monk
     app = make_app(starter=FakeStarter(stick, state, gate=gate, error=error))
     tag = f"{size[0]}x{size[1]}"
     async with app.run_test(size=size) as pilot:
-        await wait_for(pilot, lambda: "MB/s" in screen_text(app) and "probed" in screen_text(app),
+        await wait_for(pilot, lambda: "MiB/s" in screen_text(app) and "probed" in screen_text(app),
                        what="progress")
         compare(f"start-{tag}", screen_text(app), tmp_path)
         gate.set()

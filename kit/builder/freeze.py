@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import blake3
 
-from kit import __version__, kernels
+from kit import __version__, ggml
 from kit.errors import BuildError, KernelError, ManifestError
 from kit.fsutil import atomic_write
 from kit.hardware import normalise_arch, normalise_os
@@ -90,7 +90,7 @@ def freeze_runtime(work_dir: Path, report: Report = print) -> RuntimeDir:
 def _require_variants() -> list[str]:
     """The CPU variants this Python's llama_cpp has; a build without them would be useless on a stick."""
     try:
-        names = [v.name for v in kernels.list_variants()]
+        names = [v.name for v in ggml.list_variants()]
     except KernelError as exc:  # llama_cpp is not installed
         raise BuildError(f"cannot freeze a runtime: {exc}", "install the kit with build/install.sh") from None
     if not names:
@@ -142,7 +142,7 @@ def _links_under(folder: Path) -> list[Path]:
 
 def _check_variants_frozen(source_variants: list[str], folder: Path) -> None:
     lib = folder / "_internal" / "llama_cpp" / "lib"
-    frozen = {v.name for v in kernels.list_variants(lib)} if lib.is_dir() else set()
+    frozen = {v.name for v in ggml.list_variants(lib)} if lib.is_dir() else set()
     missing = sorted(set(source_variants) - frozen)
     if missing:
         raise BuildError(f"the frozen runtime lacks CPU variants: {', '.join(missing)}",
@@ -173,7 +173,7 @@ def write_runtime_manifest(runtime: RuntimeDir) -> list[RuntimeFile]:
 
 
 def build_glibc() -> str | None:
-    """This machine's glibc: the oldest a Linux runtime frozen here runs on (DESIGN.md).
+    """This machine's glibc: the oldest a Linux runtime frozen here runs on (docs/ARCHITECTURE.md, trap 5).
 
     The launcher and README.txt read it to explain a failure on an older Linux.
     """

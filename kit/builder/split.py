@@ -17,24 +17,17 @@ build resumes without rewriting finished shards.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf.constants import (
-    GGML_QUANT_SIZES,
-    GGUF_DEFAULT_ALIGNMENT,
-    GGUF_MAGIC,
-    GGMLQuantizationType,
-    GGUFValueType,
-    Keys,
-)
+from gguf.constants import GGUF_MAGIC, GGUFValueType, Keys
 
-from kit.errors import BuildError
+from kit.errors import BuildError, ManifestError
 from kit.fsutil import atomic_write, fsync_dir, temp_name
+from kit.ggufmeta import read_header
 
 SPLIT_NO = Keys.Split.LLM_KV_SPLIT_NO
 SPLIT_COUNT = Keys.Split.LLM_KV_SPLIT_COUNT
@@ -44,15 +37,8 @@ ALIGNMENT_KEY = Keys.General.ALIGNMENT
 MAX_SHARDS = 0xFFFF  # split.count is a u16
 COPY_BLOCK = 8 << 20  # bytes per read while copying tensor data
 RECORD_FORMAT = 1  # bump when the shard layout changes: old records then no longer match
-SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit lengths
 _FIXED_HEADER = struct.Struct("<IIQQ")  # magic, version, tensor count, kv count
-
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
-}
+_HINT = "fetch the model again; its file is damaged or not a GGUF model"
 
 
 @dataclass(frozen=True)
@@ -91,126 +77,31 @@ def shard_name(stem: str, index: int, count: int) -> str:
 
 # ---------------------------------------------------------------- reading the source header
 
-class _Reader:
-    """Bounded little-endian reads; running past the end is a BuildError, not a crash."""
-
-    def __init__(self, buf: mmap.mmap, path: Path):
-        self.buf, self.path, self.pos = buf, path, 0
-
-    def bad(self, what: str) -> BuildError:
-        return BuildError(f"{self.path.name} is not a valid GGUF model: {what}",
-                          hint="fetch the model again; its file is damaged or not a GGUF model")
-
-    def take(self, n: int) -> int:
-        start = self.pos
-        if n < 0 or start + n > len(self.buf):
-            raise self.bad(f"the header runs past the end of the file (offset {start})")
-        self.pos = start + n
-        return start
-
-    def unpack(self, fmt: str) -> int:
-        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> bytes:
-        n = self.unpack("<Q")
-        return bytes(self.buf[self.take(n):self.pos])
-
-    def skip_value(self, vtype: int) -> None:
-        if vtype in _SCALAR_SIZES:
-            self.take(_SCALAR_SIZES[vtype])
-        elif vtype == GGUFValueType.STRING:
-            self.take(self.unpack("<Q"))
-        elif vtype == GGUFValueType.ARRAY:
-            item_type, count = self.unpack("<I"), self.unpack("<Q")
-            if item_type in _SCALAR_SIZES:
-                self.take(count * _SCALAR_SIZES[item_type])
-            else:  # strings (or nested arrays): each item at least 8 bytes, so an overrun ends this
-                for _ in range(count):
-                    self.skip_value(item_type)
-        else:
-            raise self.bad(f"unknown value type {vtype} at offset {self.pos}")
-
-
-def _tensor_bytes(r: _Reader, name: str, dims: list[int], ttype: int) -> int:
-    try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-    except (ValueError, KeyError):
-        raise r.bad(f"tensor {name} has unknown type {ttype}") from None
-    n_elements = 1
-    for d in dims:
-        n_elements *= d
-    if dims and dims[0] % block:
-        raise r.bad(f"tensor {name}: rows of {dims[0]} are not whole {block}-blocks")
-    return n_elements // block * type_size
-
-
-def _read_kvs(r: _Reader, n_kv: int) -> tuple[list[bytes], bytes | None, int]:
-    """Raw KV records (old split keys dropped), the alignment record and its value."""
-    kvs, alignment_kv, alignment = [], None, GGUF_DEFAULT_ALIGNMENT
-    for _ in range(n_kv):
-        start = r.pos
-        key = r.string().decode("utf-8", "replace")
-        vtype = r.unpack("<I")
-        value_at = r.pos
-        r.skip_value(vtype)
-        record = bytes(r.buf[start:r.pos])
-        if key == ALIGNMENT_KEY:
-            if vtype != GGUFValueType.UINT32:
-                raise r.bad(f"{ALIGNMENT_KEY} is not a u32")
-            alignment = struct.unpack_from("<I", r.buf, value_at)[0]
-            if alignment <= 0 or alignment & (alignment - 1):
-                raise r.bad(f"{ALIGNMENT_KEY} {alignment} is not a power of two")
-            alignment_kv = record
-        if key == SPLIT_COUNT and vtype == GGUFValueType.UINT16 \
-                and struct.unpack_from("<H", r.buf, value_at)[0] > 1:
-            raise BuildError(f"{r.path.name} is one shard of an already split model",
-                             hint="point the profile at the whole model, or at its first shard unsplit")
-        if key not in (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS):
-            kvs.append(record)
-    return kvs, alignment_kv, alignment
-
-
-def _read_tensor_infos(r: _Reader, n_tensors: int) -> list[tuple[str, bytes, int, int]]:
-    """(name, info record without offset, data bytes, offset in the data section) per tensor."""
-    infos = []
-    for _ in range(n_tensors):
-        start = r.pos
-        name = r.string().decode("utf-8", "replace")
-        n_dims = r.unpack("<I")
-        if n_dims > 4:  # GGML_MAX_DIMS
-            raise r.bad(f"tensor {name} has {n_dims} dimensions")
-        dims = [r.unpack("<Q") for _ in range(n_dims)]
-        ttype = r.unpack("<I")
-        info = bytes(r.buf[start:r.pos])
-        offset = r.unpack("<Q")
-        infos.append((name, info, _tensor_bytes(r, name, dims, ttype), offset))
-    return infos
-
-
 def _read_source(path: Path) -> _Source:
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < _FIXED_HEADER.size:
-            raise BuildError(f"{path.name} is too short to be a GGUF model", hint="fetch the model again")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            r = _Reader(buf, path)
-            magic, version, n_tensors, n_kv = _FIXED_HEADER.unpack_from(buf, r.take(_FIXED_HEADER.size))
-            if magic != GGUF_MAGIC:
-                raise r.bad("no GGUF magic")
-            if version not in SUPPORTED_VERSIONS:
-                raise r.bad(f"GGUF version {version} (big-endian or unknown) is not supported")
-            kvs, alignment_kv, alignment = _read_kvs(r, n_kv)
-            infos = _read_tensor_infos(r, n_tensors)
-            data_start = _pad(r.pos, alignment)
-    if not infos:
-        raise BuildError(f"{path.name} holds no tensors", hint="fetch the model again")
-    tensors = []
-    for name, info, n_bytes, offset in infos:
-        if data_start + offset + n_bytes > size:
-            raise BuildError(f"{path.name}: tensor {name} lies past the end of the file (truncated?)",
-                             hint="fetch the model again")
-        tensors.append(_Tensor(name, info, n_bytes, data_start + offset))
-    return _Source(version, tuple(kvs), alignment_kv, alignment, tuple(tensors))
+    """The source's records as raw bytes, found by kit.ggufmeta's bounded header reader."""
+    try:
+        header = read_header(path, keep_bytes=True)
+    except ManifestError as err:
+        raise BuildError(str(err), hint=_HINT) from err
+    raw = header.raw
+    kvs, alignment_kv = [], None
+    for k in header.keys:
+        record = raw[k.start:k.end]
+        if k.key == ALIGNMENT_KEY:
+            if k.type != GGUFValueType.UINT32:  # llama.cpp reads it with gguf_get_val_u32
+                raise BuildError(f"{path.name}: {ALIGNMENT_KEY} is not a u32", hint=_HINT)
+            alignment_kv = record
+        if k.key == SPLIT_COUNT and k.type == GGUFValueType.UINT16 and k.value > 1:
+            raise BuildError(f"{path.name} is one shard of an already split model",
+                             hint="point the profile at the whole model, or at its first shard unsplit")
+        if k.key not in (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS):
+            kvs.append(record)
+    if not header.tensors:
+        raise BuildError(f"{path.name} holds no tensors", hint=_HINT)
+    # a tensor's info record without its offset (the last 8 bytes): each shard writes its own
+    tensors = tuple(_Tensor(t.name, raw[t.start:t.end - 8], t.n_bytes, header.data_start + t.offset)
+                    for t in header.tensors)
+    return _Source(header.version, tuple(kvs), alignment_kv, header.alignment, tensors)
 
 
 # ---------------------------------------------------------------- planning the shards

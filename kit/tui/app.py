@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual.app import App
 from textual.binding import Binding
@@ -21,8 +22,11 @@ from kit.tui.screens.chat import ChatScreen
 from kit.tui.screens.failure import FailureScreen
 from kit.tui.screens.start import StartScreen
 
+if TYPE_CHECKING:  # the type only: the screens are handed a started session
+    from kit.launch import Session
+
 # starter(overrides, *, on_progress, on_status) -> kit.launch.Session; kit.launch.start bound to a stick.
-Starter = Callable[..., object]
+Starter = Callable[..., "Session"]
 
 
 def default_starter(stick: str | Path | None) -> Starter:
@@ -49,7 +53,7 @@ class KitApp(App[int]):
         super().__init__()
         self.starter = starter
         self.overrides = overrides or Overrides()
-        self.session = None
+        self.session: Session | None = None
         self.history: HistoryStore | None = None
         self._carry: Conversation | None = None  # the conversation that survives a model switch
         if theme:
@@ -67,7 +71,7 @@ class KitApp(App[int]):
             self.pop_screen()
         self.switch_screen(screen)
 
-    def begin_chat(self, session) -> None:
+    def begin_chat(self, session: Session) -> None:
         self.session = session
         if self.history is None or self.history.state != session.state:  # kept across model switches
             self.history = HistoryStore(session.state)
@@ -81,7 +85,7 @@ class KitApp(App[int]):
         """Start again (another model, or after a failure); the old engine is closed first."""
         if self.session is not None:
             self.session.engine.close()
-            self.session = None
+            self.session: Session | None = None
         self.overrides = overrides
         self._replace_top(StartScreen(overrides, reason=reason))
 

@@ -6,9 +6,9 @@ import math
 import traceback
 
 from kit import errors
-from kit.cli import human_bytes  # noqa: F401 - the screens' one byte formatter is the CLI's
 from kit.engine import GenStats
 from kit.integrity import Progress
+from kit.units import human_bytes
 
 
 def duration(seconds: float) -> str:
@@ -23,7 +23,7 @@ def duration(seconds: float) -> str:
 
 
 def progress_details(p: Progress) -> str:
-    """'120.3 MB of 253.0 MB · 85.2 MB/s · about 2 s left'."""
+    """'120.3 MiB of 241.3 MiB · 85.2 MiB/s · about 2 s left'."""
     parts = [f"{human_bytes(p.all_done)} of {human_bytes(p.all_total)}"]
     if p.rate > 0:
         parts.append(f"{human_bytes(p.rate)}/s")
@@ -83,10 +83,8 @@ UNEXPECTED_MEANING = "Something went wrong that the kit does not know how to exp
 
 
 def failure_parts(err: BaseException) -> tuple[str, str, str, int]:
-    """(what happened, what it means, what to do, exit code) for any error, through the CLI's table."""
-    from kit.cli import describe_error  # the one table from exceptions to words and exit codes
-
-    what, fix, code = describe_error(err)  # type: ignore[arg-type]
+    """(what happened, what it means, what to do, exit code) for any error, through kit.errors' table."""
+    what, fix, code = errors.describe_error(err)
     meaning = next((MEANINGS[c] for c in type(err).__mro__ if c in MEANINGS), UNEXPECTED_MEANING)
     return what, meaning, fix, code
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import ComposeResult
@@ -29,6 +30,9 @@ from kit.tui.screens.pickers import ModelPicker, PresetPicker
 from kit.tui.screens.textview import TextViewScreen
 from kit.tui.text import failure_parts, stats_line
 from kit.tui.widgets.transcript import AnswerMessage, Transcript
+
+if TYPE_CHECKING:  # the type only: the screens are handed a started session
+    from kit.launch import Session
 
 FLUSH_S = 0.05  # batch tokens: the screen redraws at most ~20 times a second
 
@@ -83,7 +87,7 @@ class ChatScreen(Screen):
             super().__init__()
             self.why = why
 
-    def __init__(self, session, history: HistoryStore, conversation: Conversation | None = None):
+    def __init__(self, session: Session, history: HistoryStore, conversation: Conversation | None = None):
         super().__init__()
         self.session = session
         self.history = history
@@ -301,7 +305,12 @@ class ChatScreen(Screen):
     # ------------------------------------------------------------------ other screens
 
     def action_help(self) -> None:
-        self.app.push_screen(HelpScreen())
+        self.app.push_screen(HelpScreen([
+            ("In the chat", [*self.BINDINGS, *self.app.BINDINGS]),
+            ("Conversations (F4)", HistoryScreen.BINDINGS),
+            ("Checking the stick (F6)", IntegrityScreen.BINDINGS),
+            ("Copied answer and exports", TextViewScreen.BINDINGS),
+        ]))
 
     def action_presets(self) -> None:
         self.app.push_screen(PresetPicker(self.session.manifest.presets, self.conversation.preset_id),

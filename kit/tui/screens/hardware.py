@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -9,26 +11,19 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
+from kit.report import render_doctor
 
-def doctor_report(session) -> dict:
-    """The same shape as kit.launch.doctor()'s report, from what start() already found."""
-    manifest = session.manifest
-    return {
-        "stick": str(session.bundle.root),
-        "host": session.host.to_dict(),
-        "kernel": session.kernel.to_dict(),
-        "plan": session.plan.to_dict(),
-        "models": [{"id": m.id, "name": m.name, "bytes": manifest.model_size(m), "quant": m.quant,
-                    "params": m.params} for m in manifest.models],
-    }
+if TYPE_CHECKING:  # the type only: the screens are handed a started session
+    from kit.launch import Session
 
 
-def hardware_text(session) -> str:
-    from kit.cli import render_doctor  # one renderer for `kit doctor` and this screen
-
-    text = f"Stick: {session.bundle.root}\n\n" + render_doctor(doctor_report(session))
-    if session.steps:
-        text += "\n\nFallbacks taken while starting:\n" + "\n".join(f"  {s}" for s in session.steps)
+def hardware_text(session: Session) -> str:
+    """`kit doctor`'s text for the running session (kit.report's one renderer), with what only
+    the chat knows: the fallbacks taken while starting and where state goes."""
+    report = session.report()
+    text = f"Stick: {session.bundle.root}\n\n" + render_doctor(report)
+    if report.fallback_steps:
+        text += "\n\nFallbacks taken while starting:\n" + "\n".join(f"  {s}" for s in report.fallback_steps)
     state = session.state if session.state is not None else "none: the stick is read-only, nothing is saved"
     return text + f"\n\nState folder: {state}"
 
@@ -36,7 +31,7 @@ def hardware_text(session) -> str:
 class HardwareScreen(ModalScreen):
     BINDINGS = [Binding("escape,q", "close", "Back")]
 
-    def __init__(self, session):
+    def __init__(self, session: Session):
         super().__init__()
         self.session = session
 

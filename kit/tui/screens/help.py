@@ -1,4 +1,8 @@
-"""Every key, read from the screens' own bindings so the list cannot drift from what works."""
+"""Every key, read from the bindings it is handed, so the list cannot drift from what works.
+
+The screen that opens help hands it (title, bindings) sections — its own, the app's and those of
+the screens it opens — as posting's help screen is handed the widget; this module imports no
+other screen."""
 
 from __future__ import annotations
 
@@ -27,28 +31,20 @@ def binding_rows(bindings) -> list[tuple[str, str]]:
             if isinstance(b, Binding) and b.description]
 
 
-def help_sections() -> list[tuple[str, list[tuple[str, str]]]]:
-    from kit.tui.app import KitApp
-    from kit.tui.screens.chat import ChatScreen
-    from kit.tui.screens.history import HistoryScreen
-    from kit.tui.screens.integrity import IntegrityScreen
-    from kit.tui.screens.textview import TextViewScreen
+Section = tuple[str, list]  # (title, bindings)
 
-    sections = [
-        ("In the chat", [*ChatScreen.BINDINGS, *KitApp.BINDINGS]),
-        ("Conversations (F4)", HistoryScreen.BINDINGS),
-        ("Checking the stick (F6)", IntegrityScreen.BINDINGS),
-        ("Copied answer and exports", TextViewScreen.BINDINGS),
-    ]
+
+def help_sections(sections: list[Section]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(title, [(keys, what they do)]) per section, plus the keys the text box handles itself."""
     return [(title, binding_rows(bindings)) for title, bindings in sections] + [("Typing", TEXT_BOX_KEYS)]
 
 
-def help_table() -> Table:
+def help_table(sections: list[Section]) -> Table:
     """Keys in one column, what they do wrapped in the other (readable at 80 columns)."""
     table = Table.grid(padding=(0, 2))
     table.add_column(no_wrap=True)
     table.add_column()
-    for i, (title, rows) in enumerate(help_sections()):
+    for i, (title, rows) in enumerate(help_sections(sections)):
         if i:
             table.add_row("", "")
         table.add_row(Text(title, style="bold underline"), "")
@@ -60,10 +56,14 @@ def help_table() -> Table:
 class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape,q,f1,ctrl+g", "close", "Back")]
 
+    def __init__(self, sections: list[Section]):
+        super().__init__()
+        self.sections = sections
+
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog", id="help-box"):
             yield Static(Content("Keys"), classes="dialog-title")
-            yield Static(help_table(), id="help-text")
+            yield Static(help_table(self.sections), id="help-text")
             yield Static(Content("Esc closes any window. The mouse works too, but is never needed."),
                          id="help-footnote")
         yield Footer()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -12,6 +14,9 @@ from textual.widgets.option_list import Option
 
 from kit.manifest import Preset
 from kit.tui.text import human_bytes
+
+if TYPE_CHECKING:  # the type only: the screens are handed a started session
+    from kit.launch import Session
 
 NO_PRESET = "-"  # option id for "no system prompt"; "-" is never a manifest id
 
@@ -59,7 +64,7 @@ class ModelPicker(ModalScreen):
 
     BINDINGS = [Binding("escape", "close", "Back")]
 
-    def __init__(self, session):
+    def __init__(self, session: Session):
         super().__init__()
         self.session = session
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import ComposeResult
@@ -21,6 +22,9 @@ from textual.widgets import Footer, Static
 from kit.integrity import Progress
 from kit.plan import Overrides
 from kit.tui.widgets.progress import ByteProgress, throttled_progress
+
+if TYPE_CHECKING:  # the type only: the screens are handed a started session
+    from kit.launch import Session
 
 STATUS_LINES = 8
 
@@ -44,7 +48,7 @@ class StartScreen(Screen):
             self.progress = progress
 
     class Started(Message):
-        def __init__(self, session):
+        def __init__(self, session: Session):
             super().__init__()
             self.session = session
 

@@ -1,0 +1,125 @@
+"""The one place that touches ggml's shared libraries: their names and folder, the CPU variants
+and GPU backend modules a runtime ships, and registering one of them with the right libggml.
+
+Below kit.engine (which imports llama_cpp) and kit.kernels (which decides which variant to trust);
+no llama_cpp import here, so listing the libraries costs nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kit.errors import KernelError
+
+# The instruction sets each variant is compiled for (vendor/llama.cpp/ggml/src/CMakeLists.txt,
+# ggml_add_cpu_backend_variant), in /proc/cpuinfo spelling. AVX512 there means F, CD, VL, DQ, BW.
+_AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+_HASWELL = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2")
+VARIANT_FLAGS: dict[str, tuple[str, ...]] = {
+    "x64": (),
+    "sse42": ("sse4_2",),
+    "sandybridge": ("sse4_2", "avx"),
+    "ivybridge": ("sse4_2", "avx", "f16c"),
+    "piledriver": ("sse4_2", "avx", "f16c", "fma"),
+    "haswell": _HASWELL,
+    "skylakex": _HASWELL + _AVX512,
+    "cannonlake": _HASWELL + _AVX512 + ("avx512vbmi",),
+    "cascadelake": _HASWELL + _AVX512 + ("avx512_vnni",),
+    "icelake": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni"),
+    "cooperlake": _HASWELL + _AVX512 + ("avx512_vnni", "avx512_bf16"),
+    "zen4": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni", "avx512_bf16"),
+    "alderlake": _HASWELL + ("avx_vnni",),
+    "sapphirerapids": _HASWELL + _AVX512 + ("avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"),
+    "armv8.0_1": (),
+    "armv8.2_1": ("asimddp",),
+    "armv8.2_2": ("asimddp", "asimdhp"),
+    "armv8.2_3": ("asimddp", "asimdhp", "sve"),
+    "armv8.6_1": ("asimddp", "asimdhp", "sve", "i8mm"),
+    "armv8.6_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2"),
+    "armv9.2_1": ("asimddp", "asimdhp", "sve", "i8mm", "sme"),
+    "armv9.2_2": ("asimddp", "asimdhp", "sve", "i8mm", "sve2", "sme"),
+    "apple_m1": ("asimddp",),
+    "apple_m2_m3": ("asimddp", "i8mm"),
+    "apple_m4": ("asimddp", "i8mm", "sme"),
+}
+
+# How each OS names the shared libraries (libggml is the one libllama links against).
+_LIB_NAMES = {
+    "linux": ("libggml-cpu-", ".so", "libggml.so.0"),
+    "macos": ("libggml-cpu-", ".so", "libggml.0.dylib"),
+    "windows": ("ggml-cpu-", ".dll", "ggml.dll"),
+}
+# GPU backends built as loadable modules beside the CPU variants (GGML_BACKEND_DL).
+_GPU_MODULES = {"cuda": "cuda", "rocm": "hip", "metal": "metal", "vulkan": "vulkan"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    path: Path
+
+    @property
+    def required_flags(self) -> tuple[str, ...]:
+        return VARIANT_FLAGS.get(self.name, ())
+
+
+def os_key() -> str:
+    return {"darwin": "macos", "win32": "windows"}.get(sys.platform, "linux")
+
+
+def lib_dir() -> Path:
+    """llama_cpp/lib of this installation or frozen runtime, found without importing llama_cpp."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise KernelError("llama_cpp is not installed in this runtime",
+                          "install the kit with build/install.sh")
+    return Path(spec.origin).parent / "lib"
+
+
+def list_variants(directory: Path | None = None) -> list[Variant]:
+    prefix, suffix, _ = _LIB_NAMES[os_key()]
+    directory = directory or lib_dir()
+    found = []
+    for path in sorted(directory.glob(f"{prefix}*{suffix}")):
+        name = path.name[len(prefix): -len(suffix)]
+        found.append(Variant(name, path))
+    return found
+
+
+def gpu_backend_libs(directory: Path | None = None) -> dict[str, Path]:
+    """The GPU backends this runtime can drive: {"cuda": path, ...}; empty for a CPU-only build."""
+    prefix, suffix, _ = _LIB_NAMES[os_key()]
+    directory = directory or lib_dir()
+    base = prefix.removesuffix("cpu-")
+    found = {}
+    for backend, module in _GPU_MODULES.items():
+        path = directory / f"{base}{module}{suffix}"
+        if path.is_file():
+            found[backend] = path
+    return found
+
+
+def runtime_backends() -> frozenset[str]:
+    """Names of the GPU backends this runtime ships; none when llama_cpp is not installed."""
+    try:
+        return frozenset(gpu_backend_libs())
+    except KernelError:
+        return frozenset()
+
+
+def load_variant(path: Path) -> None:
+    """Register a backend module with the libggml that libllama uses (docs/ARCHITECTURE.md, trap 2).
+
+    libllama links libggml by soname (libggml.so.0 on Linux); opening that exact file gives the
+    same instance. llama_cpp._ggml opens libggml.so, a second copy, which llama never sees.
+    """
+    ggml = ctypes.CDLL(str(lib_dir() / _LIB_NAMES[os_key()][2]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    if not ggml.ggml_backend_load(os.fsencode(path)):
+        raise KernelError(f"ggml could not load the backend {path.name}")

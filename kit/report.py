@@ -1,0 +1,115 @@
+"""What both shells show: typed reports (doctor, verify, plan) and their one text rendering.
+
+The CLI prints these, `--json` prints their `to_dict()`, and the TUI's hardware screen shows the
+same text: one renderer, so a terminal and the chat never disagree. No textual, no llama_cpp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kit.hardware import Host
+from kit.integrity import VerifyReport
+from kit.kernels import KernelChoice
+from kit.manifest import BundleManifest
+from kit.plan import LaunchPlan
+from kit.units import human_bytes
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    id: str
+    name: str
+    bytes: int
+    quant: str | None
+    params: int | None
+
+    @classmethod
+    def all_of(cls, manifest: BundleManifest) -> tuple[ModelSummary, ...]:
+        return tuple(cls(m.id, m.name, manifest.model_size(m), m.quant, m.params) for m in manifest.models)
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """Everything `kit doctor` (and the chat's hardware screen) shows: host, kernel probe, plan."""
+
+    stick: str
+    signer: str
+    host: Host
+    models: tuple[ModelSummary, ...]
+    runtime_backends: tuple[str, ...] = ()
+    kernel: KernelChoice | None = None
+    plan: LaunchPlan | None = None
+    error: str | None = None  # why there is no plan: the error's sentence and what to do
+    fallback_steps: tuple[str, ...] = field(default=())  # taken while starting (the chat only)
+
+    def to_dict(self) -> dict:
+        data = {"stick": self.stick, "signer": self.signer, "host": self.host.to_dict(),
+                "kernel": self.kernel.to_dict() if self.kernel else None,
+                "plan": self.plan.to_dict() if self.plan else None,
+                "runtime_backends": list(self.runtime_backends),
+                "models": [vars(m).copy() for m in self.models]}
+        if self.error:
+            data["error"] = self.error
+        return data
+
+
+def render_doctor(report: DoctorReport) -> str:
+    host = report.host
+    out = [f"Host: {host.os}-{host.arch}, {host.cpu_name}",
+           f"      {host.physical_cores} cores ({host.logical_cores} threads), "
+           f"RAM {human_bytes(host.ram_total)} total, {human_bytes(host.ram_available)} available"
+           + (f", limit {human_bytes(host.memory_limit)}" if host.memory_limit else "")]
+    for g in host.gpus:
+        vram = human_bytes(g.vram_total) if g.vram_total else "unknown"
+        out.append(f"      GPU: {g.name} ({g.backend}, {vram})")
+    if not host.gpus:
+        out.append("      GPU: none found")
+    for note in host.notes:
+        out.append(f"      note: {note}")
+    kernel = report.kernel
+    if kernel:
+        out.append("")
+        out.append(f"CPU kernels ({'cached verdict' if kernel.cached else 'probed now'}):")
+        out.append(f"  {'variant':16} {'state':8} {'prompt tok/s':>12} {'gen tok/s':>10}  detail")
+        for r in sorted(kernel.results, key=lambda r: (r.state != "ok", r.seconds or 0)):
+            mark = "*" if r.variant == kernel.chosen else " "
+            pp = f"{r.prompt_tps:.0f}" if r.prompt_tps else "-"
+            tg = f"{r.gen_tps:.1f}" if r.gen_tps else "-"
+            out.append(f"{mark} {r.variant:16} {r.state:8} {pp:>12} {tg:>10}  {r.detail}")
+        out.append(f"  chosen: {kernel.chosen}")
+    out.append("")
+    if report.plan:
+        out.append(render_plan(report.plan))
+    if report.error:
+        out.append(f"No plan: {report.error}")
+    return "\n".join(out)
+
+
+def render_plan(plan: LaunchPlan) -> str:
+    out = [f"Plan: model {plan.model_id}, context {plan.n_ctx}, {plan.threads} threads, "
+           f"{plan.gpu_layers} GPU layers, CPU kernel {plan.cpu_variant or '-'}"]
+    for v in plan.verdicts:
+        out.append(f"  model {v.model_id}: {v.reason}")
+    for d in plan.decisions:
+        out.append(f"  {d.topic}: {d.reason}")
+    return "\n".join(out)
+
+
+def render_verify(report: VerifyReport) -> str:
+    lines = [f"  {f.state.upper():10} {f.path}: {f.detail}" for f in report.files if f.state != "ok"]
+    c = report.counts()
+    rate = report.bytes_hashed / report.seconds if report.seconds else 0
+    summary = (f"{c['ok']} files ok, {c['corrupt']} corrupt, {c['missing']} missing, "
+               f"{c['unexpected']} unexpected ({human_bytes(report.bytes_hashed)} in "
+               f"{report.seconds:.1f} s, {human_bytes(rate)}/s)")
+    verdict = "The stick is intact." if report.ok else \
+        "The stick is damaged: do not trust the files above. Copy it again from a good stick."
+    return "\n".join([*lines, summary, verdict])
+
+
+def render_signer(signer: str | None, *, required: bool = False) -> str:
+    if signer is None:
+        return "Signature: unsigned (anyone who could write to the stick could have changed it and its manifest)"
+    match = " — the key you gave" if required else "; compare this fingerprint with the one its maker gave you"
+    return f"Signature: good, signed by {signer}{match}"
