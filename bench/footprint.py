@@ -46,6 +46,7 @@ def run(ctx: Context) -> Section:
     section.rows += [[f"KIT/runtimes/{platform} (du -sb)", f"{size / 1e6:.1f} MB in {count} files"],
                      [f"`kit --version`, median of {len(runs)}", f"{fmt(median(runs), 3)} s"]]
     section.rows += [[f"  of which _internal/{name}", f"{n / 1e6:.1f} MB"] for name, n in biggest_parts(runtime)]
-    section.notes.append("no target: for reference, the first trial freeze (before the kit existed) was 135 MB and 0.36 s")
+    section.notes.append("no target: for reference, the first trial freeze (before the kit existed) "
+                         "was 135 MB and 0.36 s")
     section.data = {"bytes": size, "files": count, "version_s": runs}
     return section

@@ -150,12 +150,6 @@ def to_markdown(conv: Conversation, *, assistant: str = "Assistant", preset: str
     return "\n".join(lines) + "\n"
 
 
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """kit.fsutil.atomic_write: its temp name is unique to each writer, so two kits writing the
-    same conversation never rename each other's half-written bytes into place."""
-    atomic_write(path, data)
-
-
 class HistoryStore:
     """Conversations on the stick (state/history/<id>.json) or, without a state folder, in memory."""
 
@@ -186,7 +180,7 @@ class HistoryStore:
                 self._memory[conv.id] = copy
                 return
             data = json.dumps(copy.to_dict(), indent=1, ensure_ascii=False).encode() + b"\n"
-            write_file_atomically(self._path(conv.id), data)
+            atomic_write(self._path(conv.id), data)
 
     def load(self, conv_id: str) -> Conversation:
         if self.folder is None:
@@ -229,7 +223,7 @@ class HistoryStore:
         if self.exports is None:
             return None
         target = self.exports / f"{conv.id}.md"
-        write_file_atomically(target, markdown.encode())
+        atomic_write(target, markdown.encode())
         return target
 
     def save_text(self, name: str, text: str) -> Path | None:
@@ -237,7 +231,7 @@ class HistoryStore:
         if self.exports is None:
             return None
         target = self.exports / f"{new_id()}-{name}.md"
-        write_file_atomically(target, text.encode())
+        atomic_write(target, text.encode())
         return target
 
 

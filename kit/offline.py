@@ -25,7 +25,6 @@ OFFLINE_ENV = {
 }
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", ""}
-_active = False
 _hook_installed = False
 
 
@@ -53,8 +52,6 @@ def _caller() -> str:
 
 
 def _audit(event: str, args: tuple) -> None:
-    if not _active:
-        return
     if event == "socket.connect":
         sock, address = args
         if sock.family == getattr(socket, "AF_UNIX", object()):
@@ -81,19 +78,8 @@ def _is_ip_literal(host: object) -> bool:
 
 def go_offline() -> None:
     """From now on, refuse every non-loopback connection in this process and its children's env."""
-    global _active, _hook_installed
+    global _hook_installed
     os.environ.update(OFFLINE_ENV)
     if not _hook_installed:
-        sys.addaudithook(_audit)  # hooks cannot be removed; _active switches it
+        sys.addaudithook(_audit)  # for the rest of the process: an audit hook cannot be removed
         _hook_installed = True
-    _active = True
-
-
-def is_offline() -> bool:
-    return _active
-
-
-def allow_network() -> None:
-    """Only for the builder in the same process as tests; the runtime never calls it."""
-    global _active
-    _active = False

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import blake3
 
 from kit.errors import IntegrityError, ManifestError
-from kit.fsutil import fsync_dir
+from kit.fsutil import atomic_write
 from kit.manifest import STATE_DIRNAME
 from kit.paths import BundlePaths
 
@@ -86,18 +84,8 @@ def read_record(state: Path | None) -> Seen | None:
 
 
 def write_record(state: Path, seen: Seen) -> None:
-    """Unique temp name (two kits at once never share one), fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{RECORD_NAME}.", suffix=".part", dir=state)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(json.dumps(asdict(seen), indent=2, sort_keys=True).encode() + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, state / RECORD_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(state)
+    """kit.fsutil.atomic_write: a temp name unique to this writer, fsync, rename, fsync the folder."""
+    atomic_write(state / RECORD_NAME, json.dumps(asdict(seen), indent=2, sort_keys=True).encode() + b"\n")
 
 
 def check(state: Path | None, raw: bytes, *, record: bool = True) -> Seen | None:

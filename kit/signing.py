@@ -25,7 +25,7 @@ import nacl.exceptions
 import nacl.signing
 
 from kit.errors import KitError, SignatureError
-from kit.fsutil import atomic_write, fsync_dir
+from kit.fsutil import atomic_write
 from kit.manifest import BundleManifest, parse_bundle_manifest, read_manifest_bytes
 from kit.paths import KIT_DIRNAME, BundlePaths
 
@@ -33,6 +33,7 @@ SIG_NAME = "bundle.json.sig"
 PUB_NAME = "signer.pub"
 PUBLIC_PREFIX = "ed25519:"
 PRIVATE_PREFIX = "ed25519-private:"
+PRIVATE_MODE = 0o600  # created so, never readable by others, not even for a moment
 MAX_KEY_FILE = 1024  # a key or signature file is one short line; anything bigger is not one
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -106,29 +107,9 @@ def keygen(private_path: Path, public_path: Path) -> str:
     if public_path.absolute() == private_path.absolute():
         raise KeyFileError("the public and private key paths are the same", "give the public key its own path")
     key = nacl.signing.SigningKey.generate()
-    _write_private(private_path, f"{PRIVATE_PREFIX}{bytes(key).hex()}\n".encode())
+    atomic_write(private_path, f"{PRIVATE_PREFIX}{bytes(key).hex()}\n".encode(), mode=PRIVATE_MODE)
     atomic_write(public_path, public_key_text(key.verify_key).encode())
     return fingerprint(key.verify_key)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Temp file created 0600 (never readable by others, not even for a moment), fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def public_key_text(public_key: nacl.signing.VerifyKey) -> str:

@@ -111,7 +111,13 @@ def test_only_verified_files_may_load(stick_copy):
         integrity.require_verified(path)
     integrity.verify_bundle(bundle.kit, manifest, only=[manifest.models[0].files[0]])
     assert integrity.require_verified(path) == manifest.file(manifest.models[0].files[0]).blake3
+    integrity.forget_verified()  # verified, then forgotten: refused again, until verified anew
+    with pytest.raises(NotVerifiedError, match="not verified in this process"):
+        integrity.require_verified(path)
+    integrity.verify_bundle(bundle.kit, manifest, only=[manifest.models[0].files[0]])
+    assert integrity.require_verified(path) == manifest.file(manifest.models[0].files[0]).blake3
     with open(path, "ab") as fh:  # changed after the check: the identity no longer matches
         fh.write(b"x")
-    with pytest.raises(NotVerifiedError, match="changed after"):
+    with pytest.raises(NotVerifiedError, match="changed after") as info:
         integrity.require_verified(path)
+    assert info.value.hint == "the stick may be failing or was modified while in use"  # not the class's

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 import tomlkit
 
+from kit.builder.cache import default_cache_dir, sources_cache
 from kit.builder.lock import lock_profile
 from kit.builder.sources import HfSource, fetch, parse_source
 from kit.errors import ManifestError, SourceError
@@ -85,6 +86,7 @@ def test_lock_pins_a_branch_to_its_commit_and_keeps_comments(
     assert "# an inline comment" in text
     assert fake_hub.downloads() == 0  # the Hub's LFS metadata gave the sha256
     assert list(profile.parent.glob(".*tmp*")) == []
+    assert [p.name for p in profile.parent.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 def test_locked_profile_builds(fake_hub: FakeHub, profile: Path) -> None:
@@ -95,7 +97,7 @@ def test_locked_profile_builds(fake_hub: FakeHub, profile: Path) -> None:
     source = parse_source(hf_table, profile_dir=profile.parent)
 
     assert isinstance(source, HfSource) and source.pinned
-    assert fetch(source, profile.parent / "cache").path.read_bytes() == MODEL
+    assert fetch(source, sources_cache(profile.parent / "cache")).path.read_bytes() == MODEL
 
 
 def test_lock_is_idempotent(fake_hub: FakeHub, profile: Path) -> None:
@@ -127,6 +129,37 @@ def test_lock_hashes_a_hub_file_outside_lfs(fake_hub: FakeHub, profile: Path) ->
     lock_profile(profile, cache_dir=profile.parent / "cache")
 
     assert source_tables(profile)[0]["sha256"] == sha256(MODEL)
+
+
+def test_lock_keeps_the_profile_mode(fake_hub: FakeHub, profile: Path) -> None:
+    fake_hub.add_file(REPO, FILENAME, MODEL)
+    profile.chmod(0o640)
+
+    lock_profile(profile, cache_dir=profile.parent / "cache")
+
+    assert source_tables(profile)[0]["sha256"] == sha256(MODEL)
+    assert profile.stat().st_mode & 0o777 == 0o640
+
+
+def test_build_reuses_what_lock_downloaded(
+    fake_hub: FakeHub, profile: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub file outside LFS is downloaded to be hashed; `kit build` then finds it in the cache it
+    uses (both default to kit.builder.cache), instead of downloading it again."""
+    fake_hub.add_file(REPO, FILENAME, MODEL, lfs=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+
+    def file_gets() -> int:
+        return sum(1 for method, path in fake_hub.requests if method == "GET" and path.endswith(FILENAME))
+
+    lock_profile(profile)
+    assert file_gets() == 1
+    source = parse_source(source_tables(profile)[0], profile_dir=profile.parent)
+    fetched = fetch(source, sources_cache(default_cache_dir()))  # what kit.builder.build passes
+
+    assert fetched.path.read_bytes() == MODEL
+    assert fetched.path.is_relative_to(tmp_path / "user-cache" / "survival-kit" / "sources")
+    assert file_gets() == 1
 
 
 def test_lock_with_an_unknown_repo_changes_nothing(fake_hub: FakeHub, profile: Path) -> None:

@@ -145,6 +145,7 @@ def test_bad_profiles_refused(tmp_path, text, message):
 
 
 def test_missing_profile_has_hint(tmp_path):
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(ManifestError, match="none.toml does not exist") as info:
         load_profile(tmp_path / "none.toml")
     assert "manifests/" in info.value.hint
+    assert info.value.hint == "pass one of manifests/*.toml"  # load_profile's own, not ManifestError's default

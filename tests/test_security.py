@@ -27,7 +27,7 @@ import pytest
 from conftest import KIT, ROOT, run_kit
 from gguf.constants import GGUFValueType
 
-from kit import integrity, rollback, signing
+from kit import fsutil, integrity, rollback, signing
 from kit.errors import IntegrityError, ManifestError, NotVerifiedError
 from kit.integrity import hash_file
 from kit.paths import find_bundle
@@ -568,7 +568,8 @@ def test_stick_pulled_out_mid_verify(loop_stick):
 
     stick = loop_stick()
     stick.look()
-    bundle, manifest = launch.open_stick(stick.stick)
+    bundle = find_bundle(stick.stick)
+    manifest = signing.check_stick(bundle).manifest
     model = manifest.models[0]
     pulled = []
 
@@ -590,8 +591,10 @@ def test_model_changed_between_verify_and_load_is_refused(stick_copy):
     it hashed. Swapped for other bytes (new inode) or rewritten in place: refused before llama.cpp."""
     from kit import launch
     from kit.engine import LlamaEngine
+    from kit.settings import EngineSettings
 
-    bundle, manifest = launch.open_stick(stick_copy)
+    bundle = find_bundle(stick_copy)
+    manifest = signing.check_stick(bundle).manifest
     model = manifest.models[0]
     path = bundle.resolve(model.files[0])
     launch.verify_model(bundle, manifest, model)
@@ -601,7 +604,7 @@ def test_model_changed_between_verify_and_load_is_refused(stick_copy):
         fh.seek(-1, os.SEEK_END)
         fh.write(bytes([last[0] ^ 1]))
     with pytest.raises(NotVerifiedError, match="changed after it was verified"):
-        LlamaEngine.load([path], model_id=model.id, n_ctx=512, threads=1)
+        LlamaEngine.load([path], EngineSettings(n_ctx=512, threads=1), model_id=model.id)
     with open(path, "r+b") as fh:
         fh.seek(-1, os.SEEK_END)
         fh.write(last)
@@ -610,7 +613,7 @@ def test_model_changed_between_verify_and_load_is_refused(stick_copy):
     shutil.copyfile(path, swapped)
     os.replace(swapped, path)  # the same bytes, but another file than the one hashed
     with pytest.raises(NotVerifiedError, match="changed after it was verified"):
-        LlamaEngine.load([path], model_id=model.id, n_ctx=512, threads=1)
+        LlamaEngine.load([path], EngineSettings(n_ctx=512, threads=1), model_id=model.id)
 
 
 @pytest.fixture
@@ -635,6 +638,51 @@ def test_full_disk_during_build(small_disk):
 
 
 # ---------------------------------------------------------------- faults: two kits at once
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temp(tmp_path):
+    """kit.fsutil, the one atomic write: a writer that fails half way (a full disk, a kill) leaves the
+    old bytes and gives the space back; its three forms (bytes, stream, path) are one mechanism."""
+    path = tmp_path / "record.json"
+    fsutil.atomic_write(path, b"old")
+    with pytest.raises(OSError, match="disk full"), fsutil.atomic_writer(path) as fh:
+        fh.write(b"half of the new")
+        raise OSError("disk full")
+    with pytest.raises(FileNotFoundError), fsutil.atomic_path(path):
+        pass  # a child that wrote nothing
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    with fsutil.atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".record.json.") and tmp.suffix == ".part"
+        tmp.write_bytes(b"new")
+        assert path.read_bytes() == b"old"  # until the block ends
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_atomic_write_with_a_mode_is_never_readable_by_others(tmp_path):
+    old = os.umask(0)  # the loosest umask: a file created "normally" would be world-readable
+    try:
+        with fsutil.atomic_writer(tmp_path / "key", mode=0o600) as fh:
+            (temp,) = [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+            assert temp.stat().st_mode & 0o777 == 0o600  # from its creation, before any byte
+            fh.write(b"secret")
+        fsutil.atomic_write(tmp_path / "plain", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o666  # no mode: the umask decides, as open() does
+
+
+def test_leftover_temps_are_only_those_of_writers_that_are_gone(tmp_path):
+    path = tmp_path / "model.gguf"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = tmp_path / f".model.gguf.{int(ended.stdout)}-0123abcd.part"
+    live = fsutil.temp_name(path)  # this process's: a write in progress
+    other = tmp_path / f".other.gguf.{int(ended.stdout)}-0123abcd.part"
+    for p in (dead, live, other):
+        p.write_bytes(b"partial")
+    assert fsutil.leftover_temps(path) == [dead]
+    assert fsutil.leftover_temps(tmp_path / "absent" / "x.gguf") == []
 
 
 def _state_files_parse(state: Path) -> list[str]:

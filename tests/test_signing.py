@@ -7,16 +7,19 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
 import nacl.signing
 import pytest
-from conftest import run_kit
+from conftest import ROOT, run_kit
 
 from kit import launch, signing
 from kit.errors import SignatureError
+from kit.fsutil import atomic_write
 from kit.integrity import hash_file
+from kit.paths import find_bundle
 
 # ---------------------------------------------------------------- the primitives (no stick)
 
@@ -261,7 +264,7 @@ def test_build_refuses_a_key_on_the_stick_before_copying(tmp_path):
     target = tmp_path / "stick"
     key = target / "keys" / "k"
     key.parent.mkdir(parents=True)
-    signing._write_private(key, b"ed25519-private:" + b"00" * 32 + b"\n")
+    atomic_write(key, b"ed25519-private:" + b"00" * 32 + b"\n", mode=signing.PRIVATE_MODE)
     refused(run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--no-freeze",
                     "--sign", str(key)), "inside the stick")
     assert not (target / "KIT").exists()
@@ -279,9 +282,14 @@ def test_keygen_command(tmp_path):
 
 @pytest.mark.slow
 def test_launch_reports_the_signer(signed_copy, demo_stick, keys):
-    bundle, trust = launch.open_trusted(signed_copy)
-    assert trust.signer == fp_of(keys["maker.pub"]) and trust.raw == bundle.manifest.read_bytes()
-    assert launch.open_trusted(demo_stick)[1].signer_label == "unsigned"
+    # In a child: the opening sequence goes offline and records what it saw, for good.
+    code = ("import json, sys; from kit import launch; o = launch.open_stick(sys.argv[1]); "
+            "print(json.dumps([o.trust.signer_label, o.trust.raw == o.bundle.manifest.read_bytes()]))")
+    done = subprocess.run([sys.executable, "-c", code, str(signed_copy)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [fp_of(keys["maker.pub"]), True]
+    assert signing.check_stick(find_bundle(demo_stick)).signer_label == "unsigned"
 
 
 def add_runtime(stick: Path, platform: str = "linux-x86_64") -> Path:
@@ -306,7 +314,8 @@ def add_runtime(stick: Path, platform: str = "linux-x86_64") -> Path:
 @pytest.mark.slow
 def test_runtime_checks_its_own_libraries(stick_copy, monkeypatch):
     lib = add_runtime(stick_copy)
-    bundle, manifest = launch.open_stick(stick_copy)
+    bundle = find_bundle(stick_copy)
+    manifest = signing.check_stick(bundle).manifest
     assert any(f.path.endswith("libllama.so") for f in manifest.runtime_files("linux-x86_64"))
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     launch.verify_own_libraries(bundle, manifest, "linux-x86_64")  # intact: passes

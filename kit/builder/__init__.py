@@ -1,25 +1,26 @@
 """`kit build`: profile → a complete stick, or one that says it is incomplete.
 
 Order matters for crash safety: INCOMPLETE marker first, then files (each atomic and resumable),
-then the hand-check sums, bundle.json and (when signing) bundle.json.sig + signer.pub, and only
-then the marker goes.
+then README.txt and the launchers, the hand-check sums, bundle.json and (when signing)
+bundle.json.sig + signer.pub, and only then the marker goes.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit import __version__
-from kit.builder import fs, stage
+from kit import medium
+from kit.builder import stage
+from kit.builder.cache import default_cache_dir, sources_cache
 from kit.errors import BuildError
-from kit.fsutil import atomic_write
-from kit.integrity import ByteMeter, ProgressFn, hash_file, sums_text
+from kit.integrity import ByteMeter, ProgressFn, hash_file
 from kit.manifest import BundleManifest, FileEntry, ModelEntry, RuntimeEntry, load_profile
-from kit.paths import KIT_DIRNAME, MANIFEST_NAME
+from kit.paths import KIT_DIRNAME, BundlePaths
 
 Report = Callable[[str], None]
 
@@ -55,12 +56,8 @@ class BuildResult:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
-          runtimes: list[Path] = (), freeze: bool = True, cache_dir: Path | None = None,
+          runtimes: list[Path] = (), freeze: bool = True,
           sign_key: Path | None = None, report: Report = lambda s: None,
           progress: ProgressFn | None = None) -> BuildResult:
     from kit import signing
@@ -74,27 +71,26 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         private_key = signing.load_private_key(sign_key)
     profile = load_profile(profile_path)
     parsed = [(m, sources.parse_source(m.source, profile_dir=profile_path.parent)) for m in profile.models]
-    kit_dir = target / KIT_DIRNAME
+    stick = BundlePaths(target, target / KIT_DIRNAME)
+    kit_dir = stick.kit
     result_warnings: list[str] = []
 
-    fstype = fs.filesystem_type(target if target.exists() else target.parent)
-    if fs.is_fat32(fstype):
+    if medium.is_fat32(medium.filesystem_type(medium.existing_ancestor(target))):
         result_warnings.append("the target is FAT32: large models are split into shards, and Linux "
                                "will not run programs from it; exFAT is the better format for a stick")
-        max_file_size = min(max_file_size or fs.FAT32_MAX_FILE, fs.FAT32_MAX_FILE)
+        max_file_size = min(max_file_size or medium.FAT32_MAX_FILE, medium.FAT32_MAX_FILE)
     if max_file_size is not None and max_file_size < 1 << 20:
         raise BuildError(f"--max-file-size {max_file_size} is too small", "use at least 1048576 (1 MiB)")
 
-    kit_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(kit_dir / "INCOMPLETE", f"build started {_now()} by kit {__version__}\n".encode())
-    cache = cache_dir or _default_cache()
+    medium.begin(stick, "build")
+    cache = default_cache_dir()
     copied = kept = 0
     files: list[FileEntry] = []
     models: list[ModelEntry] = []
 
     for model, source in parsed:
         report(f"model {model.id}: fetching")
-        fetched = sources.fetch(source, cache / "sources", progress=None)
+        fetched = sources.fetch(source, sources_cache(cache))
         shards, extras, n_copied = _stage_model(model.id, fetched, kit_dir, cache, max_file_size, report,
                                                 progress)
         copied += n_copied
@@ -115,18 +111,17 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
     for under in ("models", "runtimes"):
         stage.remove_stale(kit_dir, keep, under)
 
-    manifest = BundleManifest(kit_version=__version__, created=_now(), profile=profile.name,
+    manifest = BundleManifest(kit_version=__version__, created=medium.utc_now(), profile=profile.name,
                               models=tuple(models), runtimes=tuple(runtime_entries), files=tuple(files),
                               presets=profile.presets)
     write_stick_texts(target, manifest)
-    atomic_write(kit_dir / "B3SUMS", sums_text(manifest, "blake3").encode())
-    atomic_write(kit_dir / "SHA256SUMS", sums_text(manifest, "sha256").encode())
     raw = manifest.to_json()
-    atomic_write(kit_dir / MANIFEST_NAME, raw)
-    signer = signing.write_signature(kit_dir, raw, private_key) if private_key is not None else None
-    if signer is None:
-        signing.remove_signature(kit_dir)
-    (kit_dir / "INCOMPLETE").unlink()
+    if private_key is None:
+        signer, write_signature = None, signing.remove_signature
+    else:
+        signer = signing.fingerprint(private_key.verify_key)
+        write_signature = functools.partial(signing.write_signature, bundle_json=raw, private_key=private_key)
+    medium.seal(stick, manifest, raw, write_signature)
     return BuildResult(target, manifest, copied, kept, time.monotonic() - start, result_warnings, signer)
 
 
@@ -147,14 +142,8 @@ def _runtimes(imported: list[Path], freeze: bool, cache: Path, report: Report) -
     return found
 
 
-def _default_cache() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("survival-kit"))
-
-
 def _stage_model(model_id: str, fetched, kit_dir: Path, cache: Path, max_file_size: int | None,
-                 report: Report, progress: ProgressFn | None = None) -> tuple[list[FileEntry], list[FileEntry], int]:
+                 report: Report, progress: ProgressFn | None) -> tuple[list[FileEntry], list[FileEntry], int]:
     """Copy a model (split into shards when it is too big for the medium) onto the stick,
     with the licence texts its source ships (they go beside it, in the manifest too)."""
     src = fetched.path

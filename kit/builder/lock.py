@@ -9,7 +9,7 @@ a locked profile changes nothing.
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 from collections.abc import Iterator, MutableMapping
 from dataclasses import replace
 from pathlib import Path
@@ -17,15 +17,10 @@ from pathlib import Path
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
-from kit.builder.sources import (
-    HfSource,
-    Source,
-    compute_pin,
-    move_into_place,
-    parse_source,
-    resolve_hf,
-)
+from kit.builder.cache import default_cache_dir, sources_cache
+from kit.builder.sources import HfSource, Source, compute_pin, parse_source, resolve_hf
 from kit.errors import ManifestError
+from kit.fsutil import atomic_write
 
 SourceTable = MutableMapping[str, object]  # a tomlkit table: edits keep the file's comments
 
@@ -33,12 +28,13 @@ SourceTable = MutableMapping[str, object]  # a tomlkit table: edits keep the fil
 def lock_profile(path: Path, *, cache_dir: Path | None = None) -> list[str]:
     """Pin the profile at `path`; return one human line per model whose pins changed.
 
-    `cache_dir` holds what pypi sources assemble to be hashed (the build reuses it); it defaults
-    to the user's cache. The file is rewritten only when something changed.
+    `cache_dir` is the builder's cache (kit.builder.cache; default: the user's): what lock downloads
+    or assembles to hash it lands where `kit build` looks for it, so the build reuses it. The file
+    is rewritten only when something changed.
     """
     path = Path(path)
     document = _parse(path)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = sources_cache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     lines = []
     for model_id, table in _source_tables(document, path):
         source = parse_source(table, profile_dir=path.parent, model_id=model_id)
@@ -48,11 +44,6 @@ def lock_profile(path: Path, *, cache_dir: Path | None = None) -> list[str]:
     if lines:
         _write_atomically(path, tomlkit.dumps(document))
     return lines
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "survival-kit"
 
 
 def _parse(path: Path) -> tomlkit.TOMLDocument:
@@ -108,7 +99,6 @@ def _short(value: str) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.lock-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    shutil.copymode(path, tmp)
-    move_into_place(tmp, path)
+    """kit.fsutil.atomic_write, keeping the profile's permissions and the platform's line endings."""
+    data = text.replace("\n", os.linesep).encode("utf-8")
+    atomic_write(path, data, mode=stat.S_IMODE(path.stat().st_mode))

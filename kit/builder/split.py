@@ -17,7 +17,6 @@ build resumes without rewriting finished shards.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from gguf.constants import GGUF_MAGIC, GGUFValueType, Keys
 
 from kit.errors import BuildError, ManifestError
-from kit.fsutil import atomic_write, fsync_dir, temp_name
+from kit.fsutil import atomic_write, atomic_writer
 from kit.ggufmeta import read_header
 
 SPLIT_NO = Keys.Split.LLM_KV_SPLIT_NO
@@ -209,18 +208,13 @@ def _copy_range(src, offset: int, length: int, out) -> None:
 
 
 def _write_shard(src, shard: _Shard, alignment: int, path: Path) -> None:
-    tmp = temp_name(path)
-    with open(tmp, "wb") as out:
+    with atomic_writer(path) as out:
         out.write(shard.header)
         for t in shard.tensors:
             _copy_range(src, t.src_offset, t.n_bytes, out)
             out.write(bytes(_pad(t.n_bytes, alignment) - t.n_bytes))
         if out.tell() != shard.size:  # the plan promised this size against the limit
             raise BuildError(f"{path.name}: wrote {out.tell()} bytes, planned {shard.size}")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _record_path(out_dir: Path, stem: str) -> Path:

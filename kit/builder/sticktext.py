@@ -11,15 +11,11 @@ import textwrap
 from pathlib import Path
 
 from kit.errors import BuildError
-from kit.fsutil import atomic_write
 from kit.manifest import BundleManifest
+from kit.medium import LAUNCHERS, README_NAME, write_root_file
 from kit.paths import KIT_DIRNAME
 
 LAUNCHER_DIR = Path(__file__).resolve().parents[2] / "launchers"
-# Line endings each launcher needs whatever the checkout did: cmd.exe misreads labels in LF-only
-# batch files, and a CR in a shell script's first line breaks it ("/bin/sh^M: bad interpreter").
-LAUNCHERS = {"START-linux.sh": "\n", "START-macos.command": "\n", "START-windows.bat": "\r\n"}
-README_NAME = "README.txt"
 WIDTH = 76
 
 
@@ -27,23 +23,18 @@ def write_stick_texts(target: Path, manifest: BundleManifest) -> None:
     """README.txt and the launchers at the stick's root, each written atomically."""
     glibc = linux_glibc_floor(target / KIT_DIRNAME, manifest)
     readme = readme_text(manifest, glibc).replace("\n", "\r\n")  # Notepad is the likeliest reader
-    atomic_write(target / README_NAME, readme.encode("utf-8"))
+    write_root_file(target, README_NAME, readme.encode("utf-8"))
     for name, newline in LAUNCHERS.items():
-        install_launcher(LAUNCHER_DIR / name, target / name, newline)
+        write_root_file(target, name, launcher_bytes(LAUNCHER_DIR / name, newline))
 
 
-def install_launcher(source: Path, dest: Path, newline: str) -> None:
+def launcher_bytes(source: Path, newline: str) -> bytes:
+    """A launcher from launchers/ with the line ending its OS needs (kit.medium.LAUNCHERS)."""
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BuildError(f"the launcher {source} is missing", "build from a source checkout of the kit") from None
-    lines = text.replace("\r\n", "\n").split("\n")
-    atomic_write(dest, newline.join(lines).encode("utf-8"))
-    if newline == "\n":
-        try:
-            dest.chmod(0o755)
-        except OSError:  # FAT and exFAT hold no modes: the README explains how to start it anyway
-            pass
+    return newline.join(text.replace("\r\n", "\n").split("\n")).encode("utf-8")
 
 
 def linux_glibc_floor(kit_dir: Path, manifest: BundleManifest) -> str | None:
