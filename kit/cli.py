@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
 from kit import __version__
 from kit.errors import KitError, describe_error
-from kit.paths import debug_enabled
+from kit.paths import BundlePaths, debug_enabled
 from kit.units import human_bytes
 
 
@@ -42,6 +43,36 @@ class ProgressLine:
         if p.all_done >= p.all_total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+class JobProgress:
+    """A clone's progress on a terminal: a line for the whole job and one per target (bytes, speed,
+    time left), redrawn in place; each phase's last state stays on screen. Silent when stderr is not
+    a terminal."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.phase, self.drawn, self.last = None, 0, 0.0
+
+    def __call__(self, step) -> None:
+        finished = step.job.done >= step.job.total
+        if not self.tty or (step.phase == self.phase and not finished and time.monotonic() - self.last < 0.25):
+            return
+        if step.phase != self.phase:
+            self.phase, self.drawn = step.phase, 0  # a new block of lines under the last phase's
+        self.last = time.monotonic()
+        lines = [f"{step.phase}: {self._tally(step.job)}", *(f"  {t.name}: {self._tally(t)}" for t in step.targets)]
+        up = f"\x1b[{self.drawn}F" if self.drawn else ""
+        sys.stderr.write(up + "".join(f"{line}\x1b[K\n" for line in lines))
+        sys.stderr.flush()
+        self.drawn = len(lines)
+
+    @staticmethod
+    def _tally(t) -> str:
+        pct = 100 * t.done / t.total if t.total else 100.0
+        settled = time.monotonic() - t.start > 1  # the first blocks say little about the speed
+        eta = f", {t.eta:.0f} s left" if settled and t.eta is not None and t.done < t.total else ""
+        return f"{human_bytes(t.done)} of {human_bytes(t.total)} ({pct:3.0f}%), {human_bytes(t.rate)}/s{eta}"
 
 
 # ---------------------------------------------------------------- commands
@@ -138,6 +169,57 @@ def cmd_build(args) -> int:
     else:
         print(result.summary())
     return 0
+
+
+def _source_stick(path: str | None) -> BundlePaths:
+    """The stick to copy from: the path given, else the stick as `kit verify` finds it (KIT_BUNDLE,
+    or the stick this runtime is on)."""
+    from kit.errors import BundleNotFoundError
+    from kit.paths import find_bundle
+
+    try:
+        return find_bundle(path)
+    except BundleNotFoundError:
+        if path is not None:
+            raise
+        raise KitError("no source stick given",
+                       "name it: kit clone SRC DST [DST ...], or kit update DST --from SRC") from None
+
+
+def _clone_paths(args) -> tuple[BundlePaths, list[Path]]:
+    """SRC and the targets of `kit clone [SRC] DST ...`. From a stick's runtime (START-linux.sh clone
+    DST ...), or with one path, every path is a target and the source is the stick as `kit verify`
+    finds it; otherwise the first path is the source."""
+    paths = [Path(p) for p in args.paths]
+    if args.source is not None:
+        return _source_stick(args.source), paths
+    if getattr(sys, "frozen", False) or len(paths) == 1:
+        return _source_stick(None), paths
+    return _source_stick(str(paths[0])), paths[1:]
+
+
+def _print_clone(report, as_json: bool) -> int:
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        print(report.summary())
+    return 0 if report.ok else 4
+
+
+def cmd_clone(args) -> int:
+    from kit import clone
+
+    source, targets = _clone_paths(args)
+    report = clone.clone(source, targets, on_progress=None if args.json else JobProgress())
+    return _print_clone(report, args.json)
+
+
+def cmd_update(args) -> int:
+    from kit import clone
+
+    report = clone.update(_source_stick(args.source), [Path(p) for p in args.paths], allow_older=args.allow_older,
+                          on_progress=None if args.json else JobProgress())
+    return _print_clone(report, args.json)
 
 
 def cmd_keygen(args) -> int:
@@ -240,6 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign", metavar="KEY", help="sign bundle.json with this private key (from `kit keygen`)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("clone", help="copy a stick to one or more others, verified (offline)",
+                       description="kit clone SRC DST [DST ...]: SRC is checked whole first; each source file is "
+                       "read once and written to every DST; each DST is verified. From a stick "
+                       "(START-linux.sh clone DST ...) the source is that stick. Run it again to finish "
+                       "a clone that was stopped.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SRC then DST ... (from a stick's launcher: DST ...)")
+    p.add_argument("--from", dest="source", metavar="SRC", help="the source stick; then every PATH is a target")
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.set_defaults(func=cmd_clone)
+
+    p = sub.add_parser("update", help="bring older sticks up to a newer one: copy only what differs (offline)")
+    p.add_argument("paths", nargs="+", metavar="DST", help="the stick(s) to bring up to date")
+    p.add_argument("--from", dest="source", metavar="SRC",
+                   help="the newer stick (default: KIT_BUNDLE, or the stick this runtime is on)")
+    p.add_argument("--allow-older", action="store_true", help="go back to an older stick on purpose")
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("keygen", help="create an ed25519 key pair for signing sticks")
     p.add_argument("private_key", help="where to write the private key (0600; never on a stick)")

@@ -21,9 +21,6 @@ class KitError(Exception):
         if hint is not None:
             self.hint = hint
 
-    def one_line(self) -> str:
-        return f"{self} — {self.hint}"
-
 
 class ManifestError(KitError):
     """A profile or bundle.json is malformed, unsafe or of an unknown version."""

@@ -252,7 +252,7 @@ def test_hf_misses_are_one_line_source_errors(
         fetch(HfSource(repo, filename, revision or commit, sha256(MODEL)), tmp_path)
 
     assert fragment in str(caught.value)
-    assert "\n" not in caught.value.one_line()
+    assert "\n" not in f"{caught.value} {caught.value.hint}"
 
 
 def test_hf_unreachable_endpoint_is_a_source_error(

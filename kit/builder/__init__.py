@@ -2,7 +2,8 @@
 
 Order matters for crash safety: INCOMPLETE marker first, then files (each atomic and resumable),
 then README.txt and the launchers, the hand-check sums, bundle.json and (when signing)
-bundle.json.sig + signer.pub, and only then the marker goes.
+bundle.json.sig + signer.pub, and only then the marker goes (kit.medium.begin and seal: the order
+`kit clone` keeps too).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kit import __version__
-from kit import medium
+from kit import __version__, medium
 from kit.builder import stage
 from kit.builder.cache import default_cache_dir, sources_cache
 from kit.errors import BuildError
