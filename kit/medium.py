@@ -22,9 +22,9 @@ import blake3
 
 from kit import __version__
 from kit.errors import IntegrityError
-from kit.fsutil import atomic_write, atomic_writer
+from kit.fsutil import atomic_write, atomic_writer, leftover_temps
 from kit.integrity import BLOCK, Digest, sums_text
-from kit.manifest import BundleManifest
+from kit.manifest import MANIFEST_COMPANIONS, BundleManifest
 from kit.paths import BundlePaths
 
 OnBytes = Callable[[int], None]
@@ -211,7 +211,11 @@ def seal(stick: BundlePaths, manifest: BundleManifest, raw: bytes,
          write_signature: Callable[[Path], object]) -> None:
     """The last writes, in order: the hand-check sums, bundle.json's exact bytes, then
     `write_signature(KIT/)` (bundle.json.sig and signer.pub, or their removal), and only then the
-    INCOMPLETE marker goes."""
+    INCOMPLETE marker goes. A seal killed half way left temp files beside these: remove them first,
+    or the finished stick would carry files its manifest does not list."""
+    for name in MANIFEST_COMPANIONS:
+        for temp in leftover_temps(stick.kit / name):
+            temp.unlink(missing_ok=True)
     atomic_write(stick.kit / "B3SUMS", sums_text(manifest, "blake3").encode())
     atomic_write(stick.kit / "SHA256SUMS", sums_text(manifest, "sha256").encode())
     atomic_write(stick.manifest, raw)
