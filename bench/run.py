@@ -5,7 +5,8 @@
     .venv/bin/kit bench [--quick]            the same, from the kit's command line
 
 Sections: overhead (kit vs llama-bench), kernels (every CPU variant, kit's and ggml's pick),
-verify (hashing cost), first-token (stick launcher vs llama.cpp CLI), footprint (frozen runtime).
+verify (hashing cost), first-token (stick launcher vs llama.cpp CLI), footprint (frozen runtime),
+chat (the chat's rate on screen in a real terminal, first vs last tokens and vs kit ask).
 A missed target is reported, never an error: the exit code is 1 only when a section could not run.
 """
 
@@ -26,12 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import first_token, footprint, kernel_choice, overhead, verification  # noqa: E402
+from bench import chat_terminal, first_token, footprint, kernel_choice, overhead, verification  # noqa: E402
 from bench.common import Ratio, Section, say, table  # noqa: E402
 from bench.context import QUICK, Context, Sizes  # noqa: E402
 
 SECTIONS = {"overhead": overhead.run, "kernels": kernel_choice.run, "verify": verification.run,
-            "first-token": first_token.run, "footprint": footprint.run}
+            "first-token": first_token.run, "footprint": footprint.run, "chat": chat_terminal.run}
 
 
 def cpu_model() -> str:

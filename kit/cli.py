@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from kit import __version__
+from kit.conversation import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 from kit.errors import KitError, describe_error
 from kit.paths import BundlePaths, debug_enabled
 from kit.units import human_bytes
@@ -123,6 +124,7 @@ def _print_probe(result) -> None:
 
 def cmd_ask(args) -> int:
     from kit import launch
+    from kit.conversation import LOOP_NOTE
 
     question = " ".join(args.question).strip()
     if not question:
@@ -130,12 +132,14 @@ def cmd_ask(args) -> int:
     session = launch.start(args.stick, _overrides(args),
                            on_progress=ProgressLine("checking the model"),
                            on_status=lambda s: print(s, file=sys.stderr))
-    messages = session.messages(question, preset=args.preset)
-    for token in session.engine.stream(messages, max_tokens=args.max_tokens, temperature=args.temperature):
-        sys.stdout.write(token)
+    messages = session.messages(question, preset=args.preset)  # the same first messages as the chat
+    for piece in session.engine.answer(messages, max_tokens=args.max_tokens, temperature=args.temperature):
+        sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     stats = session.engine.last_stats
+    if stats and stats.looped:
+        print(LOOP_NOTE, file=sys.stderr)
     if stats and not args.quiet:
         print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, model "
               f"{session.plan.model_id}, kernel {session.plan.cpu_variant}]", file=sys.stderr)
@@ -301,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="+")
     _add_stick(p)
     _add_overrides(p)
-    p.add_argument("--preset", help="system prompt preset id from the stick")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.3, help="0 = always the most likely word (repeatable)")
+    p.add_argument("--preset", help="system prompt preset id from the stick (default: the stick's first, "
+                   "as in the chat; 'none' for no system prompt)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="0 = always the most likely word (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no statistics line")
     p.set_defaults(func=cmd_ask)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kit import ggml, integrity, kernels, offline, rollback, signing
+from kit.conversation import choose_preset, first_messages
 from kit.engine import ChatEngine
 from kit.errors import EngineError, IntegrityError, KernelError, PlanError
 from kit.hardware import Host, detect
@@ -64,14 +65,9 @@ class Session:
 
     def messages(self, question: str, *, preset: str | None = None,
                  history: Sequence[dict] = ()) -> list[dict]:
-        msgs: list[dict] = []
-        if preset:
-            chosen = next((p for p in self.manifest.presets if p.id == preset), None)
-            if chosen is None:
-                raise PlanError(f"this stick has no preset {preset!r}",
-                                f"presets: {', '.join(p.id for p in self.manifest.presets) or 'none'}")
-            msgs.append({"role": "system", "content": chosen.system})
-        return msgs + list(history) + [{"role": "user", "content": question}]
+        """The first messages of a question, the same for every front end: the stick's default
+        preset when `preset` is None, none for kit.conversation.NO_PRESET, else the one named."""
+        return first_messages(question, choose_preset(self.manifest.presets, preset), history)
 
     def report(self) -> DoctorReport:
         """What `kit doctor` would show, from what start() already found (nothing re-probed)."""

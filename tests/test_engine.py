@@ -1,4 +1,5 @@
-"""The engine with the real model: verified loads only, one libggml, streaming, stop, chat format."""
+"""The engine with the real model: verified loads only, one libggml, streaming, stop, chat format,
+the loop guard on a real loop; and its stop-string scanner, which needs no model."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import textwrap
 import threading
 
 import pytest
-from conftest import FakeEngine
+from conftest import ROOT, FakeEngine
 
 from kit import integrity
-from kit.engine import GenStats
+from kit.engine import GenStats, StopStrings
 from kit.errors import NotVerifiedError
-
-pytestmark = pytest.mark.slow
 
 # Run in a child: a kernel is loaded into the process for good, and a crash must not take pytest.
 CHILD = textwrap.dedent("""
@@ -43,6 +42,24 @@ CHILD = textwrap.dedent("""
     out["stopped_after"] = len(pieces)
     out["stopped"] = eng.last_stats.stopped
     out["chat_format"] = eng.llm.chat_format
+    # the prompt the alpaca format renders, and how many tokens each detokenize call decodes
+    prompts, detokenized = [], []
+    create, detokenize = eng.llm.create_completion, eng.llm.detokenize
+    eng.llm.create_completion = lambda prompt, **kw: prompts.append(prompt) or create(prompt, **kw)
+    eng.llm.detokenize = lambda tokens, *a, **kw: detokenized.append(len(tokens)) or detokenize(tokens, *a, **kw)
+    long = [{"role": "user", "content": "Show a table with columns Item and Quantity for a first aid kit."}]
+    out["long_pieces"] = len(list(eng.stream(long, max_tokens=400, temperature=0.0)))
+    out["detokenized_max"] = max(detokenized)
+    out["prompt_end"] = eng.llm.detokenize(prompts[-1][-8:]).decode()
+    eng.llm.create_completion, eng.llm.detokenize = create, detokenize
+    # a real loop, through the one streaming path every front end uses
+    from kit.conversation import choose_preset, first_messages
+    from kit.manifest import load_profile
+    presets = load_profile(pathlib.Path(sys.argv[2])).presets
+    poem = first_messages("Write a poem about the rain.", choose_preset(presets))  # the demo stick's default
+    out["poem_raw"] = "".join(eng.stream(poem, max_tokens=300, temperature=0.0))
+    out["poem_shown"] = "".join(eng.answer(poem, max_tokens=300, temperature=0.0))
+    out["poem_stats"] = eng.last_stats.__dict__
     maps = pathlib.Path("/proc/self/maps").read_text().splitlines()
     out["ggml"] = sorted({l.split()[-1] for l in maps if "/libggml.so" in l})
     out["cpu"] = sorted({l.split()[-1].rsplit("/", 1)[-1] for l in maps if "libggml-cpu-" in l})
@@ -52,18 +69,22 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def child_result(gemma_path):
-    done = subprocess.run([sys.executable, "-c", CHILD, str(gemma_path)], capture_output=True, text=True,
-                          timeout=300)
+    """Every real-model check in one child (loading the model once)."""
+    done = subprocess.run([sys.executable, "-c", CHILD, str(gemma_path), str(ROOT / "manifests" / "demo.toml")],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_refuses_a_file_not_verified_in_this_process(child_result):
     assert child_result["unverified"].startswith("NotVerifiedError:")
 
 
+@pytest.mark.slow
 def test_answers_with_the_fallback_chat_format(child_result):
     assert child_result["chat_format"] == "alpaca"
+    assert child_result["prompt_end"].endswith("### Response:\n")  # the model is told its turn has come
     answer = child_result["answer"]
     assert len(answer.split()) >= 8, answer
     assert "water" in answer.lower()
@@ -72,16 +93,40 @@ def test_answers_with_the_fallback_chat_format(child_result):
     assert stats["context_used"] > stats["completion_tokens"]
 
 
+@pytest.mark.slow
 def test_stop_event_ends_the_answer(child_result):
     assert child_result["stopped"] is True
     assert child_result["stopped_after"] == 5
 
 
+@pytest.mark.slow
+def test_streaming_decodes_each_token_once(child_result):
+    """llama-cpp-python's own stream detokenizes the whole answer for every token; ours one token
+    (the work per token is the same at token 10 and at token 2,000)."""
+    assert child_result["long_pieces"] >= 50
+    assert child_result["detokenized_max"] == 1
+
+
+@pytest.mark.slow
+def test_a_real_loop_is_stopped_and_the_start_kept(child_result):
+    """Gemma 3 270M, asked for a poem, greedy: one line over and over until the token limit."""
+    raw, shown, stats = child_result["poem_raw"], child_result["poem_shown"], child_result["poem_stats"]
+    lines = [line for line in raw.splitlines() if line.strip()]
+    assert len(lines) - len(set(lines)) >= 10, raw  # the model really loops
+    assert stats["looped"] and not stats["stopped"]
+    assert raw.startswith(shown) and 10 < len(shown.strip()) < len(raw) / 3
+    kept = [line for line in shown.splitlines() if line.strip()]
+    assert len(kept) == len(set(kept))  # each line once: the first copy kept, the repeats cut
+    assert stats["completion_tokens"] < 150  # stopped after a few copies, not at the limit (300)
+
+
+@pytest.mark.slow
 def test_one_libggml_instance_and_the_chosen_kernel(child_result):
     assert len(child_result["ggml"]) == 1 and child_result["ggml"][0].endswith("libggml.so.0")
     assert child_result["cpu"] == ["libggml-cpu-haswell.so"]
 
 
+@pytest.mark.slow
 def test_require_verified_in_parent(gemma_path):
     integrity.forget_verified()
     with pytest.raises(NotVerifiedError):
@@ -99,3 +144,20 @@ def test_fake_engine_is_scriptable():
     stop.set()
     fake.enqueue("never shown")
     assert list(fake.stream([], stop=stop)) == [] and fake.last_stats.stopped
+
+
+def test_stop_strings_hold_back_only_what_could_start_one():
+    stops = StopStrings(["###", "</s>"])
+    assert stops.feed("Boil it") == ("Boil it", False)
+    assert stops.feed(" for a minute. #") == (" for a minute. ", False)  # "#" may begin "###"
+    assert stops.feed("1 is the rule") == ("#1 is the rule", False)  # it did not
+    assert stops.feed(" <") == (" ", False)
+    assert stops.feed("/s") == ("", False)
+    assert stops.feed("> more") == ("", True) and stops.found  # nothing after a stop string
+    assert StopStrings([]).feed("a#") == ("a#", False)
+
+
+def test_stop_string_split_across_pieces_and_flush():
+    stops = StopStrings(["### Instruction"])
+    shown = "".join(stops.feed(p)[0] for p in ["Answer.\n\n#", "##", " Instr"])
+    assert shown == "Answer.\n\n" and stops.flush() == "### Instr"  # the answer ended: held text shown

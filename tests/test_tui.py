@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import FakeEngine
 from rich.console import Console
+from textual.app import App
 
 from kit import integrity, launch, signing
+from kit.conversation import LOOP_NOTE, EmptyAnswerError
 from kit.errors import EngineError, IntegrityError, PlanError
 from kit.ggufmeta import ModelFacts
 from kit.hardware import Host
@@ -30,6 +32,7 @@ from kit.tui.app import make_app, pick_theme
 from kit.tui.screens.chat import ChatScreen
 from kit.tui.screens.failure import FailureScreen
 from kit.tui.screens.start import StartScreen
+from kit.tui.widgets.markdown_lines import MarkdownLines
 from kit.tui.widgets.transcript import AnswerMessage, UserMessage
 
 GiB = 1024**3
@@ -374,6 +377,140 @@ async def test_engine_error_is_shown_in_the_chat_and_question_kept(stick, state)
         assert "no longer fits the context" in answers(chat)[0]
         assert chat.conversation.messages == []  # never sent to the model unanswered next time
         assert chat.query_one("#question").text == "A long question"
+
+
+@pytest.mark.anyio
+async def test_empty_answer_says_what_to_try_and_keeps_the_question(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue([])  # the model ended its answer at once
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Write a long story about a river and a village.")
+        await answered(pilot)
+        sentence = EmptyAnswerError().sentence()
+        assert sentence == ("The model gave no answer: rephrase the question, or try another preset "
+                            "or another model.")
+        assert sentence in answers(chat)[0]
+        await wait_for(pilot, lambda: "The model gave no answer: rephrase the question" in screen_text(app),
+                       what="the sentence on screen")
+        assert "no answer" in screen_text(app)  # the answer's border says how it ended
+        assert chat.conversation.messages == []  # never sent to the model unanswered next time
+        assert chat.query_one("#question").text == "Write a long story about a river and a village."
+
+
+@pytest.mark.anyio
+async def test_a_looping_answer_is_stopped_and_what_came_before_kept(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue(["Stay calm.\n\n"] + ["I will not let you down.\n\n"] * 300)
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await started(pilot)
+        await ask(pilot, "Write a poem about the rain.")
+        await answered(pilot)
+        kept = "Stay calm.\n\n I will not let you down.\n\n"
+        assert answers(chat)[0] == kept
+        stats = starter.engine.last_stats
+        assert stats.looped and not stats.stopped
+        assert stats.completion_tokens < 10  # the engine stopped generating, not at 300
+        text = screen_text(app)
+        assert LOOP_NOTE in text  # on the answer's border
+        assert "Stopped: the model was repeating itself ·" in text  # and in the status line
+        assert chat.conversation.messages[-1] == {"role": "assistant", "content": kept, "stopped": True}
+
+
+MARKDOWN = ("# Water\n\nBoil it for **one minute**; at altitude, *three*.\n\n"
+            + "".join(f"{i}. Step {i}: {'keep it covered ' * (i % 3)}and wait.\n" for i in range(1, 31))
+            + "\n| Method | Time |\n|---|---|\n| Boil | 1 min |\n| Tablets | 30 min |\n\n"
+            + "```python\n" + "".join(f"x{i} = {i}  # line {i}\n" for i in range(40)) + "```\n\n"
+            + "- a bullet\n  - nested under it\n- another\n\n" + "A last paragraph that is long enough "
+            * 6 + "to wrap.\n")
+
+
+class _Pair(App):
+    """One answer streamed in pieces beside the same text given whole."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def compose(self):
+        yield MarkdownLines(id="streamed")
+        yield MarkdownLines(self.text, id="whole")
+
+
+def _lines(widget: MarkdownLines) -> list[str]:
+    return [widget.render_line(y).text.rstrip() for y in range(widget.size.height)]
+
+
+@pytest.mark.anyio
+async def test_streamed_markdown_shows_what_the_whole_text_shows():
+    app = _Pair(MARKDOWN)
+    async with app.run_test(size=(90, 30)) as pilot:
+        streamed, whole = app.query_one("#streamed", MarkdownLines), app.query_one("#whole", MarkdownLines)
+        for i in range(0, len(MARKDOWN), 7):
+            streamed.append(MARKDOWN[i:i + 7])
+            if i % 140 == 0:
+                await pilot.pause()  # frames in between, as in the chat
+        streamed.finish()
+        await pilot.pause()
+        assert streamed.text == MARKDOWN
+        shown = _lines(streamed)
+        assert shown == _lines(whole)
+        page = "\n".join(shown)
+        assert "Boil it for one minute; at altitude, three." in page  # emphasis rendered, no asterisks
+        assert " 1. Step 1: keep it covered and wait." in page and "30. Step 30:" in page
+        assert "Tablets" in page and "30 min" in page and "|---|" not in page  # a table, drawn
+        assert "x39 = 39  # line 39" in page and "```" not in page  # the whole code block, no fences
+        assert "• a bullet" in page and "• nested under it" in page
+
+
+@pytest.mark.anyio
+async def test_streaming_work_per_piece_does_not_grow_with_the_answer(monkeypatch):
+    """Every piece re-renders only the block being written: the same work at the start of a
+    2,000-piece answer as at its end (counted, not timed)."""
+    renders: list[int] = []
+    original = MarkdownLines._render_block
+    monkeypatch.setattr(MarkdownLines, "_render_block",
+                        lambda self, block: renders.append(len(block.source)) or original(self, block))
+    pieces = (MARKDOWN * 4).replace("\n", " \n").split(" ")
+    pieces = [p + " " for p in pieces][:2000]
+    app = _Pair("")
+    async with app.run_test(size=(90, 30)):
+        streamed = app.query_one("#streamed", MarkdownLines)
+        per_piece = []
+        for piece in pieces:
+            renders.clear()
+            streamed.append(piece)
+            streamed.get_content_height(app.size, app.size, 88)  # what a frame does
+            per_piece.append((len(renders), sum(renders)))
+    early, late = per_piece[10:200], per_piece[-190:]
+    assert max(n for n, _ in early + late) <= 3  # blocks rendered: the live one, and one just finished
+    biggest_block = max(len(b) for b in ("\n".join(f"x{i} = {i}  # line {i}" for i in range(16)),
+                                         "A last paragraph that is long enough " * 6 + "to wrap."))
+    assert max(chars for _, chars in late) <= 2 * biggest_block + 200  # never the answer so far
+
+
+@pytest.mark.anyio
+async def test_a_long_conversation_does_not_rerender_earlier_answers(stick, state, monkeypatch):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue(*[f"Answer {i}: boil the water, then let it cool." for i in range(12)])
+    starter.engine.enqueue([f"word{i}" for i in range(300)])
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        for i in range(12):
+            await ask(pilot, f"Question {i}?")
+            await answered(pilot, i + 1)
+        earlier = set(chat.query(MarkdownLines))
+        rendered: list[MarkdownLines] = []
+        original = MarkdownLines._render_block
+        monkeypatch.setattr(MarkdownLines, "_render_block",
+                            lambda self, block: rendered.append(self) or original(self, block))
+        await ask(pilot, "And now a long one?")
+        await answered(pilot, 13)
+        assert rendered and not earlier & set(rendered)  # only the new answer was rendered
+        assert "word299" in answers(chat)[-1]
 
 
 @pytest.mark.anyio

@@ -15,6 +15,7 @@ import pytest
 from test_tui import answers, ask, screen_text, wait_for
 from tmuxdrv import KIT, Tmux, ask_and_stop, shared_demo_stick
 
+from kit.conversation import LOOP_NOTE, AnswerSettings, EmptyAnswerError
 from kit.history import HistoryStore
 from kit.plan import Overrides
 from kit.tui.app import make_app
@@ -59,6 +60,46 @@ async def test_real_model_answers_through_the_ui(demo_stick, monkeypatch):
         state = chat.session.state
         await wait_for(pilot, lambda: any(s.id == chat.conversation.id
                                           for s in HistoryStore(state).list().conversations), what="save")
+
+
+@pytest.mark.anyio
+async def test_the_chat_stops_a_real_loop_and_keeps_its_start(demo_stick, monkeypatch):
+    """Gemma 3 270M, greedy, asked for a poem, writes one line over and over until the token limit."""
+    monkeypatch.delenv("KIT_STATE_DIR", raising=False)
+    app = make_app(demo_stick, Overrides(), settings=AnswerSettings(max_tokens=400, temperature=0.0))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), timeout=START_TIMEOUT_S,
+                       what="the model to load")
+        chat = app.screen
+        await ask(pilot, "Write a poem about the rain.")
+        await wait_for(pilot, lambda: chat.generation is None and answers(chat), timeout=300, what="the answer")
+        stats = chat.session.engine.last_stats
+        assert stats.looped and stats.completion_tokens < 400
+        await wait_for(pilot, lambda: LOOP_NOTE in screen_text(app), what="the note")
+        kept = [line for line in chat.conversation.messages[-1]["content"].splitlines() if line.strip()]
+        assert kept and len(kept) == len(set(kept))  # what came before the loop, the repeated line once
+
+
+@pytest.mark.anyio
+async def test_the_chat_says_so_when_the_real_model_gives_no_answer(demo_stick, monkeypatch):
+    """Gemma 3 270M, greedy, with no preset, ends this answer before its first word (as `kit ask
+    --preset none` does: tests/test_conversation.py)."""
+    monkeypatch.delenv("KIT_STATE_DIR", raising=False)
+    app = make_app(demo_stick, Overrides(), settings=AnswerSettings(temperature=0.0))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), timeout=START_TIMEOUT_S,
+                       what="the model to load")
+        chat = app.screen
+        await pilot.press("f2")
+        await pilot.pause()
+        await pilot.press("end", "enter")  # the last choice: No preset
+        await wait_for(pilot, lambda: chat.conversation.preset_id is None, what="no preset")
+        await ask(pilot, "Translate 'water' into French.")
+        await wait_for(pilot, lambda: chat.generation is None and answers(chat), timeout=300, what="the answer")
+        assert EmptyAnswerError().sentence() in answers(chat)[0]
+        await wait_for(pilot, lambda: "The model gave no answer: rephrase the question" in screen_text(app),
+                       what="the sentence on screen")
+        assert chat.query_one("#question").text == "Translate 'water' into French."  # to rephrase it
 
 
 def test_kit_chat_in_a_real_terminal(demo_stick):

@@ -13,7 +13,8 @@ Reusable for any command, e.g. the frozen runtime on a built stick:
 
 Each Tmux has its own server socket (-L), so tests never touch anyone's tmux sessions.
 Also here: building the demo stick once per test session (the kernel probe is then cached in
-its state/ folder for every later start).
+its state/ folder for every later start). No pytest import: bench/chat_terminal.py drives the
+chat with the same class.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 KIT = Path(sys.executable).parent / "kit"  # the venv's console script
 EXIT_MARK = "KIT-EXITED"
@@ -44,8 +43,8 @@ def require_tmux() -> str:
     if os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run(["apt-get", "install", "-y", "-q", "tmux"], capture_output=True, timeout=300)
         found = shutil.which("tmux")
-    if not found:
-        pytest.fail("tmux is not installed and could not be installed (apt-get install tmux)")
+    if not found:  # an error, never a skip: the real-terminal tests must run
+        raise RuntimeError("tmux is not installed and could not be installed (apt-get install tmux)")
     return found
 
 
@@ -157,7 +156,9 @@ def shared_demo_stick(tmp_path_factory) -> Path:
     return target
 
 
-LONG_PROMPTS = ("Tell me a long story about mountains.", "Write a long story about a river and a boat.",
+LONG_PROMPTS = ("Tell me a long story about the sea.", "Tell me a long story about mountains.",
+                "Write a numbered list of 30 things to pack for a hike.",
+                "Write a long essay about the history of maps.",
                 "List everything a family needs in an emergency kit, with details.")
 STREAMING = re.compile(r"Answering\.\.\. \d+ tokens")
 

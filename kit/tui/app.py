@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from textual.app import App
 from textual.binding import Binding
 
+from kit.conversation import AnswerSettings
 from kit.history import Conversation, HistoryStore
 from kit.plan import Overrides
 from kit.tui.screens.chat import ChatScreen
@@ -49,10 +50,12 @@ class KitApp(App[int]):
     ENABLE_COMMAND_PALETTE = False  # ctrl+p picks a preset instead
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit the kit")]
 
-    def __init__(self, starter: Starter, overrides: Overrides | None = None, *, theme: str | None = None):
+    def __init__(self, starter: Starter, overrides: Overrides | None = None, *, theme: str | None = None,
+                 settings: AnswerSettings | None = None):
         super().__init__()
         self.starter = starter
         self.overrides = overrides or Overrides()
+        self.settings = settings or AnswerSettings()
         self.session: Session | None = None
         self.history: HistoryStore | None = None
         self._carry: Conversation | None = None  # the conversation that survives a model switch
@@ -76,7 +79,7 @@ class KitApp(App[int]):
         if self.history is None or self.history.state != session.state:  # kept across model switches
             self.history = HistoryStore(session.state)
         conversation, self._carry = self._carry, None
-        self._replace_top(ChatScreen(session, self.history, conversation))
+        self._replace_top(ChatScreen(session, self.history, conversation, self.settings))
 
     def show_failure(self, error: BaseException, overrides: Overrides) -> None:
         self._replace_top(FailureScreen(error, overrides))
@@ -96,13 +99,14 @@ class KitApp(App[int]):
 
 
 def make_app(stick: str | Path | None = None, overrides: Overrides | None = None, *,
-             starter: Starter | None = None, theme: str | None = None) -> KitApp:
-    return KitApp(starter or default_starter(stick), overrides, theme=theme)
+             starter: Starter | None = None, theme: str | None = None,
+             settings: AnswerSettings | None = None) -> KitApp:
+    return KitApp(starter or default_starter(stick), overrides, theme=theme, settings=settings)
 
 
-def run(stick: str | Path | None, overrides: Overrides) -> int:
+def run(stick: str | Path | None, overrides: Overrides, settings: AnswerSettings | None = None) -> int:
     """`kit chat`: the app in this terminal; the exit code says how it ended."""
-    app = make_app(stick, overrides, theme=pick_theme(os.environ))
+    app = make_app(stick, overrides, theme=pick_theme(os.environ), settings=settings)
     try:
         app.run()
     finally:

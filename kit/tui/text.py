@@ -6,6 +6,7 @@ import math
 import traceback
 
 from kit import errors
+from kit.conversation import LOOP_NOTE
 from kit.engine import GenStats
 from kit.integrity import Progress
 from kit.units import human_bytes
@@ -47,7 +48,9 @@ def stats_line(stats: GenStats | None, n_ctx: int, *, answering: bool) -> str:
         return f"Answering... {stats.completion_tokens} tokens, {speed} · Esc stops"
     pct = round(100 * stats.context_used / n_ctx) if n_ctx else 0
     line = f"{speed} · context {stats.context_used} of {n_ctx} tokens ({pct}%)"
-    if stats.stopped:
+    if stats.looped:
+        line = f"{LOOP_NOTE[0].upper()}{LOOP_NOTE[1:]} · {line}"
+    elif stats.stopped:
         line = "Stopped · " + line
     if pct >= 80:
         line += " · nearly full: Ctrl+N starts afresh"

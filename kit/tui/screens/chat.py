@@ -1,7 +1,9 @@
 """The chat: ask, watch the answer stream in, stop it, start afresh, switch preset or model.
 
-Generation runs in a worker thread (session.engine.stream with a stop Event) and reaches the
-screen only as messages: Tokens (batched) and Done.
+Generation runs in a worker thread (session.engine.answer, the loop-guarded stream every front
+end uses, with a stop Event) and reaches the screen only as messages: Tokens, batched to at most
+one a frame, and Done. The thread does no rendering: while the model writes, the screen's work
+is one block's lines a frame, whatever the length of the answer or of the conversation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static, TextArea
 from textual.worker import Worker
 
+from kit.conversation import LOOP_NOTE, NO_PRESET, AnswerSettings, EmptyAnswerError, default_preset
 from kit.engine import GenStats
 from kit.history import Conversation, HistoryStore, new_conversation
 from kit.tui.screens.hardware import HardwareScreen
@@ -34,7 +37,9 @@ from kit.tui.widgets.transcript import AnswerMessage, Transcript
 if TYPE_CHECKING:  # the type only: the screens are handed a started session
     from kit.launch import Session
 
-FLUSH_S = 0.05  # batch tokens: the screen redraws at most ~20 times a second
+# Batch tokens: the answer is redrawn at most 10 times a second (a few words a frame). The model
+# and the screen share the CPU: on a 2-core laptop each frame is time taken from generation.
+FLUSH_S = 0.1
 
 WELCOME = ("Type your question in the box below, then press Ctrl+S to send it (Enter starts a new line).\n"
            "Everything runs on this computer: nothing is sent anywhere. Answers can be wrong; "
@@ -87,10 +92,12 @@ class ChatScreen(Screen):
             super().__init__()
             self.why = why
 
-    def __init__(self, session: Session, history: HistoryStore, conversation: Conversation | None = None):
+    def __init__(self, session: Session, history: HistoryStore, conversation: Conversation | None = None,
+                 settings: AnswerSettings | None = None):
         super().__init__()
         self.session = session
         self.history = history
+        self.settings = settings or AnswerSettings()
         self.conversation = conversation or self.fresh_conversation(self.default_preset())
         self.generation: Generation | None = None
         self.last_stats: GenStats | None = None
@@ -138,8 +145,8 @@ class ChatScreen(Screen):
         return preset.name if preset else "none"
 
     def default_preset(self) -> str | None:
-        presets = self.session.manifest.presets  # the stick's first preset; the kit itself ships none
-        return presets[0].id if presets else None
+        preset = default_preset(self.session.manifest.presets)  # as `kit ask` starts
+        return preset.id if preset else None
 
     def fresh_conversation(self, preset_id: str | None) -> Conversation:
         return new_conversation(self.session.plan.model_id, preset_id)
@@ -152,7 +159,7 @@ class ChatScreen(Screen):
 
     def refresh_stats(self, note: str = "") -> None:
         line = note or stats_line(self.last_stats, self.session.engine.n_ctx, answering=self.answering)
-        self.query_one("#stats", Static).update(Content(line))
+        self.query_one("#stats", Static).update(Content(line), layout=False)  # one line, always
 
     @property
     def answering(self) -> bool:
@@ -192,9 +199,10 @@ class ChatScreen(Screen):
         self.refresh_bindings()
         self.refresh_stats()
 
-    def preset_for_engine(self) -> str | None:
+    def preset_for_engine(self) -> str:
+        """The conversation's preset; none when it has none, or names one this stick lacks."""
         ids = {p.id for p in self.session.manifest.presets}
-        return self.conversation.preset_id if self.conversation.preset_id in ids else None
+        return self.conversation.preset_id if self.conversation.preset_id in ids else NO_PRESET
 
     @work(thread=True, group="generate")
     def generate(self, generation: Generation, messages: list[dict]) -> None:
@@ -203,7 +211,8 @@ class ChatScreen(Screen):
         last_flush = time.monotonic()
         error: BaseException | None = None
         try:
-            for token in engine.stream(messages, stop=generation.stop):
+            for token in engine.answer(messages, stop=generation.stop, max_tokens=self.settings.max_tokens,
+                                       temperature=self.settings.temperature):
                 pending.append(token)
                 if time.monotonic() - last_flush >= FLUSH_S:
                     self.post_message(self.Tokens(generation, "".join(pending), _copy(engine.last_stats)))
@@ -216,32 +225,36 @@ class ChatScreen(Screen):
                 self.post_message(self.Tokens(generation, "".join(pending), _copy(engine.last_stats)))
             self.post_message(self.Done(generation, _copy(engine.last_stats), error))
 
-    async def on_chat_screen_tokens(self, message: Tokens) -> None:
+    def on_chat_screen_tokens(self, message: Tokens) -> None:
         if message.generation.view.is_attached:
-            await message.generation.view.append(message.text)
+            message.generation.view.append(message.text)
         if message.generation is self.generation:
             self.last_stats = message.stats
             self.refresh_stats()
 
-    async def on_chat_screen_done(self, message: Done) -> None:
+    def on_chat_screen_done(self, message: Done) -> None:
         gen = message.generation
         stats, error = message.stats, message.error
         text = gen.view.text
         stopped = bool(stats and stats.stopped) or gen.stop.is_set()
+        looped = bool(stats and stats.looped)
         if text.strip():
-            gen.conversation.add("assistant", text, stopped=stopped)
-            note = "stopped" if stopped else ""
+            gen.conversation.add("assistant", text, stopped=stopped or looped)
+            note = LOOP_NOTE if looped else "stopped" if stopped else ""
         else:  # nothing was written: take the question back so the model never sees it unanswered
             if gen.conversation.messages and gen.conversation.messages[-1]["role"] == "user":
                 gen.conversation.messages.pop()
             note = "stopped before answering" if stopped else "no answer"
-        if error is not None:
+        if isinstance(error, EmptyAnswerError):
+            if gen.view.is_attached:
+                gen.view.append(f"*{error.sentence()}*")
+        elif error is not None:
             what, _meaning, fix, _code = failure_parts(error)
             note = "failed"
             if gen.view.is_attached:
-                await gen.view.append(f"\n\n**The model stopped with an error:** {what}\n\n*What to do:* {fix}")
+                gen.view.append(f"\n\n**The model stopped with an error:** {what}\n\n*What to do:* {fix}")
         if gen.view.is_attached:
-            await gen.view.finish(note)
+            gen.view.finish(note)
         if gen is self.generation:
             self.generation = None
             self.last_stats = stats

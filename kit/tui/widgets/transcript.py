@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from textual.containers import Vertical, VerticalScroll
 from textual.content import Content
-from textual.widgets import Markdown, Static
+from textual.widgets import Static
 
 from kit.history import Conversation
+from kit.tui.widgets.markdown_lines import MarkdownLines
 
 
 class UserMessage(Static):
@@ -21,26 +22,23 @@ class AnswerMessage(Vertical):
     def __init__(self, speaker: str, text: str = "", *, note: str = ""):
         super().__init__(classes="message")
         self.speaker = speaker
-        self.text = text
         self.border_title = speaker
-        self.markdown = Markdown(text)
-        self._stream = None
+        self.markdown = MarkdownLines(text)
         if note:
             self.border_subtitle = note
+
+    @property
+    def text(self) -> str:
+        return self.markdown.text
 
     def compose(self):
         yield self.markdown
 
-    async def append(self, fragment: str) -> None:
-        if self._stream is None:
-            self._stream = Markdown.get_stream(self.markdown)  # batches updates it cannot keep up with
-        self.text += fragment
-        await self._stream.write(fragment)
+    def append(self, fragment: str) -> None:
+        self.markdown.append(fragment)
 
-    async def finish(self, note: str = "") -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+    def finish(self, note: str = "") -> None:
+        self.markdown.finish()
         self.border_subtitle = note
 
 
