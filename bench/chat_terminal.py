@@ -72,10 +72,10 @@ def run_chat(stick: Path, tokens: int) -> dict:
     with Tmux(width=100, height=30) as term:
         term.start([sys.executable, APP, "--stick", stick, "--max-tokens", tokens,
                     "--temperature", TEMPERATURE], env=env)
-        term.wait_for("Ctrl+S sends", timeout=START_TIMEOUT_S)
+        term.wait_for("Enter sends", timeout=START_TIMEOUT_S)
         before = set((stick / "KIT" / "state" / "history").glob("*.json"))
         term.type(QUESTION)
-        term.keys("C-s")
+        term.keys("Enter")
         samples: list[tuple[float, int]] = []
         end = time.monotonic() + 60 + tokens  # far beyond a token a second
         screen = ""

@@ -86,9 +86,12 @@ def chat_decode_speed(args) -> float:
     """Generation speed of the real chat stream (template, sampling, detokenising included):
     tokens after the first over the time after the first, so the prompt is not counted. The best
     of `repeats` answers, as for the other measures."""
+    from kit import engine
     from kit.engine import LlamaEngine
 
-    chat = LlamaEngine.load([args.model], bench_settings(args, 1024), model_id="bench",
+    # the context llama-bench gets for the same lengths (a larger KV cache makes each token dearer)
+    settings = bench_settings(args, engine.bench_context(args.prompt_tokens, args.chat_tokens))
+    chat = LlamaEngine.load([args.model], settings, model_id="bench",
                             chat_format_fallback=args.chat_format, variant=args.variant, seed=1)
     messages = [{"role": "user", "content": CHAT_QUESTION}]
     best = float("nan")

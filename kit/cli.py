@@ -265,14 +265,14 @@ def cmd_bench(args) -> int:
 def cmd_probe(args) -> int:
     from kit import kernels
 
-    return kernels.probe_child(Path(args.variant), Path(args.model), args.blake3, args.threads)
+    return kernels.probe_child(Path(args.variant), Path(args.model), args.blake3, args.threads, serve=args.serve)
 
 
 # ---------------------------------------------------------------- parser
 
 def _add_stick(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stick", metavar="DIR", help="the stick (folder holding KIT/); "
-                   "default: KIT_BUNDLE, or the stick this runtime is on")
+                   "default: KIT_BUNDLE, the stick this runtime is on, or the stick the current folder is in")
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("verify", help="check every file of a stick against its manifest")
-    p.add_argument("stick", nargs="?", help="the stick (default: KIT_BUNDLE or this runtime's stick)")
+    p.add_argument("stick", nargs="?", help="the stick (default: KIT_BUNDLE, this runtime's stick, "
+                   "or the stick the current folder is in)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--key", metavar="PUB", help="require a valid signature by this public key (a .pub file)")
     p.add_argument("--fingerprint", metavar="FP", help="require a valid signature by the key with this fingerprint")
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--blake3", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--serve", action="store_true", help="answer commands read on stdin (kernels.ProbeChild)")
     p.set_defaults(func=cmd_probe)
     return parser
 

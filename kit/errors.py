@@ -42,7 +42,7 @@ class IncompleteBundleError(KitError):
 
 
 class BundleNotFoundError(KitError):
-    hint = "pass the stick's folder (the one holding KIT/), or set KIT_BUNDLE"
+    hint = "run it from inside the stick's folder, pass --stick DIR (the folder holding KIT/), or set KIT_BUNDLE"
 
 
 class IntegrityError(KitError):
@@ -78,6 +78,10 @@ class EngineError(KitError):
     """The model could not be loaded or run."""
 
     hint = "run `kit doctor` to see what the kit chose; try a smaller model or context"
+
+
+class ChatTemplateError(EngineError):
+    """A model's chat template that its sandbox refused: every setting of that model would fail."""
 
 
 class PlanError(KitError):

@@ -109,6 +109,28 @@ def _layer_weights(facts: ModelFacts) -> tuple[list[int], int]:
     return [share] * facts.n_layers, facts.output_bytes or share
 
 
+def _gpu_weights(facts: ModelFacts, gpu_layers: int) -> int:
+    """Weight bytes of the last `gpu_layers` layers (llama.cpp's n_gpu_layers, already clamped)."""
+    per_layer, output = _layer_weights(facts)
+    first_gpu = facts.n_layers + 1 - gpu_layers
+    return sum(per_layer[i] for i in range(min(first_gpu, facts.n_layers), facts.n_layers)) + (
+        output if gpu_layers else 0)
+
+
+def sealed_ram(facts: ModelFacts, settings: EngineSettings) -> int:
+    """RAM needed when the weights come from a sealed memfd (kit.sealed) instead of the stick's file.
+
+    llama.cpp maps the memfd read-only and MAP_SHARED: the mapping *is* the memfd's pages, so the
+    weights are counted once, as in `estimate_memory` (measured: bench/verification.py, the same
+    RSS both ways). What changes: those pages are shmem, never evicted (the file's pages were
+    reclaimable page cache), and they all stay while the memfd is open: llama.cpp's unmapping of
+    offloaded tensors frees nothing, so weights sent to a GPU still count in RAM here."""
+    est = estimate_memory(facts, settings)
+    w_gpu = _gpu_weights(facts, est.gpu_layers) if est.gpu_layers else 0
+    tied = _layer_weights(facts)[1] if est.gpu_layers and facts.tied_embeddings else 0
+    return est.ram + w_gpu - tied  # est.ram holds weights - w_gpu + tied
+
+
 def estimate_memory(facts: ModelFacts, settings: EngineSettings) -> MemoryEstimate:
     """What running `facts` with `settings` needs, split between RAM and VRAM.
 
@@ -131,7 +153,7 @@ def estimate_memory(facts: ModelFacts, settings: EngineSettings) -> MemoryEstima
     kv_cpu = kv_cache_bytes(facts, settings, layers=cpu_blocks)
 
     weights = facts.file_size
-    w_gpu = sum(per_layer[i] for i in gpu_blocks) + (output if gpu_layers else 0)
+    w_gpu = _gpu_weights(facts, gpu_layers)
     compute = compute_bytes(facts, settings)
     overhead = RUNTIME_OVERHEAD + facts.vocab_size * VOCAB_BYTES_PER_TOKEN
 

@@ -48,11 +48,12 @@ VARIANT_FLAGS: dict[str, tuple[str, ...]] = {
     "apple_m4": ("asimddp", "i8mm", "sme"),
 }
 
-# How each OS names the shared libraries (libggml is the one libllama links against).
+# How each OS names the shared libraries: variant prefix and suffix, libggml (the one libllama
+# links against) and libggml-base (every variant's dependency).
 _LIB_NAMES = {
-    "linux": ("libggml-cpu-", ".so", "libggml.so.0"),
-    "macos": ("libggml-cpu-", ".so", "libggml.0.dylib"),
-    "windows": ("ggml-cpu-", ".dll", "ggml.dll"),
+    "linux": ("libggml-cpu-", ".so", "libggml.so.0", "libggml-base.so.0"),
+    "macos": ("libggml-cpu-", ".so", "libggml.0.dylib", "libggml-base.0.dylib"),
+    "windows": ("ggml-cpu-", ".dll", "ggml.dll", "ggml-base.dll"),
 }
 # GPU backends built as loadable modules beside the CPU variants (GGML_BACKEND_DL).
 _GPU_MODULES = {"cuda": "cuda", "rocm": "hip", "metal": "metal", "vulkan": "vulkan"}
@@ -82,7 +83,7 @@ def lib_dir() -> Path:
 
 
 def list_variants(directory: Path | None = None) -> list[Variant]:
-    prefix, suffix, _ = _LIB_NAMES[os_key()]
+    prefix, suffix, *_ = _LIB_NAMES[os_key()]
     directory = directory or lib_dir()
     found = []
     for path in sorted(directory.glob(f"{prefix}*{suffix}")):
@@ -93,7 +94,7 @@ def list_variants(directory: Path | None = None) -> list[Variant]:
 
 def gpu_backend_libs(directory: Path | None = None) -> dict[str, Path]:
     """The GPU backends this runtime can drive: {"cuda": path, ...}; empty for a CPU-only build."""
-    prefix, suffix, _ = _LIB_NAMES[os_key()]
+    prefix, suffix, *_ = _LIB_NAMES[os_key()]
     directory = directory or lib_dir()
     base = prefix.removesuffix("cpu-")
     found = {}
@@ -123,3 +124,18 @@ def load_variant(path: Path) -> None:
     ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
     if not ggml.ggml_backend_load(os.fsencode(path)):
         raise KernelError(f"ggml could not load the backend {path.name}")
+
+
+def backend_score(path: Path) -> int:
+    """ggml's own verdict on a variant for this CPU, as ggml_backend_load_best ranks them: higher
+    is better, 0 means "cannot run here". Opening the library runs its constructors, which may
+    die on this CPU: call it only in a probe child (kit.kernels), never in the kit's own process.
+    """
+    # its dependency first, from this runtime: a variant copied elsewhere still finds it
+    ctypes.CDLL(str(lib_dir() / _LIB_NAMES[os_key()][3]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+    score = getattr(ctypes.CDLL(str(path)), "ggml_backend_score", None)
+    if score is None:
+        raise KernelError(f"{path.name} is not a ggml CPU backend (it exports no ggml_backend_score)")
+    score.restype = ctypes.c_int
+    score.argtypes = []
+    return int(score())

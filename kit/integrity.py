@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import blake3
 
+from kit import sealed
 from kit.errors import NotVerifiedError, UnsafePathError
 from kit.manifest import MANIFEST_COMPANIONS, STATE_DIRNAME, BundleManifest, FileEntry, open_checked
 
@@ -46,23 +48,45 @@ class Digest:
     sha256: str | None = None
 
 
+class Hasher:
+    """BLAKE3, and SHA-256 when asked, fed the same blocks: one pass gives both."""
+
+    def __init__(self, *, sha256: bool = False):
+        self.b3 = blake3.blake3()
+        self.sha = hashlib.sha256() if sha256 else None
+        self.size = 0
+
+    def update(self, chunk: memoryview) -> None:
+        self.b3.update(chunk)
+        if self.sha is not None:
+            self.sha.update(chunk)
+        self.size += len(chunk)
+
+    def digest(self) -> Digest:
+        return Digest(self.size, self.b3.hexdigest(), self.sha.hexdigest() if self.sha else None)
+
+
+def hashed_blocks(fh: BinaryIO, hasher: Hasher, on_block: Callable[[int], None] | None = None
+                  ) -> Iterator[memoryview]:
+    """The one read loop: `fh` in BLOCK-sized sequential reads, each block hashed, then yielded
+    (valid until the next one) and only then counted by `on_block`, so progress means "done"."""
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        chunk = view[:n]
+        hasher.update(chunk)
+        yield chunk
+        if on_block:
+            on_block(n)
+
+
 def hash_file(path: Path, *, sha256: bool = False, on_block: Callable[[int], None] | None = None) -> Digest:
     """BLAKE3 (and SHA-256 if asked) of a file in one sequential pass."""
-    b3 = blake3.blake3()
-    sha = hashlib.sha256() if sha256 else None
-    size = 0
+    hasher = Hasher(sha256=sha256)
     with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(BLOCK)
-        view = memoryview(buf)
-        while n := fh.readinto(buf):
-            chunk = view[:n]
-            b3.update(chunk)
-            if sha is not None:
-                sha.update(chunk)
-            size += n
-            if on_block:
-                on_block(n)
-    return Digest(size, b3.hexdigest(), sha.hexdigest() if sha else None)
+        for _ in hashed_blocks(fh, hasher, on_block):
+            pass
+    return hasher.digest()
 
 
 # ---------------------------------------------------------------- verified-in-this-process registry
@@ -76,8 +100,13 @@ def _identity(path: Path) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _key(path: Path) -> str:
+    # a sealed copy's /proc/self/fd/N (or a link to it) resolves to its unique "/memfd:kit-<n>-..."
+    return str(Path(path).resolve())
+
+
 def _remember(path: Path, blake3_hex: str) -> None:
-    _verified[str(path.resolve())] = (*_identity(path), blake3_hex)
+    _verified[_key(path)] = (*_identity(path), blake3_hex)
 
 
 def verify_file(path: Path, blake3_hex: str, on_block: Callable[[int], None] | None = None) -> bool:
@@ -91,7 +120,7 @@ def verify_file(path: Path, blake3_hex: str, on_block: Callable[[int], None] | N
 
 def require_verified(path: Path) -> str:
     """The BLAKE3 this process checked for `path`; raises if unchecked or changed since."""
-    record = _verified.get(str(Path(path).resolve()))
+    record = _verified.get(_key(path))
     if record is None:
         raise NotVerifiedError(f"{path} was not verified in this process; refusing to load it")
     if record[:5] != _identity(Path(path)):
@@ -162,26 +191,97 @@ class ByteMeter:
 
 def verify_entry(kit_dir: Path, entry: FileEntry, on_block: Callable[[int], None] | None = None) -> FileStatus:
     """Check one file against its entry; a match is remembered for the engine's load check."""
+    return _check_entry(kit_dir, entry, on_block, seal=False)[0]
+
+
+def seal_entry(kit_dir: Path, entry: FileEntry, on_block: Callable[[int], None] | None = None
+               ) -> tuple[FileStatus, SealedCopy | None]:
+    """Check one file while copying it into a sealed memfd (kit.sealed); on a match the copy is
+    returned and remembered for the engine's load check, else it is dropped."""
+    return _check_entry(kit_dir, entry, on_block, seal=True)
+
+
+def _check_entry(kit_dir: Path, entry: FileEntry, on_block: Callable[[int], None] | None, *, seal: bool
+                 ) -> tuple[FileStatus, SealedCopy | None]:
     try:
         real = open_checked(kit_dir, entry.path)
     except FileNotFoundError:
-        return FileStatus(entry.path, MISSING, "not on the stick", entry.size)
+        return FileStatus(entry.path, MISSING, "not on the stick", entry.size), None
     except UnsafePathError as exc:
-        return FileStatus(entry.path, CORRUPT, str(exc), entry.size)
+        return FileStatus(entry.path, CORRUPT, str(exc), entry.size), None
     actual = real.stat().st_size
     if actual != entry.size:
         kind = "truncated" if actual < entry.size else "longer than it should be"
         return FileStatus(entry.path, CORRUPT, f"{kind}: {actual} bytes, expected {entry.size}",
-                          entry.size, actual)
+                          entry.size, actual), None
     try:
-        digest = hash_file(real, on_block=on_block)
+        if seal:
+            copy = _sealed_copy(real, entry.blake3, on_block)
+            digest_ok = copy is not None
+        else:
+            copy, digest_ok = None, hash_file(real, on_block=on_block).blake3 == entry.blake3
+    except SealFailed:
+        raise  # memory, not the stick: the caller falls back to loading by path
     except OSError as exc:
-        return FileStatus(entry.path, CORRUPT, f"cannot be read: {exc.strerror or exc}", entry.size, actual)
-    if digest.blake3 != entry.blake3:
+        return FileStatus(entry.path, CORRUPT, f"cannot be read: {exc.strerror or exc}", entry.size, actual), None
+    if not digest_ok:
         return FileStatus(entry.path, CORRUPT, "contents differ from the manifest (BLAKE3 mismatch)",
-                          entry.size, actual)
-    _remember(real, digest.blake3)
-    return FileStatus(entry.path, OK, "", entry.size, actual)
+                          entry.size, actual), None
+    if copy is None:
+        _remember(real, entry.blake3)
+    return FileStatus(entry.path, OK, "", entry.size, actual), copy
+
+
+# ---------------------------------------------------------------- sealed copies (kit.sealed)
+
+class SealFailed(OSError):
+    """The memfd could not be made, filled or sealed (memory ran short): not the file's fault."""
+
+
+@dataclass(frozen=True)
+class SealedCopy:
+    """A verified file's bytes in a sealed memfd: `path` is what llama.cpp opens."""
+
+    fd: int
+    source: Path
+
+    @property
+    def path(self) -> Path:
+        return sealed.fd_path(self.fd)
+
+    def close(self) -> None:
+        """Forget it and free its memory (once llama.cpp unmaps it too)."""
+        _verified.pop(_key(self.path), None)
+        os.close(self.fd)
+
+
+def _sealed_copy(path: Path, blake3_hex: str, on_block: Callable[[int], None] | None) -> SealedCopy | None:
+    """Copy `path` into a new memfd while hashing it, seal it; None (copy freed) on a mismatch."""
+    try:
+        fd = sealed.create(path.name)
+    except OSError as exc:
+        raise SealFailed(exc.errno, exc.strerror) from exc
+    try:
+        hasher = Hasher()
+        with open(path, "rb", buffering=0) as fh:
+            for chunk in hashed_blocks(fh, hasher, on_block):
+                try:
+                    sealed.write_all(fd, chunk)
+                except OSError as exc:
+                    raise SealFailed(exc.errno, exc.strerror) from exc
+        try:
+            sealed.seal(fd)
+        except OSError as exc:
+            raise SealFailed(exc.errno, exc.strerror) from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    if hasher.digest().blake3 != blake3_hex:
+        os.close(fd)
+        return None
+    copy = SealedCopy(fd, path)
+    _remember(copy.path, blake3_hex)
+    return copy
 
 
 def unexpected_files(kit_dir: Path, manifest: BundleManifest) -> list[str]:
@@ -201,11 +301,14 @@ def unexpected_files(kit_dir: Path, manifest: BundleManifest) -> list[str]:
 
 def verify_bundle(kit_dir: Path, manifest: BundleManifest, *, only: Iterable[str] | None = None,
                   progress: ProgressFn | None = None) -> VerifyReport:
-    """Verify every file (or only the named ones) of a stick; `only` skips the unexpected-file scan."""
+    """Verify every file of a stick, its root files (launchers, README.txt) too; or only the named
+    files under KIT/, which skips the root files and the unexpected-file scan."""
     wanted = set(only) if only is not None else None
     entries = [f for f in manifest.files if wanted is None or f.path in wanted]
-    meter = ByteMeter(sum(e.size for e in entries), progress)
+    roots = list(manifest.root_files) if wanted is None else []  # beside KIT/: reported by name
+    meter = ByteMeter(sum(e.size for e in entries + roots), progress)
     statuses = [verify_entry(kit_dir, e, meter.file(e.path, e.size)) for e in entries]
+    statuses += [verify_entry(kit_dir.parent, e, meter.file(e.path, e.size)) for e in roots]
     if wanted is None:
         extra = unexpected_files(kit_dir, manifest)
         statuses += [FileStatus(p, UNEXPECTED, "not listed in bundle.json") for p in extra]

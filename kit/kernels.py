@@ -8,15 +8,18 @@ that advertise more than they run (docs/ARCHITECTURE.md, trap 4). The kit never 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from kit.errors import KernelError, KitError, describe_error
-from kit.ggml import VARIANT_FLAGS, Variant, list_variants, load_variant
+from kit.ggml import VARIANT_FLAGS, Variant, list_variants
 from kit.hardware import Host
 
 PROBE_TIMEOUT_S = 120
@@ -31,7 +34,9 @@ class ProbeResult:
     detail: str = ""
     prompt_tps: float | None = None  # prompt tokens per second (batch decode)
     gen_tps: float | None = None  # generated tokens per second
-    seconds: float | None = None  # wall time of the measured work; the ranking key
+    seconds: float | None = None  # wall time of the measured work (best round); the ranking key
+    score: int | None = None  # ggml_backend_score, measured in the child; None: not asked
+    rounds: int = 0  # timed rounds behind the figures
 
     @property
     def ok(self) -> bool:
@@ -68,13 +73,141 @@ def candidates(variants: list[Variant], host: Host) -> tuple[list[Variant], list
     return keep, skipped
 
 
-# ---------------------------------------------------------------- probing in a child
+# ---------------------------------------------------------------- the probe child (`kit _probe`)
 
-def probe_command(variant: Variant, model: Path, blake3: str, threads: int) -> list[str]:
+PROBE_TEXT = b"The survival kit carries water, food, a map, a radio and a first aid box. " * 16
+# What each answer line holds: {"error": sentence} is the other well-formed answer to any of them.
+_ANSWER_KEYS = {"score": ("score",), "load": ("loaded_s",), "round": ("prompt_tps", "gen_tps", "seconds")}
+_PROBE_KEYS = _ANSWER_KEYS["round"]
+
+
+class _ChildBench:
+    """What a probe child holds between commands: the variant, then the loaded model."""
+
+    def __init__(self, variant_path: Path, model: Path, blake3: str, threads: int):
+        self.variant_path, self.model, self.blake3, self.threads = variant_path, model, blake3, threads
+        self.llm = None
+        self.tokens: list[int] = []
+        self.warm = False
+
+    def score(self) -> dict:
+        from kit.ggml import backend_score
+
+        return {"score": backend_score(self.variant_path)}
+
+    def load(self) -> dict:
+        """Verify the model, register the variant, load: no computing (see round)."""
+        from kit import engine, integrity
+        from kit.settings import EngineSettings
+
+        start = time.perf_counter()
+        if not integrity.verify_file(self.model, self.blake3):
+            raise KitError("model bytes do not match the manifest")
+        settings = EngineSettings(n_ctx=engine.bench_context(PROBE_PROMPT_TOKENS, PROBE_GEN_TOKENS),
+                                  threads=self.threads, n_batch=PROBE_PROMPT_TOKENS)
+        self.llm = engine.LlamaEngine.load([self.model], settings, model_id="probe",
+                                           variant=self.variant_path).llm
+        self.tokens = self.llm.tokenize(PROBE_TEXT)[:PROBE_PROMPT_TOKENS]
+        return {"loaded_s": time.perf_counter() - start}
+
+    def round(self) -> dict:
+        """One timed batch decode and greedy generation (engine.benchmark's loop, one pass)."""
+        if self.llm is None:
+            self.load()
+        llm = self.llm
+        if not self.warm:
+            # The whole batch once, untimed (buffers are sized on first use). Not in load():
+            # children load side by side, and computing there would crowd the cores.
+            llm.eval(self.tokens)
+            self.warm = True
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(self.tokens)
+        prompt_done = time.perf_counter()
+        for _ in range(PROBE_GEN_TOKENS):
+            llm.eval([llm.sample(temp=0.0)])
+        end = time.perf_counter()
+        return {"prompt_tps": len(self.tokens) / (prompt_done - start),
+                "gen_tps": PROBE_GEN_TOKENS / (end - prompt_done), "seconds": end - start,
+                "prompt_tokens": len(self.tokens), "gen_tokens": PROBE_GEN_TOKENS}
+
+    def one_shot(self) -> dict:
+        """No commands given: the classic probe, best of three rounds in one line."""
+        rounds = [self.round() for _ in range(3)]
+        best = min(rounds, key=lambda r: r["seconds"])
+        return {**best, "prompt_tps": max(r["prompt_tps"] for r in rounds),
+                "gen_tps": max(r["gen_tps"] for r in rounds)}
+
+
+def _protocol_out():
+    """A private copy of stdout for the answer lines; fd 1 then points at stderr, so that native
+    chatter on stdout can never be read as an answer."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return out
+
+
+def probe_child(variant_path: Path, model: Path, blake3: str, threads: int, *, serve: bool = False) -> int:
+    """Body of `kit _probe`. Served (`--serve`, as ProbeChild runs it): one JSON line for each
+    command read on stdin ("score", "load", "round") until EOF. Otherwise one line for the
+    classic probe (load, best of three rounds). Any error becomes {"error": sentence} through the
+    one error table and ends the child; a crash in the kernel kills the process, which the parent
+    reads from the signal."""
+    from kit import offline
+
+    offline.go_offline()
+    out = _protocol_out()
+    bench = _ChildBench(variant_path, model, blake3, threads)
+    commands = (line.strip() for line in sys.stdin) if serve else iter(["one_shot"])
+    for command in commands:
+        if serve and command not in _ANSWER_KEYS:
+            print(json.dumps({"error": f"unknown probe command {command!r}"}), file=out, flush=True)
+            return 2
+        try:
+            answer = getattr(bench, command)()
+        except Exception as err:  # every failure is reported on the protocol line
+            what, _fix, code = describe_error(err)
+            print(json.dumps({"error": what}), file=out, flush=True)
+            return code
+        print(json.dumps(answer), file=out, flush=True)
+    return 0
+
+
+def parse_answer(line: str, keys: tuple[str, ...] = _PROBE_KEYS) -> dict | None:
+    """One answer line: a dict with numbers under `keys`, or {"error": sentence}; else None."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "error" in data:
+        return {"error": str(data["error"])}
+    if not all(isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool) for k in keys):
+        return None
+    return data
+
+
+def parse_probe_line(stdout: str) -> dict | None:
+    """A one-shot child's whole stdout: exactly one well-formed result line, else None."""
+    lines = stdout.strip().splitlines()
+    return parse_answer(lines[0]) if len(lines) == 1 else None
+
+
+# ---------------------------------------------------------------- driving a probe child
+
+def probe_command(variant: Variant, model: Path, blake3: str, threads: int, *, serve: bool = False) -> list[str]:
     """The frozen runtime runs itself; a Python install runs `python -m kit`."""
     head = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "kit"]
     return head + ["_probe", "--variant", str(variant.path), "--model", str(model),
-                   "--blake3", blake3, "--threads", str(threads)]
+                   "--blake3", blake3, "--threads", str(threads)] + (["--serve"] if serve else [])
+
+
+def _spawn(command: list[str]) -> subprocess.Popen:
+    """The one place probe children are started (a descriptor they inherit goes here)."""
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, bufsize=1)
 
 
 def _signal_name(code: int) -> str:
@@ -84,87 +217,276 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
+class ProbeChild:
+    """One variant's `kit _probe` child, asked one command at a time. Its crash stays in it:
+    `verdict` then says "crashed" (a signal) or "failed" (an error line, a timeout, bad output),
+    and every later answer is None."""
+
+    def __init__(self, variant: Variant, model: Path, blake3: str, threads: int, first: str = "score"):
+        self.variant = variant
+        self.verdict: ProbeResult | None = None
+        self._proc = _spawn(probe_command(variant, model, blake3, threads, serve=True))
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._pending: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()  # a timeout that works on every OS
+        self.send(first)
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def send(self, command: str) -> None:
+        if self.verdict is not None:
+            return
+        try:
+            self._proc.stdin.write(command + "\n")
+            self._proc.stdin.flush()
+        except OSError:  # it died already; receive() says how
+            pass
+        self._pending.append(command)
+
+    def receive(self, timeout: float = PROBE_TIMEOUT_S) -> dict | None:
+        """The answer to the oldest command sent, or None (and `verdict` says why)."""
+        if self.verdict is not None or not self._pending:
+            return None
+        command = self._pending.pop(0)
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self._fail("failed", f"no answer to {command!r} within {timeout:.0f} s")
+            return None
+        if line is None:
+            try:
+                code = self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # stdout closed, process hung: end it
+                self._proc.kill()
+                code = self._proc.wait()
+            if code < 0:
+                self._fail("crashed", _signal_name(code))
+            else:
+                self._fail("failed", f"the probe gave no result line (exit code {code})")
+            return None
+        data = parse_answer(line, _ANSWER_KEYS[command])
+        if data is None or "error" in data:
+            self._fail("failed", str((data or {}).get("error", f"a malformed answer to {command!r}"))[:200])
+            return None
+        return data
+
+    def ask(self, command: str, timeout: float = PROBE_TIMEOUT_S) -> dict | None:
+        self.send(command)
+        return self.receive(timeout)
+
+    def _fail(self, state: str, detail: str) -> None:
+        self.verdict = ProbeResult(self.variant.name, state, detail)
+        self.close()
+
+    def close(self, wait: bool = True) -> None:
+        """EOF ends a healthy child; one that does not end soon is killed."""
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        if not wait:
+            return
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
 def probe_variant(variant: Variant, model: Path, blake3: str, threads: int,
                   timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
-    """Run one variant on a real batch in a child; its crash stays there.
-
-    The protocol: the child prints exactly one JSON line on stdout, either the measurement
-    ({"prompt_tps", "gen_tps", "seconds", ...}) or {"error": sentence}; its stderr is not read.
-    """
+    """One variant on its own: load, best of three rounds, in a child."""
+    child = ProbeChild(variant, model, blake3, threads, first="load")
     try:
-        proc = subprocess.run(probe_command(variant, model, blake3, threads), capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return ProbeResult(variant.name, "failed", f"no answer within {timeout:.0f} s")
-    if proc.returncode < 0:
-        return ProbeResult(variant.name, "crashed", _signal_name(proc.returncode))
-    data = parse_probe_line(proc.stdout)
-    if data is None:
-        return ProbeResult(variant.name, "failed", f"the probe gave no result line (exit code {proc.returncode})")
-    if "error" in data or proc.returncode != 0:
-        return ProbeResult(variant.name, "failed", str(data.get("error", f"exit code {proc.returncode}"))[:200])
-    return ProbeResult(variant.name, "ok", "", data["prompt_tps"], data["gen_tps"], data["seconds"])
+        child.receive(timeout)
+        rounds = [child.ask("round", timeout) for _ in range(3)]
+    finally:
+        child.close()
+    if child.verdict is not None:
+        return child.verdict
+    return summary(variant.name, rounds)
 
 
-_PROBE_KEYS = {"prompt_tps": float, "gen_tps": float, "seconds": float}
+def summary(name: str, rounds: list[dict], score: int | None = None) -> ProbeResult:
+    """A variant's verdict from its rounds: each figure the best seen (disturbance only slows)."""
+    return ProbeResult(name, "ok", "", max(r["prompt_tps"] for r in rounds), max(r["gen_tps"] for r in rounds),
+                       min(r["seconds"] for r in rounds), score=score, rounds=len(rounds))
 
 
-def parse_probe_line(stdout: str) -> dict | None:
-    """The child's one JSON line, or None when stdout is not exactly one well-formed result."""
-    lines = stdout.strip().splitlines()
-    if len(lines) != 1:
+# ---------------------------------------------------------------- the policy: which few, how many rounds
+
+FIELD = 3  # variants timed at once: ggml's best-scored few that load
+MAX_ROUNDS = 3
+# From round 2 on, a variant whose best round is this much slower than the leader's best cannot
+# win. Never after one round: a busy moment on a shared machine has cost one round 15x here.
+DROP = 1.15
+TIE = 0.03  # within this share of the fastest, ggml's higher score decides (measurement noise)
+SCORE_TIMEOUT_S = 30
+
+
+def by_score(scores: dict[str, int]) -> list[str]:
+    """ggml's order, best first; equal scores keep the listing order."""
+    return sorted(scores, key=lambda name: -scores[name])
+
+
+def beaten(best: dict[str, float], margin: float = DROP) -> list[str]:
+    """Those that cannot win: even their best round is `margin` times slower than the leader's
+    (disturbance only adds time, and interleaving spreads it over every variant alike)."""
+    leader = min(best.values())
+    return [name for name, seconds in best.items() if seconds > leader * margin]
+
+
+def settled(best: dict[str, float]) -> bool:
+    """Every remaining variant within TIE of the leader: more rounds would not change the pick."""
+    leader = min(best.values())
+    return all(seconds <= leader * (1 + TIE) for seconds in best.values())
+
+
+def pick(results: list[ProbeResult]) -> ProbeResult | None:
+    """The fastest working variant; among those within TIE of it, ggml's top-scored one."""
+    working = [r for r in results if r.ok and r.seconds]
+    if not working:
         return None
+    fastest = min(r.seconds for r in working)
+    close = [r for r in working if r.seconds <= fastest * (1 + TIE)]
+    return max(close, key=lambda r: (r.score or 0, -r.seconds))
+
+
+class ProbeField:
+    """One group's probe: score every candidate in its child, load the best few, time them in
+    interleaved rounds (A B C, A B C) until the rest cannot win."""
+
+    def __init__(self, group: list[Variant], model: Path, blake3: str, threads: int, on_result):
+        self.children = {v.name: ProbeChild(v, model, blake3, threads) for v in group}
+        self.on_result = on_result
+        self.results: list[ProbeResult] = []
+        self.scores: dict[str, int] = {}
+        self.rounds: dict[str, list[dict]] = {}
+        self.trace: list[tuple[str, str]] = []  # (variant, command) in the order asked
+        self._beaten = 0
+
+    def run(self, slots: int) -> list[ProbeResult]:
+        try:
+            waiting = self._score()
+            active = self._load(waiting, slots)
+            for round_no in range(MAX_ROUNDS):
+                self._round(active)
+                active += self._load(waiting, slots - len(active) - self._beaten)  # a crash's slot is refilled
+                if self._decided(active, round_no):
+                    break
+            self._round([n for n in active if not self.rounds[n]])  # a late replacement: timed once
+            for name in active:
+                if self.rounds[name]:
+                    self._finish(name)
+            self.results += [ProbeResult(n, "skipped", "not probed: ggml scores the probed variants higher",
+                                         score=self.scores[n]) for n in waiting]
+        finally:
+            for child in self.children.values():  # EOF to all first: they exit side by side
+                child.close(wait=False)
+            for child in self.children.values():
+                child.close()
+        return self.results
+
+    def _round(self, active: list[str]) -> None:
+        """One timed round of each, in ggml's order; a crash leaves the field."""
+        for name in list(active):
+            answer = self._ask(name, "round")
+            if answer is None:
+                active.remove(name)
+            else:
+                self.rounds[name].append(answer)
+
+    def _decided(self, active: list[str], round_no: int) -> bool:
+        """From round 2: drop those that cannot win; decided when one is left or the rest are tied."""
+        if not active or round_no < 1 or not all(self.rounds[n] for n in active):
+            return not active
+        measured = {n: min(r["seconds"] for r in self.rounds[n]) for n in active}
+        for name in beaten(measured):
+            active.remove(name)
+            self._beaten += 1
+            self._finish(name)
+        return len(active) <= 1 or settled({n: measured[n] for n in active})
+
+    def _score(self) -> list[str]:
+        for name, child in self.children.items():  # each was asked for its score as it started
+            self.trace.append((name, "score"))
+            answer = child.receive(SCORE_TIMEOUT_S)
+            if answer is None:
+                self._record(child.verdict)
+            elif answer["score"] <= 0:
+                self._record(ProbeResult(name, "skipped", "ggml scores it 0: it cannot run on this CPU", score=0))
+                child.close(wait=False)
+            else:
+                self.scores[name] = int(answer["score"])
+        return by_score(self.scores)
+
+    def _load(self, waiting: list[str], slots: int) -> list[str]:
+        """Load the next `slots` by score, side by side; one that fails gives its slot to the next."""
+        loaded: list[str] = []
+        while waiting and len(loaded) < slots:
+            batch = [waiting.pop(0) for _ in range(min(slots - len(loaded), len(waiting)))]
+            for name in batch:
+                self.trace.append((name, "load"))
+                self.children[name].send("load")
+            for name in batch:
+                if self.children[name].receive() is None:
+                    self._record(self.children[name].verdict)
+                else:
+                    self.rounds[name] = []
+                    loaded.append(name)
+        return loaded
+
+    def _ask(self, name: str, command: str) -> dict | None:
+        self.trace.append((name, command))
+        answer = self.children[name].ask(command)
+        if answer is None:
+            self._record(self.children[name].verdict)
+        return answer
+
+    def _finish(self, name: str) -> None:
+        """Its verdict; the child stays idle until the end (its exit would disturb the others' rounds)."""
+        self._record(summary(name, self.rounds[name], self.scores[name]))
+
+    def _record(self, result: ProbeResult) -> None:
+        if result.score is None and result.variant in self.scores:
+            result = replace(result, score=self.scores[result.variant])
+        self.results.append(result)
+        if self.on_result:
+            self.on_result(result)
+
+
+def probe_slots(model: Path, host: Host) -> int:
+    """How many variants may hold the model at once: each child maps it and repacks its weights
+    (about twice the file); half the free memory stays free for everything else."""
     try:
-        data = json.loads(lines[0])
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    if "error" in data:
-        return {"error": str(data["error"])}
-    if not all(isinstance(data.get(k), (int, float)) for k in _PROBE_KEYS):
-        return None
-    return data
+        per_child = 2 * model.stat().st_size
+    except OSError:
+        return 1
+    if not host.ram_available:
+        return FIELD  # unknown: the probe model is the stick's smallest
+    return max(1, min(FIELD, host.ram_available // (2 * per_child)))
 
 
-def probe_child(variant_path: Path, model: Path, blake3: str, threads: int) -> int:
-    """Body of `kit _probe`: print exactly one JSON line (the protocol above), return the exit code.
-
-    Any error becomes {"error": sentence} through the one error table; a crash in the kernel
-    kills the process, which the parent reads from the signal."""
-    try:
-        result = run_probe(variant_path, model, blake3, threads)
-    except Exception as err:  # every failure is reported on the protocol line
-        what, _fix, code = describe_error(err)
-        result, status = {"error": what}, code
-    else:
-        status = 0
-    print(json.dumps(result), flush=True)
-    return status
-
-
-def run_probe(variant_path: Path, model: Path, blake3: str, threads: int) -> dict:
-    """Verify the model, load the variant, time a real batch and a few tokens."""
-    from kit import engine, integrity, offline
-    from kit.settings import EngineSettings
-
-    offline.go_offline()
-    if not integrity.verify_file(model, blake3):
-        raise KitError("model bytes do not match the manifest")
-    load_variant(variant_path)
-    return engine.benchmark(model, EngineSettings(n_ctx=engine.bench_context(PROBE_PROMPT_TOKENS, PROBE_GEN_TOKENS),
-                                                  threads=threads, n_batch=PROBE_PROMPT_TOKENS),
-                            prompt_tokens=PROBE_PROMPT_TOKENS, gen_tokens=PROBE_GEN_TOKENS)
+def probe(group: list[Variant], model: Path, blake3: str, threads: int, *, slots: int = FIELD,
+          on_result=None) -> list[ProbeResult]:
+    return ProbeField(group, model, blake3, threads, on_result).run(slots)
 
 
 # ---------------------------------------------------------------- choosing, with a per-CPU cache
 
+CACHE_FORMAT = "v2"  # results carry score and rounds: a runtime before them must not read them
+
+
 def _cache_key(host: Host, variants: list[Variant]) -> str:
     names = ",".join(v.name for v in variants)
-    return f"{host.cpu_signature()}:{names}"
+    return f"{CACHE_FORMAT}:{host.cpu_signature()}:{names}"
 
 
 _memory_cache: dict[str, dict] = {}
+_RESULT_FIELDS = {f.name for f in fields(ProbeResult)}
 
 
 def _read_cache(state: Path | None, saved: Path | None = None) -> dict[str, dict]:
@@ -181,6 +503,14 @@ def _read_cache(state: Path | None, saved: Path | None = None) -> dict[str, dict
     return data if state is not None else {**data, **_memory_cache}
 
 
+def _cached_results(entry: dict) -> tuple[ProbeResult, ...] | None:
+    """An entry's results, fields this version does not know dropped; None when unreadable."""
+    try:
+        return tuple(ProbeResult(**{k: v for k, v in r.items() if k in _RESULT_FIELDS}) for r in entry["results"])
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
 def _write_cache(state: Path | None, cache: dict[str, dict]) -> None:
     if state is None:
         _memory_cache.update(cache)
@@ -191,11 +521,6 @@ def _write_cache(state: Path | None, cache: dict[str, dict]) -> None:
         atomic_write(state / "kernel-probe.json", json.dumps(cache, indent=2).encode())
     except OSError:
         _memory_cache.update(cache)  # a stick that turned read-only: remember for this run only
-
-
-def rank(results: list[ProbeResult]) -> list[ProbeResult]:
-    """Working variants, fastest first (least wall time for the same batch + tokens)."""
-    return sorted((r for r in results if r.ok), key=lambda r: r.seconds or float("inf"))
 
 
 def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None, saved: Path | None = None,
@@ -210,34 +535,27 @@ def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None, s
     key = _cache_key(host, variants)
     cache = _read_cache(state, saved)
     entry = cache.get(key)
-    if entry and not refresh and entry.get("chosen") in by_name:
-        results = tuple(ProbeResult(**r) for r in entry["results"])
-        return KernelChoice(entry["chosen"], by_name[entry["chosen"]].path, results, cached=True)
+    cached = _cached_results(entry) if isinstance(entry, dict) else None
+    if cached is not None and not refresh and entry.get("chosen") in by_name:
+        return KernelChoice(entry["chosen"], by_name[entry["chosen"]].path, cached, cached=True)
 
     to_probe, results = candidates(variants, host)
     threads = max(1, host.physical_cores)
-
-    def probe_all(group: list[Variant]) -> None:
-        for v in group:
-            result = probe_variant(v, model, blake3, threads)
-            results.append(result)
-            if on_result:
-                on_result(result)
-
+    slots = probe_slots(model, host)
     # Kernels without AVX2 run 3-10x slower (docs/ARCHITECTURE.md, trap 4): probe them only when none with it works.
     fast = [v for v in to_probe if "avx2" in v.required_flags]
     slow = [v for v in to_probe if v not in fast]
-    probe_all(fast)
+    if fast:
+        results += probe(fast, model, blake3, threads, slots=slots, on_result=on_result)
     if any(r.ok for r in results):
         results += [ProbeResult(v.name, "skipped", "not probed: AVX2 kernels work here and are faster")
                     for v in slow]
-    else:
-        probe_all(slow)
-    working = rank(results)
-    if not working:
+    elif slow:
+        results += probe(slow, model, blake3, threads, slots=slots, on_result=on_result)
+    chosen = pick(results)
+    if chosen is None:
         raise KernelError("no CPU kernel works on this host: " +
                           "; ".join(f"{r.variant} {r.state} {r.detail}".strip() for r in results))
-    chosen = working[0].variant
-    cache[key] = {"chosen": chosen, "results": [asdict(r) for r in results], "probed_at": time.time()}
+    cache[key] = {"chosen": chosen.variant, "results": [asdict(r) for r in results], "probed_at": time.time()}
     _write_cache(state, cache)
-    return KernelChoice(chosen, by_name[chosen].path, tuple(results), cached=False)
+    return KernelChoice(chosen.variant, by_name[chosen.variant].path, tuple(results), cached=False)

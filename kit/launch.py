@@ -7,23 +7,40 @@ then the rollback check) → host (`open_stick`) → the runtime's own libraries
 GGUF header with kit.ggufmeta's bounded reader → choose the CPU kernel (probe in children) → plan
 with the probe's measured speed (`choose_kernel_and_plan`) → `start` then verifies the chosen
 model and loads it, stepping down the fallback ladder when a load fails.
+
+On Linux the chosen model is hashed while it is copied into sealed memfds (kit.sealed) and
+llama.cpp loads those: the bytes it maps are the bytes checked, and the stick may go once the
+model is loaded. Where memfd is missing or RAM is too tight (kit.plan.load_mode), the stick's
+files are loaded by path, with the identity check of kit.integrity just before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import posixpath
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kit import ggml, integrity, kernels, offline, rollback, signing
+from kit import ggml, integrity, kernels, offline, rollback, sealed, signing
 from kit.conversation import choose_preset, first_messages
 from kit.engine import ChatEngine
-from kit.errors import EngineError, IntegrityError, KernelError, PlanError
+from kit.errors import ChatTemplateError, EngineError, IntegrityError, KernelError, PlanError
 from kit.hardware import Host, detect
-from kit.manifest import BundleManifest, ModelEntry
-from kit.paths import BundlePaths, find_bundle, state_dir
-from kit.plan import CpuSpeed, LaunchPlan, ModelOption, Overrides, fallback_steps, make_plan
+from kit.manifest import BundleManifest, FileEntry, ModelEntry
+from kit.paths import BundlePaths, find_bundle, launcher_name, state_dir
+from kit.plan import (
+    BY_PATH,
+    CpuSpeed,
+    LaunchPlan,
+    LoadMode,
+    ModelOption,
+    Overrides,
+    fallback_steps,
+    load_mode,
+    make_plan,
+)
 from kit.report import DoctorReport, ModelSummary
 
 Status = Callable[[str], None]
@@ -58,6 +75,7 @@ class Session:
     state: Path | None
     steps: list[str] = field(default_factory=list)  # fallback steps taken, in words
     signer: str = "unsigned"  # the signer's fingerprint (kit.signing), or "unsigned"
+    load_mode: LoadMode | None = None  # how the loaded model reached llama.cpp, and why
 
     @property
     def model(self) -> ModelEntry:
@@ -73,7 +91,7 @@ class Session:
         """What `kit doctor` would show, from what start() already found (nothing re-probed)."""
         return DoctorReport(str(self.bundle.root), self.signer, self.host, ModelSummary.all_of(self.manifest),
                             tuple(sorted(ggml.runtime_backends())), self.kernel, self.plan,
-                            fallback_steps=tuple(self.steps))
+                            fallback_steps=tuple(self.steps), load_mode=self.load_mode)
 
 
 def open_stick(stick: str | Path | None) -> OpenStick:
@@ -83,15 +101,79 @@ def open_stick(stick: str | Path | None) -> OpenStick:
     trust = signing.check_stick(bundle)  # refused if its signature is bad (unsigned is allowed)
     state = state_dir(bundle)
     rollback.check_bundle(bundle, trust.raw, state)
+    warn_changed_launcher(bundle, trust.manifest)
     return OpenStick(bundle, trust, state, detect())
+
+
+def launcher_mismatch(bundle: BundlePaths, manifest: BundleManifest, launcher: str | None) -> str | None:
+    """Why the launcher named `launcher` (a root file name) does not match the manifest, or None.
+    Only a name the manifest lists is checked: a stick from before root_files has none."""
+    entry = next((f for f in manifest.root_files if f.path == launcher), None)
+    if entry is None:
+        return None
+    status = integrity.verify_entry(bundle.root, entry)
+    if status.state == integrity.OK:
+        return None
+    return (f"kit: warning: {launcher}, which started this, {status.detail or status.state}; it is not the one "
+            "this stick was built with: run `verify` from a kit you trust")
+
+
+def warn_changed_launcher(bundle: BundlePaths, manifest: BundleManifest) -> None:
+    """One line on stderr when the launcher that started this (it exports KIT_LAUNCHER, its own
+    name) does not match bundle.json's root_files. A warning, not a refusal: the launcher already
+    ran, and one that lies would not say so; `kit verify` is the check."""
+    message = launcher_mismatch(bundle, manifest, launcher_name())
+    if message:
+        print(message, file=sys.stderr)
 
 
 def model_options(manifest: BundleManifest) -> list[ModelOption]:
     return [ModelOption(m.id, m.name, m.model_facts()) for m in manifest.models]
 
 
+# Sealed copies of model files made in this process, by the stick file they copy (kit.sealed).
+_sealed_copies: dict[str, integrity.SealedCopy] = {}
+
+
 def model_paths(bundle: BundlePaths, model: ModelEntry) -> list[Path]:
-    return [bundle.resolve(p) for p in model.files]
+    """What llama.cpp and the header walk open: the sealed copies when every shard has one, else
+    the stick's files."""
+    real = [bundle.resolve(p) for p in model.files]
+    copies = [_sealed_copies.get(str(p)) for p in real]
+    return [c.path for c in copies] if all(copies) else real
+
+
+def release_sealed(bundle: BundlePaths, model: ModelEntry) -> None:
+    """Free the sealed copies of a model that will not be loaded (a smaller one was chosen)."""
+    for p in model.files:
+        copy = _sealed_copies.pop(str(bundle.resolve(p)), None)
+        if copy is not None:
+            copy.close()
+
+
+def seal_files(bundle: BundlePaths, manifest: BundleManifest, paths: Sequence[str], what: str,
+               progress=None) -> None:
+    """Hash these files while copying each into a sealed memfd; the first mismatch stops the
+    launch with the file named. A memfd that cannot be filled raises integrity.SealFailed."""
+    entries: list[FileEntry] = [manifest.file(p) for p in paths if not _sealed_already(bundle, manifest.file(p))]
+    meter = integrity.ByteMeter(sum(e.size for e in entries), progress)
+    for entry in entries:
+        status, copy = integrity.seal_entry(bundle.kit, entry, meter.file(entry.path, entry.size))
+        if copy is None:
+            raise IntegrityError(f"{what}: {status.path} is {status.state}: {status.detail}")
+        _sealed_copies[str(bundle.resolve(entry.path))] = copy
+
+
+def _sealed_already(bundle: BundlePaths, entry: FileEntry) -> bool:
+    """A copy of this file made earlier in this process, of the bytes this manifest names."""
+    copy = _sealed_copies.get(str(bundle.resolve(entry.path)))
+    if copy is None:
+        return False
+    if integrity.require_verified(copy.path) == entry.blake3:
+        return True
+    copy.close()  # another manifest (an update since): copy again
+    del _sealed_copies[str(bundle.resolve(entry.path))]
+    return False
 
 
 def verify_files(bundle: BundlePaths, manifest: BundleManifest, paths: Sequence[str],
@@ -129,12 +211,18 @@ def verify_own_libraries(bundle: BundlePaths, manifest: BundleManifest, platform
 _prechecked: set[str] = set()  # BLAKE3 of model files whose GGUF header passed the bounded walk
 
 
-def verify_model(bundle: BundlePaths, manifest: BundleManifest, model: ModelEntry, progress=None) -> None:
-    """Hash the model's files, then walk their GGUF headers with kit.ggufmeta's bounded reader:
-    a hostile header (absurd counts or lengths) is refused before llama.cpp parses it, here or in
-    a probe child. The bytes walked are the bytes just verified (identity check)."""
-    verify_files(bundle, manifest, model.files, f"model {model.id} is damaged", progress)
-    paths = model_paths(bundle, model)
+def verify_model(bundle: BundlePaths, manifest: BundleManifest, model: ModelEntry, progress=None, *,
+                 seal: bool = False) -> None:
+    """Hash the model's files (`seal`: while copying them into sealed memfds), then walk their GGUF
+    headers with kit.ggufmeta's bounded reader: a hostile header (absurd counts or lengths) is
+    refused before llama.cpp parses it, here or in a probe child. The bytes walked are the bytes
+    just verified: the sealed copies themselves, or the files with their identity checked after."""
+    what = f"model {model.id} is damaged"
+    if seal:
+        seal_files(bundle, manifest, model.files, what, progress)
+    else:
+        verify_files(bundle, manifest, model.files, what, progress)
+    paths = model_paths(bundle, model) if seal else [bundle.resolve(p) for p in model.files]
     hashes = {integrity.require_verified(p) for p in paths}
     if not hashes <= _prechecked:
         from kit.ggufmeta import read_facts
@@ -143,6 +231,13 @@ def verify_model(bundle: BundlePaths, manifest: BundleManifest, model: ModelEntr
         for p in paths:
             integrity.require_verified(p)  # not swapped while it was walked
         _prechecked.update(hashes)
+
+
+def choose_load_mode(opened: OpenStick, plan: LaunchPlan) -> LoadMode:
+    """Sealed copies where memfd works and RAM allows (kit.plan.load_mode), else by path."""
+    model = opened.manifest.model(plan.model_id)
+    return load_mode(opened.host, plan, model.model_facts(), memfd_problem=sealed.unsupported(),
+                     runtime_backends=ggml.runtime_backends())
 
 
 def smallest_model(manifest: BundleManifest) -> ModelEntry:
@@ -158,16 +253,27 @@ def measured_speed(manifest: BundleManifest, kernel: kernels.KernelChoice) -> Cp
 
 
 def choose_kernel(opened: OpenStick, *, refresh: bool = False, on_probe=None,
-                  progress=None) -> kernels.KernelChoice:
+                  progress=None, seal: bool = False) -> kernels.KernelChoice:
     """Verify the runtime's own libraries, then probe (or recall) the CPU kernel with the smallest
-    model, verified first: the probe children load it."""
+    model, verified first: the probe children load it (by its path; each hashes it again).
+    `seal` (start, not doctor): verify it into sealed copies when it could be loaded that way, so
+    that a stick whose smallest model is the one chosen reads it once."""
     bundle, manifest = opened.bundle, opened.manifest
     verify_own_libraries(bundle, manifest, opened.host.platform)
     probe_model = smallest_model(manifest)
-    verify_model(bundle, manifest, probe_model, progress)
+    verify_model(bundle, manifest, probe_model, progress, seal=seal and _could_seal(opened, probe_model))
     first = bundle.resolve(probe_model.files[0])
-    return kernels.choose_kernel(opened.host, first, integrity.require_verified(first), state=opened.state,
-                                 saved=bundle.kit / "state", refresh=refresh, on_result=on_probe)
+    return kernels.choose_kernel(opened.host, first, manifest.file(probe_model.files[0]).blake3,
+                                 state=opened.state, saved=bundle.kit / "state", refresh=refresh,
+                                 on_result=on_probe)
+
+
+def _could_seal(opened: OpenStick, model: ModelEntry) -> bool:
+    try:
+        plan = plan_for(opened, Overrides(model=model.id))
+    except PlanError:
+        return False
+    return choose_load_mode(opened, plan).sealed
 
 
 def plan_for(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoice | None = None) -> LaunchPlan:
@@ -185,7 +291,8 @@ def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None)
                           ModelSummary.all_of(opened.manifest), tuple(sorted(ggml.runtime_backends())))
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
-        return replace(report, plan=plan_for(opened, overrides, report.kernel))
+        report = replace(report, plan=plan_for(opened, overrides, report.kernel))
+        return replace(report, load_mode=choose_load_mode(opened, report.plan))
     except (KernelError, PlanError, IntegrityError) as err:
         return replace(report, error=f"{err} — {err.hint}")
 
@@ -198,21 +305,23 @@ def start(stick, overrides: Overrides | None = None, *, on_progress=None,
     overrides = overrides or Overrides()
     plan_for(opened, overrides)  # bad overrides fail fast, before any probe
     on_status("checking the stick's smallest model and choosing the CPU kernel")
-    kernel = choose_kernel(opened, progress=on_progress,
+    kernel = choose_kernel(opened, progress=on_progress, seal=True,
                            on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
     plan = plan_for(opened, overrides, kernel)
     model = manifest.model(plan.model_id)
+    if model.id != smallest_model(manifest).id:
+        release_sealed(opened.bundle, smallest_model(manifest))  # its RAM, before the chosen one's copy
     on_status(f"checking {model.id} against the stick's manifest")
-    verify_model(opened.bundle, manifest, model, on_progress)
-    engine, plan, steps = load_with_fallback(opened, plan, kernel, on_status, on_progress)
+    engine, plan, steps, mode = load_with_fallback(opened, plan, kernel, on_status, on_progress)
     return Session(opened.bundle, manifest, opened.host, plan, kernel, engine, opened.state, steps,
-                   opened.trust.signer_label)
+                   opened.trust.signer_label, mode)
 
 
 def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.KernelChoice, on_status: Status,
-                       on_progress) -> tuple[ChatEngine, LaunchPlan, list[str]]:
+                       on_progress) -> tuple[ChatEngine, LaunchPlan, list[str], LoadMode]:
     """Try the plan, then each step of the ladder when a load fails; the user sees steps, never a
-    crash. Smaller models on the ladder are verified before they load, like the first choice."""
+    crash. Every model is verified before it loads (sealed where `choose_load_mode` says so);
+    sealed copies of a model that did not load are freed before the next step."""
     from kit.engine import LlamaEngine
 
     bundle, manifest = opened.bundle, opened.manifest
@@ -221,23 +330,62 @@ def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.Kern
     attempts = [plan] + fallback_steps(plan, opened.host, opened.options, runtime_backends=backends)
     steps: list[str] = []
     last_error: Exception | None = None
+    refused: set[str] = set()  # models whose chat template the sandbox refused: no setting helps
     for attempt in attempts:
+        if attempt.model_id in refused:
+            continue
         model = manifest.model(attempt.model_id)
+        mode = _verified_for_load(opened, attempt, model, on_progress, steps)
         on_status(f"loading {model.name}: {attempt_description(attempt)}")
-        if attempt.model_id != plan.model_id:
-            verify_model(bundle, manifest, model, on_progress)
         try:
-            engine = LlamaEngine.load(
-                model_paths(bundle, model), attempt.settings, model_id=model.id,
-                chat_format_fallback=model.chat_format, variant=kernel.path,
-                gpu_backend=gpu_libs.get(attempt.gpu.backend) if attempt.gpu else None)
-            return engine, attempt, steps
-        except EngineError as err:
+            with _load_names(bundle, model, mode) as files:
+                engine = LlamaEngine.load(
+                    files, attempt.settings, model_id=model.id,
+                    chat_format_fallback=model.chat_format, variant=kernel.path,
+                    gpu_backend=gpu_libs.get(attempt.gpu.backend) if attempt.gpu else None)
+            return engine, attempt, steps, mode
+        except (EngineError, OSError) as err:  # OSError: no folder to name a split model's shards in
             last_error = err
+            if isinstance(err, ChatTemplateError):
+                refused.add(model.id)
             step = attempt_description(attempt)
             steps.append(f"{step} failed: {err}")
             on_status(f"could not start {step}: {err}; trying a smaller setting")
+            release_sealed(bundle, model)
+    if isinstance(last_error, ChatTemplateError) and len(refused) == len({a.model_id for a in attempts}):
+        raise last_error  # its own sentence names the model and says what to do
     raise EngineError(f"no setting worked on this host; last error: {last_error}")
+
+
+def _verified_for_load(opened: OpenStick, attempt: LaunchPlan, model: ModelEntry, on_progress,
+                       steps: list[str]) -> LoadMode:
+    """Verify `model` for this attempt, sealed when the load mode says so; a memfd that cannot be
+    filled (memory ran short after all) falls back to the path, as a step the user sees."""
+    mode = choose_load_mode(opened, attempt)
+    if not mode.sealed:
+        release_sealed(opened.bundle, model)  # copied for the probe, but this attempt needs more RAM
+    if mode.sealed:
+        try:
+            verify_model(opened.bundle, opened.manifest, model, on_progress, seal=True)
+            return mode
+        except integrity.SealFailed as err:
+            release_sealed(opened.bundle, model)
+            mode = LoadMode(BY_PATH, f"the sealed copy failed ({err.strerror or err}): loading by path")
+            steps.append(mode.reason)
+    verify_model(opened.bundle, opened.manifest, model, on_progress)
+    return mode
+
+
+@contextlib.contextmanager
+def _load_names(bundle: BundlePaths, model: ModelEntry, mode: LoadMode) -> Iterator[list[Path]]:
+    """The paths to hand llama.cpp: the sealed copies (named as llama.cpp derives a split model's
+    shard names, kit.sealed.shard_names), or the stick's files."""
+    if not mode.sealed:
+        yield [bundle.resolve(p) for p in model.files]
+        return
+    names = [posixpath.basename(p) for p in model.files]
+    with sealed.shard_names(model_paths(bundle, model), names) as links:
+        yield links
 
 
 def attempt_description(plan: LaunchPlan) -> str:

@@ -1,7 +1,8 @@
 """Profiles (manifests/*.toml, what to build) and bundle.json (what a stick holds).
 
 Loading either validates it completely; nothing half-checked leaves this module.
-Paths in bundle.json are relative to KIT/, '/'-separated, normalised and inside KIT/.
+Paths in bundle.json are relative to KIT/, '/'-separated, normalised and inside KIT/; the one
+exception is `root_files`, a fixed list of names at the stick's root (README.txt, the launchers).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ _PLATFORM = re.compile(r"^(linux|macos|windows)-(x86_64|arm64)$")
 # Files beside bundle.json that it cannot describe (they describe it) and run-time state.
 MANIFEST_COMPANIONS = ("bundle.json", "bundle.json.sig", "signer.pub", "B3SUMS", "SHA256SUMS")
 STATE_DIRNAME = "state"
+# The only files outside KIT/ a manifest may name: read and started before anything else, so
+# they are hashed too (kit verify, and the start-up check of the launcher that ran).
+ROOT_FILE_NAMES = ("README.txt", "START-linux.sh", "START-macos.command", "START-windows.bat")
 
 
 # ---------------------------------------------------------------- paths
@@ -43,6 +47,14 @@ def check_relpath(value: Any, what: str = "path") -> str:
         raise UnsafePathError(f"{what} {value!r} leaves KIT/")
     if value.split("/")[0] == STATE_DIRNAME or value in MANIFEST_COMPANIONS:
         raise UnsafePathError(f"{what} {value!r} names a reserved place")
+    return value
+
+
+def check_root_name(value: Any, what: str = "root file") -> str:
+    """A file at the stick's root: exactly one of ROOT_FILE_NAMES; every other place outside KIT/ is refused."""
+    if value not in ROOT_FILE_NAMES:
+        raise UnsafePathError(f"{what} {value!r} is outside KIT/ and not one of the stick's root files "
+                              f"({', '.join(ROOT_FILE_NAMES)})")
     return value
 
 
@@ -198,11 +210,13 @@ class FileEntry:
     sha256: str
 
     @classmethod
-    def parse(cls, data: Any, where: str) -> FileEntry:
+    def parse(cls, data: Any, where: str, *, root: bool = False) -> FileEntry:
+        """`root`: an entry of root_files, whose path is a name at the stick's root."""
         if not isinstance(data, dict):
             raise ManifestError(f"{where}: must be an object")
         _no_unknown(data, {"path", "size", "blake3", "sha256"}, where)
-        path = check_relpath(_req(data, "path", str, where), f"{where} path")
+        check = check_root_name if root else check_relpath
+        path = check(_req(data, "path", str, where), f"{where} path")
         size = _req(data, "size", int, where)
         if not 0 <= size <= MAX_FILE_SIZE:
             raise ManifestError(f"{where}: size {size} is absurd")
@@ -291,6 +305,7 @@ class BundleManifest:
     runtimes: tuple[RuntimeEntry, ...]
     files: tuple[FileEntry, ...]
     presets: tuple[Preset, ...] = ()
+    root_files: tuple[FileEntry, ...] = ()  # beside KIT/, names from ROOT_FILE_NAMES
     schema_version: int = SCHEMA_VERSION
     _by_path: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -315,7 +330,7 @@ class BundleManifest:
         return tuple(f for f in self.files if f.path.startswith(prefix))
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "schema_version": self.schema_version,
             "kit_version": self.kit_version,
             "created": self.created,
@@ -325,6 +340,9 @@ class BundleManifest:
             "presets": [asdict(p) for p in self.presets],
             "files": [asdict(f) for f in sorted(self.files, key=lambda f: f.path)],
         }
+        if self.root_files:  # absent when empty: a bundle.json from before root_files keeps its bytes
+            data["root_files"] = [asdict(f) for f in sorted(self.root_files, key=lambda f: f.path)]
+        return data
 
     def to_json(self) -> bytes:
         """Canonical bytes: what is hashed and signed."""
@@ -333,6 +351,7 @@ class BundleManifest:
 
 # Upgrade steps from an older schema_version to the next: {old_version: function(dict) -> dict}.
 # Version 1 is the first; a later version adds its step here so old sticks keep working.
+# (root_files came within version 1: optional, so a bundle.json from before it reads unchanged.)
 UPGRADES: dict[int, Any] = {}
 
 
@@ -359,7 +378,8 @@ def parse_bundle_manifest(raw: bytes) -> BundleManifest:
             raise ManifestError(f"{where} has unknown schema_version {version}")
         data = UPGRADES[version](data)
         version = data["schema_version"]
-    allowed = {"schema_version", "kit_version", "created", "profile", "models", "runtimes", "presets", "files"}
+    allowed = {"schema_version", "kit_version", "created", "profile", "models", "runtimes", "presets", "files",
+               "root_files"}
     _no_unknown(data, allowed, where)
     entries = _req(data, "files", list, where)
     if len(entries) > MAX_ENTRIES:
@@ -367,6 +387,9 @@ def parse_bundle_manifest(raw: bytes) -> BundleManifest:
     files = tuple(FileEntry.parse(f, f"{where} file {i + 1}") for i, f in enumerate(entries))
     _refuse_duplicates([f.path for f in files], f"{where}: file")
     _refuse_duplicates([f.path.casefold() for f in files], f"{where}: file (ignoring case, as FAT/exFAT do)")
+    roots_raw = _opt(data, "root_files", list, where, [])
+    root_files = tuple(FileEntry.parse(f, f"{where} root file {i + 1}", root=True) for i, f in enumerate(roots_raw))
+    _refuse_duplicates([f.path for f in root_files], f"{where}: root file")
     models_raw = _req(data, "models", list, where)
     models = tuple(ModelEntry.parse(m, f"{where} model {i + 1}") for i, m in enumerate(models_raw))
     _refuse_duplicates([m.id for m in models], f"{where}: model id")
@@ -376,7 +399,7 @@ def parse_bundle_manifest(raw: bytes) -> BundleManifest:
     manifest = BundleManifest(
         kit_version=_req(data, "kit_version", str, where), created=_req(data, "created", str, where),
         profile=_req(data, "profile", str, where), models=models, runtimes=runtimes, files=files,
-        presets=_parse_presets(data.get("presets", []), where))
+        presets=_parse_presets(data.get("presets", []), where), root_files=root_files)
     for m in models:
         for p in m.files:
             if p not in manifest._by_path:

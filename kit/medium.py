@@ -10,7 +10,6 @@ kit.builder out, clones sticks too.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -18,13 +17,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-import blake3
-
 from kit import __version__
 from kit.errors import IntegrityError
 from kit.fsutil import atomic_write, atomic_writer, leftover_temps
-from kit.integrity import BLOCK, Digest, sums_text
-from kit.manifest import MANIFEST_COMPANIONS, BundleManifest
+from kit.integrity import Digest, Hasher, hashed_blocks, sums_text
+from kit.manifest import MANIFEST_COMPANIONS, ROOT_FILE_NAMES, BundleManifest
 from kit.paths import BundlePaths
 
 OnBytes = Callable[[int], None]
@@ -35,7 +32,7 @@ README_NAME = "README.txt"
 # The launchers beside KIT/ and the line ending each needs whatever the checkout did: cmd.exe
 # misreads labels in LF-only batch files, and a CR in a shell script's first line breaks it.
 LAUNCHERS = {"START-linux.sh": "\n", "START-macos.command": "\n", "START-windows.bat": "\r\n"}
-ROOT_FILES = (README_NAME, *LAUNCHERS)
+ROOT_FILES = ROOT_FILE_NAMES  # the manifest's list of them (kit.manifest: the path rules)
 
 
 def write_root_file(root: Path, name: str, data: bytes) -> None:
@@ -149,27 +146,17 @@ def copy_hashed(src: Path, dests: Sequence[Path], *, expect: Digest | None = Non
     mismatch changes no destination. A failed write raises WriteFailed naming that destination;
     `on_block` hears each block's size once, however many destinations it went to.
     """
-    b3, sha = blake3.blake3(), hashlib.sha256() if sha256 else None
-    size = 0
+    hasher = Hasher(sha256=sha256)
     with ExitStack() as stack:
         fin = stack.enter_context(open(src, "rb", buffering=0))
         outs = [(Path(d), stack.enter_context(_destination(Path(d)))) for d in dests]
-        buf = bytearray(BLOCK)
-        view = memoryview(buf)
-        while n := fin.readinto(buf):
-            chunk = view[:n]
+        for chunk in hashed_blocks(fin, hasher, on_block):
             for dest, fh in outs:
                 try:
                     fh.write(chunk)
                 except OSError as exc:
                     raise WriteFailed(dest, exc) from exc
-            b3.update(chunk)
-            if sha is not None:
-                sha.update(chunk)
-            size += n
-            if on_block:
-                on_block(n)
-        digest = Digest(size, b3.hexdigest(), sha.hexdigest() if sha else None)
+        digest = hasher.digest()
         if expect is not None and digest != expect:
             raise SourceChanged(f"{src} changed while it was copied: its bytes no longer match")
     return digest

@@ -4,6 +4,7 @@ The one place KIT_* environment variables are read:
   KIT_BUNDLE     the stick (folder holding KIT/) or KIT/ itself
   KIT_STATE_DIR  where state goes instead of KIT/state (tests; never the host by default)
   KIT_DEBUG      show tracebacks
+  KIT_LAUNCHER   the stick's launcher that started the runtime (it exports its own name)
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class BundlePaths:
         return self.kit.joinpath(*relpath.split("/"))
 
 
+def launcher_name() -> str | None:
+    """The launcher that started this runtime, as it names itself (KIT_LAUNCHER), if any."""
+    return os.environ.get("KIT_LAUNCHER") or None
+
+
 def debug_enabled() -> bool:
     return os.environ.get("KIT_DEBUG", "") not in ("", "0")
 
@@ -57,23 +63,41 @@ def frozen_bundle() -> BundlePaths | None:
     return _as_bundle(exe.parents[2]) if len(exe.parents) > 2 else None
 
 
+def enclosing_bundle(start: Path) -> BundlePaths | None:
+    """The stick a folder is in (the folder itself or one above it), as git finds its repository.
+    Only a KIT/ folder with a manifest (or a build's INCOMPLETE marker) counts: any folder may
+    happen to be called KIT."""
+    start = start.absolute()
+    for folder in (start, *start.parents):
+        found = _as_bundle(folder)
+        if found and (found.manifest.is_file() or found.incomplete_marker.is_file()):
+            return found
+    return None
+
+
 def find_bundle(explicit: str | Path | None = None) -> BundlePaths:
-    """The stick to use: an explicit path, else KIT_BUNDLE, else the frozen runtime's own stick."""
-    candidates: list[tuple[str, Path]] = []
+    """The stick to use: an explicit path, else KIT_BUNDLE, else the frozen runtime's own stick,
+    else the stick the working folder is in."""
     if explicit:
-        candidates.append(("the path given", Path(explicit)))
+        origin, path = "the path given", Path(explicit)
     elif os.environ.get("KIT_BUNDLE"):
-        candidates.append(("KIT_BUNDLE", Path(os.environ["KIT_BUNDLE"])))
+        origin, path = "KIT_BUNDLE", Path(os.environ["KIT_BUNDLE"])
     else:
-        found = frozen_bundle()
+        found = frozen_bundle() or _enclosing_cwd()
         if found:
             return found
-    for origin, path in candidates:
-        found = _as_bundle(path.expanduser().absolute())
-        if found:
-            return found
-        raise BundleNotFoundError(f"{path} ({origin}) is not a stick: it holds no {KIT_DIRNAME}/ folder")
-    raise BundleNotFoundError("no stick given")
+        raise BundleNotFoundError("no stick given, and the current folder is not on a stick")
+    found = _as_bundle(path.expanduser().absolute())
+    if found:
+        return found
+    raise BundleNotFoundError(f"{path} ({origin}) is not a stick: it holds no {KIT_DIRNAME}/ folder")
+
+
+def _enclosing_cwd() -> BundlePaths | None:
+    try:
+        return enclosing_bundle(Path.cwd())
+    except OSError:  # the working folder was removed (a stick pulled out under a shell)
+        return None
 
 
 def state_dir(bundle: BundlePaths) -> Path | None:

@@ -11,6 +11,8 @@ Rules:
 - GPU: one GPU whose backend the runtime was built with; every layer when weights and KV fit
   in its VRAM, else as many as fit; Apple-style unified memory is one pool, counted once.
 - Threads: the physical cores (hyper-threads do not make decoding faster).
+- Load mode (`load_mode`): a sealed memfd copy where memfd works and `estimate.sealed_ram` fits the
+  same RAM budget (weights counted once; offloaded ones too, the memfd keeps them), else by path.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kit.errors import PlanError
-from kit.estimate import KV_PAD, MemoryEstimate, estimate_memory
+from kit.estimate import KV_PAD, MemoryEstimate, estimate_memory, sealed_ram
 from kit.ggufmeta import ModelFacts
 from kit.hardware import Gpu, Host
 from kit.settings import EngineSettings
@@ -612,3 +614,41 @@ def fallback_steps(
             step(fit, cpu, f"{prev} failed: trying the smaller {m.name}")
             prev = m.name
     return steps
+
+
+# --- how the chosen model is loaded ------------------------------------------------------------
+
+SEALED, BY_PATH = "sealed", "path"
+
+
+@dataclass(frozen=True)
+class LoadMode:
+    """How the model reaches llama.cpp: a sealed in-memory copy made while hashing (kit.sealed), or
+    the stick's file by path, checked by identity (device, inode, size, times) just before."""
+
+    mode: str  # SEALED | BY_PATH
+    reason: str  # one sentence a user can read
+
+    @property
+    def sealed(self) -> bool:
+        return self.mode == SEALED
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def load_mode(host: Host, plan: LaunchPlan, facts: ModelFacts, *, memfd_problem: str | None,
+              runtime_backends: frozenset[str] = frozenset()) -> LoadMode:
+    """Sealed when memfd works here (`memfd_problem` is None) and its RAM fits the plan's budget."""
+    path_note = "the model is loaded from the stick by path, checked by identity just before"
+    if memfd_problem:
+        return LoadMode(BY_PATH, f"{memfd_problem}: {path_note}")
+    budget = make_budget(host, runtime_backends)
+    need = sealed_ram(facts, plan.settings) + (plan.estimate.vram if budget.unified else 0)
+    if need > budget.ram:
+        return LoadMode(BY_PATH, f"a sealed copy needs {human_bytes(need)} of RAM, {human_bytes(budget.ram)} "
+                                 f"usable: {path_note}")
+    return LoadMode(SEALED, f"the model is copied into sealed memory as it is checked "
+                            f"({human_bytes(facts.file_size)}, {human_bytes(need)} of {human_bytes(budget.ram)} "
+                            "usable RAM): the bytes loaded are the bytes checked, and the stick may be "
+                            "removed once the chat is open")

@@ -12,7 +12,7 @@ from kit.hardware import Host
 from kit.integrity import VerifyReport
 from kit.kernels import KernelChoice
 from kit.manifest import BundleManifest
-from kit.plan import LaunchPlan
+from kit.plan import LaunchPlan, LoadMode
 from kit.units import human_bytes
 
 
@@ -42,13 +42,15 @@ class DoctorReport:
     plan: LaunchPlan | None = None
     error: str | None = None  # why there is no plan: the error's sentence and what to do
     fallback_steps: tuple[str, ...] = field(default=())  # taken while starting (the chat only)
+    load_mode: LoadMode | None = None  # sealed memory copy or by path, and why (kit.plan.load_mode)
 
     def to_dict(self) -> dict:
         data = {"stick": self.stick, "signer": self.signer, "host": self.host.to_dict(),
                 "kernel": self.kernel.to_dict() if self.kernel else None,
                 "plan": self.plan.to_dict() if self.plan else None,
                 "runtime_backends": list(self.runtime_backends),
-                "models": [vars(m).copy() for m in self.models]}
+                "models": [vars(m).copy() for m in self.models],
+                "load_mode": self.load_mode.to_dict() if self.load_mode else None}
         if self.error:
             data["error"] = self.error
         return data
@@ -56,7 +58,8 @@ class DoctorReport:
 
 def render_doctor(report: DoctorReport) -> str:
     host = report.host
-    out = [f"Host: {host.os}-{host.arch}, {host.cpu_name}",
+    out = [f"Stick: {report.stick}",
+           f"Host: {host.os}-{host.arch}, {host.cpu_name}",
            f"      {host.physical_cores} cores ({host.logical_cores} threads), "
            f"RAM {human_bytes(host.ram_total)} total, {human_bytes(host.ram_available)} available"
            + (f", limit {human_bytes(host.memory_limit)}" if host.memory_limit else "")]
@@ -81,6 +84,8 @@ def render_doctor(report: DoctorReport) -> str:
     out.append("")
     if report.plan:
         out.append(render_plan(report.plan))
+    if report.load_mode:
+        out.append(f"  load: {report.load_mode.mode}: {report.load_mode.reason}")
     if report.error:
         out.append(f"No plan: {report.error}")
     return "\n".join(out)

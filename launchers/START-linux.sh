@@ -118,5 +118,7 @@ fi
 
 # The runtime finds its stick from its own path too; this also holds when that cannot be told.
 KIT_BUNDLE=$STICK
-export KIT_BUNDLE
+# Which launcher started the runtime: it checks this file against bundle.json and warns if changed.
+KIT_LAUNCHER=$(basename -- "$0")
+export KIT_BUNDLE KIT_LAUNCHER
 exec "$RUNTIME" "$@"

@@ -43,6 +43,7 @@ goto :fail
 :run
 rem The runtime finds its stick from its own path too; this also holds when that cannot be told.
 set "KIT_BUNDLE=%STICK%"
+set "KIT_LAUNCHER=%~nx0"
 "%RUNTIME%" %*
 set "STATUS=%ERRORLEVEL%"
 if not "%STATUS%"=="0" call :pause_if_double_clicked

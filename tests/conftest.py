@@ -41,11 +41,11 @@ def gemma_path() -> Path:
 
 
 def run_kit(*args: str, env: dict | None = None, check: bool = False, timeout: float = 600,
-            prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+            prefix: list[str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     full_env.setdefault("PYTHONPATH", str(ROOT))
     proc = subprocess.run([*(prefix or []), *KIT, *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=ROOT, stdin=subprocess.DEVNULL)
+                          env=full_env, cwd=cwd or ROOT, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"kit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -23,8 +23,10 @@ from bench.kernel_choice import ggml_pick, share_of_fastest  # noqa: E402
 TITLES = ["## Machine", "## 1. Engine overhead", "## 2. Kernel choice", "## 3. Verification",
           "## 4. Launch to first token", "## 5. Footprint", "## 7. Chat in a real terminal", "## Summary"]
 COMPARED = ["engine prompt", "engine generation", "engine decode only", "chat stream generation",
-            "kernel: kit's choice / fastest working", "verify+load / load alone (cold cache)",
-            "launch to first token, kit / llama.cpp CLI",
+            "kernel: kit's choice / fastest working", "kernel with a CPU hog: kit's choice / fastest working",
+            "verify+load / load alone (cold cache)", "sealed copy + load / load alone (cold cache)",
+            "sealed copy + load / load alone (warm cache)",
+            "launch to first token, kit / llama.cpp CLI", "launch to first token on a new host, seconds",
             f"chat: last {QUICK_WINDOW} / first {QUICK_WINDOW} tokens", f"chat last {QUICK_WINDOW} tokens / kit ask"]
 RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED}  # medians, and the least disturbed runs
 RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)

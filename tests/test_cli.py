@@ -8,6 +8,8 @@ import shutil
 import pytest
 from conftest import run_kit
 
+from kit.medium import ROOT_FILES
+
 pytestmark = pytest.mark.slow
 
 VERIFY_KEYS = {"ok", "counts", "bytes_hashed", "seconds", "files", "stick", "signer"}
@@ -19,7 +21,8 @@ def test_verify_json_contract(demo_stick):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert set(report) == VERIFY_KEYS
-    assert report["ok"] is True and report["counts"] == {"ok": 3, "corrupt": 0, "missing": 0, "unexpected": 0}
+    ok = 3 + len(ROOT_FILES)  # KIT/'s files, then README.txt and the launchers at the stick's root
+    assert report["ok"] is True and report["counts"] == {"ok": ok, "corrupt": 0, "missing": 0, "unexpected": 0}
     assert all(set(f) == FILE_KEYS and f["state"] == "ok" for f in report["files"])
 
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT, FakeEngine
 
 from kit import integrity
-from kit.engine import GenStats, StopStrings
-from kit.errors import NotVerifiedError
+from kit.engine import SAMPLE_CONVERSATION, GenStats, StopStrings, check_chat_template
+from kit.errors import EngineError, NotVerifiedError
 
 # Run in a child: a kernel is loaded into the process for good, and a crash must not take pytest.
 CHILD = textwrap.dedent("""
@@ -161,3 +161,61 @@ def test_stop_string_split_across_pieces_and_flush():
     stops = StopStrings(["### Instruction"])
     shown = "".join(stops.feed(p)[0] for p in ["Answer.\n\n#", "##", " Instr"])
     assert shown == "Answer.\n\n" and stops.flush() == "### Instr"  # the answer ended: held text shown
+
+
+# ---------------------------------------------------------------- chat templates from model files
+
+HOSTILE_TEMPLATE = "{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}"
+
+
+def test_a_hostile_chat_template_is_a_one_line_refusal(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(EngineError) as info:
+        check_chat_template(HOSTILE_TEMPLATE.replace("{marker}", str(marker)), bos="<s>", eos="</s>",
+                            model_id="evil-1b")
+    message = str(info.value)
+    assert not marker.exists()
+    assert "\n" not in message and "evil-1b" in message and "SecurityError" in message, message
+    assert str(marker) not in message  # the reason, not the template
+    with pytest.raises(EngineError, match="TemplateSyntaxError"):  # one that does not even compile
+        check_chat_template("{% for m in messages %}", bos="<s>", eos="</s>")
+
+
+def test_a_benign_chat_template_renders_as_at_chat_time():
+    template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+    prompt = check_chat_template(template, bos="<s>", eos="</s>")
+    assert prompt == "<s>" + "".join(f"<{m['role']}>{m['content']}</s>" for m in SAMPLE_CONVERSATION)
+
+
+LOAD_HOSTILE = textwrap.dedent("""
+    import json, pathlib, sys
+    from kit import engine, ggml, integrity
+    from kit.errors import EngineError
+    from kit.settings import EngineSettings
+    model = pathlib.Path(sys.argv[1])
+    integrity.verify_file(model, integrity.hash_file(model).blake3)
+    try:
+        engine.LlamaEngine.load([model], EngineSettings(n_ctx=256, threads=2), model_id="evil-270m",
+                                variant=ggml.lib_dir() / "libggml-cpu-haswell.so")
+        print(json.dumps({"loaded": True}))
+    except EngineError as err:
+        print(json.dumps({"error": str(err), "hint": err.hint}))
+""")
+
+
+@pytest.mark.slow
+def test_a_model_with_a_hostile_chat_template_is_refused_at_load(gemma_path, tmp_path):
+    """The real model with the template in its GGUF metadata: LlamaEngine.load renders it once
+    and refuses the model (kit.launch's ladder then tries the next one); no code ran."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.gguf"
+    made = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(gemma_path), str(evil),
+                           "--chat-template", HOSTILE_TEMPLATE.replace("{marker}", str(marker)), "--force"],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-c", LOAD_HOSTILE, str(evil)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not marker.exists()
+    assert "evil-270m" in out["error"] and "SecurityError" in out["error"] and "\n" not in out["error"], out

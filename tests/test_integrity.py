@@ -29,8 +29,8 @@ def test_intact_stick_verifies(stick_copy):
     seen = []
     report = integrity.verify_bundle(bundle.kit, manifest, progress=seen.append)
     assert report.ok, report.to_dict()
-    assert report.counts()["ok"] == len(manifest.files)
-    assert report.bytes_hashed == sum(f.size for f in manifest.files)
+    assert report.counts()["ok"] == len(manifest.files) + len(manifest.root_files)  # launchers, README.txt
+    assert report.bytes_hashed == sum(f.size for f in manifest.files + manifest.root_files)
     last = seen[-1]
     assert last.all_done == last.all_total == report.bytes_hashed and last.rate > 0
     assert all(a.all_done <= b.all_done for a, b in zip(seen, seen[1:], strict=False))

@@ -4,23 +4,27 @@ with its reasons, overrides accepted and refused, and the fallback ladder's orde
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kit.errors import PlanError
-from kit.estimate import estimate_memory
+from kit.estimate import estimate_memory, sealed_ram
 from kit.ggufmeta import ModelFacts, read_facts
 from kit.hardware import Host
 from kit.plan import (
+    BY_PATH,
     MIN_CTX,
     MIN_TALK_TPS,
     SAFETY_MIN,
+    SEALED,
     CpuSpeed,
     LaunchPlan,
     ModelOption,
     Overrides,
     fallback_steps,
+    load_mode,
     make_budget,
     make_plan,
 )
@@ -401,3 +405,38 @@ def test_fallback_ladder_on_the_cpu(models):
     # the smallest model at the smallest context has nowhere left to go
     last = plan_for("netbook-4gb", models, overrides=Overrides(model="gemma-3-270m", n_ctx=512))
     assert fallback_steps(last, h, models) == []
+
+
+# --- load mode: sealed memfd copy or by path (kit.plan.load_mode) ---------------------------------
+
+def test_a_cpu_plan_that_fits_also_fits_sealed(models):
+    """On the CPU the sealed copy costs what the mapped file did: weights are counted once."""
+    for name in ("laptop-8gb", "netbook-4gb", "container-2gb"):
+        p = plan_for(name, models)
+        facts = next(m.facts for m in models if m.id == p.model_id)
+        assert sealed_ram(facts, p.settings) == p.estimate.ram
+        mode = load_mode(host(name), p, facts, memfd_problem=None)
+        assert mode.sealed and mode.mode == SEALED and "sealed memory" in mode.reason, (name, mode)
+
+
+def test_offloaded_weights_stay_in_ram_when_sealed(models):
+    """llama.cpp unmaps offloaded tensors, but a memfd keeps every page: the 8B on a 4090 would
+    need its whole file in RAM too, which a 32 GiB host has; on the 3060's 16 GiB it does not fit."""
+    p = plan_for("workstation-32gb-rtx4090", models, {"cuda"})
+    assert sealed_ram(LLAMA_8B, p.settings) - p.estimate.ram > 4 * GiB
+    assert load_mode(host("workstation-32gb-rtx4090"), p, LLAMA_8B, memfd_problem=None,
+                     runtime_backends=frozenset({"cuda"})).sealed
+    tight = replace(host("desktop-16gb-rtx3060"), ram_available=5 * GiB)
+    p = make_plan(tight, models, runtime_backends=frozenset({"cuda"}), cpu_variant="haswell")
+    facts = next(m.facts for m in models if m.id == p.model_id)
+    assert p.gpu_layers > 0 and sealed_ram(facts, p.settings) > make_budget(tight, frozenset({"cuda"})).ram
+    mode = load_mode(tight, p, facts, memfd_problem=None, runtime_backends=frozenset({"cuda"}))
+    assert mode.mode == BY_PATH and "a sealed copy needs" in mode.reason and "by path" in mode.reason
+
+
+def test_without_memfd_the_load_is_by_path_with_the_reason(models):
+    p = plan_for("macbook-m2-16gb", models)
+    facts = next(m.facts for m in models if m.id == p.model_id)
+    mode = load_mode(host("macbook-m2-16gb"), p, facts, memfd_problem="memfd is Linux-only (this is darwin)")
+    assert mode.to_dict() == {"mode": "path", "reason": "memfd is Linux-only (this is darwin): the model "
+                              "is loaded from the stick by path, checked by identity just before"}

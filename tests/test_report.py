@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kit.hardware import Gpu, Host
 from kit.kernels import KernelChoice, ProbeResult
+from kit.plan import BY_PATH, SEALED, LoadMode
 from kit.report import DoctorReport, ModelSummary, render_doctor
 from kit.units import GiB, MiB
 
@@ -31,8 +32,17 @@ def test_doctor_text_uses_one_unit_for_every_size():
 
 def test_doctor_json_keeps_its_keys():
     data = report().to_dict()
-    assert set(data) == {"stick", "signer", "host", "kernel", "plan", "runtime_backends", "models"}
+    assert set(data) == {"stick", "signer", "host", "kernel", "plan", "runtime_backends", "models", "load_mode"}
     assert data["models"] == [{"id": "m", "name": "Model", "bytes": 250 * MiB, "quant": "Q4_K_M",
                                "params": 270_000_000}]
     assert data["kernel"]["chosen"] == "haswell" and data["plan"] is None
     assert report(error="why").to_dict()["error"] == "why"
+    assert data["load_mode"] is None  # doctor found no plan: no load mode either
+
+
+def test_doctor_says_how_the_model_is_loaded_and_why():
+    mode = LoadMode(SEALED, "copied into sealed memory as it is checked")
+    assert report(load_mode=mode).to_dict()["load_mode"] == {"mode": "sealed",
+                                                             "reason": "copied into sealed memory as it is checked"}
+    text = render_doctor(report(load_mode=LoadMode(BY_PATH, "memfd is Linux-only (this is darwin): by path")))
+    assert "load: path: memfd is Linux-only (this is darwin): by path" in text

@@ -367,7 +367,8 @@ def test_replay_of_an_older_signed_stick_is_refused(tmp_path, maker_key, probe_c
     build = ["build", "--profile", "manifests/demo.toml", "--target", str(stick), "--no-freeze",
              "--sign", str(maker_key)]
     run_kit(*build, check=True)
-    old = {n: (stick / "KIT" / n).read_bytes() for n in ("bundle.json", "bundle.json.sig")}
+    # the whole older stick as it was signed: its README.txt (listed in bundle.json) has the build time
+    old = {n: (stick / n).read_bytes() for n in ("KIT/bundle.json", "KIT/bundle.json.sig", "README.txt")}
     time.sleep(1.1)  # `created` has one-second resolution
     run_kit(*build, check=True)
     warm(stick, probe_cache)
@@ -378,7 +379,7 @@ def test_replay_of_an_older_signed_stick_is_refused(tmp_path, maker_key, probe_c
     newest = json.loads((stick / "KIT" / "state" / rollback.RECORD_NAME).read_bytes())
     assert newest["created"] == json.loads((stick / "KIT" / "bundle.json").read_bytes())["created"]
     for name, data in old.items():
-        (stick / "KIT" / name).write_bytes(data)
+        (stick / name).write_bytes(data)
     assert signing.check_stick(find_bundle(stick)).signer == fp  # a valid signature, and yet
     refused(run_kit("verify", str(stick), "--key", str(maker_key) + ".pub"), "already run", code=4)
     refused(run_kit("ask", "--stick", str(stick), "hello"), "already run", code=4)
@@ -775,3 +776,80 @@ def test_probe_cache_written_by_two_kits_at_once(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     assert _hammer(state, "probe-cache", n=400) == 0
+
+
+# ---------------------------------------------------------------- hostile chat templates
+
+HOSTILE_TEMPLATE = ("{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}"
+                    "{% for m in messages %}{{ m.content }}{% endfor %}")
+
+
+def with_chat_template(model: Path, template: str) -> bytes:
+    """The real model with a tokenizer.chat_template added to its header (the data unchanged:
+    tensor offsets count from the data's start, which moves with the padded header)."""
+    from kit.ggufmeta import read_header
+
+    header = read_header(model, keep_bytes=True)
+    raw, kv_end = header.raw, header.keys[-1].end
+    key, value = b"tokenizer.chat_template", template.encode()
+    record = struct.pack("<Q", len(key)) + key + struct.pack("<IQ", GGUFValueType.STRING, len(value)) + value
+    head = raw[:16] + struct.pack("<Q", len(header.keys) + 1) + raw[24:kv_end] + record + raw[kv_end:]
+    head += bytes(-len(head) % header.alignment)
+    with open(model, "rb") as fh:
+        fh.seek(header.data_start)
+        return head + fh.read()
+
+
+def path_profile(tmp_path: Path, model: Path) -> Path:
+    profile = tmp_path / "templated.toml"
+    profile.write_text(textwrap.dedent(f"""\
+        schema_version = 1
+        name = "templated"
+        [[models]]
+        id = "templated"
+        name = "Templated"
+        licence = "none"
+        [models.source]
+        kind = "path"
+        path = "{model}"
+        sha256 = "{hash_file(model, sha256=True).sha256}"
+        """))
+    return profile
+
+
+@pytest.mark.slow
+def test_a_hostile_chat_template_is_refused_by_the_build(tmp_path, demo_stick):
+    from kit.ggufmeta import read_facts
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "hostile.gguf"
+    bad.write_bytes(with_chat_template(demo_stick / "KIT" / MODEL, HOSTILE_TEMPLATE.replace("{marker}", str(marker))))
+    assert read_facts([bad]).chat_template.startswith("{{ cycler")  # a well-formed GGUF: only the template is bad
+    done = run_kit("build", "--profile", str(path_profile(tmp_path, bad)), "--target", str(tmp_path / "stick"),
+                   "--no-freeze")
+    refused(done, "templated", "chat template")
+    assert 1 <= done.returncode <= 3 and not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_benign_chat_template_is_built_and_used(tmp_path, demo_stick):
+    good = tmp_path / "good.gguf"
+    good.write_bytes(with_chat_template(demo_stick / "KIT" / MODEL,
+                                        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<model>"))
+    stick = tmp_path / "stick"
+    done = run_kit("build", "--profile", str(path_profile(tmp_path, good)), "--target", str(stick), "--no-freeze")
+    assert done.returncode == 0, done.stderr
+    assert run_kit("verify", str(stick)).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_hostile_chat_template_on_a_stick_is_a_one_line_refusal(warm_copy, tmp_path):
+    """The manifest was rewritten to carry the model: hashing passes, the sandbox stops the
+    template before the first chat, and the user reads one sentence naming the model."""
+    marker = tmp_path / "pwned"
+    model = warm_copy / "KIT" / MODEL
+    model.write_bytes(with_chat_template(model, HOSTILE_TEMPLATE.replace("{marker}", str(marker))))
+    rewrite_manifest(warm_copy, lambda d: match_file(warm_copy, MODEL, d))
+    done = run_kit("ask", "--stick", str(warm_copy), "hello", timeout=600)
+    refused(done, "gemma-3-270m", "chat template")
+    assert 1 <= done.returncode <= 3 and not marker.exists()

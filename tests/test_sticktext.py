@@ -46,7 +46,7 @@ def test_readme_says_what_how_to_start_and_how_to_check(target):
     for expected in ("offline", "START-windows.bat", "START-macos.command", "sh START-linux.sh",
                      "exFAT", "FAT32", "Permission denied", "noexec",
                      "xattr -dr com.apple.quarantine", "b3sum -c B3SUMS", "sha256sum -c SHA256SUMS", "cd KIT",
-                     "Gemma 3 270M (Q4_K_M)", "licence: Gemma Terms of Use", "268M parameters", "253 MB",
+                     "Gemma 3 270M (Q4_K_M)", "licence: Gemma Terms of Use", "268M parameters", "241.4 MiB",
                      "linux-x86_64, windows-x86_64", "glibc 2.36 or newer", "kit 0.1.0", "2025-11-22T16:00:00Z"):
         assert expected in text, expected
     assert max(len(line) for line in text.splitlines()) <= 100

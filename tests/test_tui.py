@@ -33,6 +33,7 @@ from kit.tui.screens.chat import ChatScreen
 from kit.tui.screens.failure import FailureScreen
 from kit.tui.screens.start import StartScreen
 from kit.tui.widgets.markdown_lines import MarkdownLines
+from kit.tui.widgets.question import QuestionBox
 from kit.tui.widgets.transcript import AnswerMessage, UserMessage
 
 GiB = 1024**3
@@ -164,9 +165,10 @@ async def started(pilot) -> ChatScreen:
     return pilot.app.screen
 
 
-async def ask(pilot, question: str, *, key: str = "ctrl+s") -> None:
-    chat = pilot.app.screen
-    chat.query_one("#question").text = question
+async def ask(pilot, question: str, *, key: str = "enter") -> None:
+    box = pilot.app.screen.query_one("#question")
+    await wait_for(pilot, lambda: box.has_focus, what="the question box to have focus")  # Enter goes there
+    box.text = question
     await pilot.press(key)
 
 
@@ -314,6 +316,38 @@ async def test_long_answer_keeps_its_end_in_view(stick, state):
 
 
 @pytest.mark.anyio
+async def test_enter_sends_and_ctrl_j_or_shift_enter_make_new_lines(stick, state):
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("Two lines read.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        box = chat.query_one("#question")
+        await pilot.press("F", "i", "r", "e", "ctrl+j", "W", "a", "t", "e", "r")
+        await pilot.press("shift+enter", "F", "o", "o", "d")
+        await pilot.pause()
+        assert box.text == "Fire\nWater\nFood" and chat.generation is None  # nothing sent yet
+        assert starter.engine.prompts == []
+        await pilot.press("enter")
+        await answered(pilot)
+        assert starter.engine.prompts[0][-1] == {"role": "user", "content": "Fire\nWater\nFood"}
+        assert box.text == "" and "Two lines read." in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_enter_on_an_empty_box_sends_nothing_and_says_what_to_do(stick, state):
+    starter = FakeStarter(stick, state)
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = await started(pilot)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert starter.engine.prompts == [] and chat.generation is None
+        assert "Type a question first, then press Enter." in screen_text(app)
+        assert "Enter sends" in screen_text(app)  # the box says how to send
+
+
+@pytest.mark.anyio
 async def test_second_question_carries_the_history(stick, state):
     starter = FakeStarter(stick, state)
     starter.engine.enqueue("First answer.", "Second answer.")
@@ -322,7 +356,7 @@ async def test_second_question_carries_the_history(stick, state):
         await started(pilot)
         await ask(pilot, "One?")
         await answered(pilot)
-        await ask(pilot, "Two?", key="ctrl+j")  # what Ctrl+Enter sends in many terminals
+        await ask(pilot, "Two?", key="ctrl+s")  # the other send key, from anywhere in the chat
         await answered(pilot, 2)
         roles = [(m["role"], m["content"]) for m in starter.engine.prompts[1]]
         assert roles[1:] == [("user", "One?"), ("assistant", "First answer."), ("user", "Two?")]
@@ -632,9 +666,10 @@ async def test_help_lists_every_chat_key(stick, state):
         text = screen_text(app)
         from kit.tui.text import key_label
 
-        for binding in chat.BINDINGS:
+        for binding in [*chat.BINDINGS, *QuestionBox.BINDINGS]:
             assert key_label(binding.key) in text, binding.key
         assert "Ctrl+Q" in text and "Ctrl+S" in text and "Esc" in text
+        assert "Enter" in text and "Ctrl+J / Shift+Enter / Alt+Enter" in text and "A new line" in text
         await pilot.press("escape")
         await pilot.press("ctrl+g")
         await pilot.pause()

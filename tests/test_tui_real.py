@@ -105,32 +105,37 @@ async def test_the_chat_says_so_when_the_real_model_gives_no_answer(demo_stick, 
 def test_kit_chat_in_a_real_terminal(demo_stick):
     with Tmux(width=100, height=30) as term:
         term.start([KIT, "chat", "--stick", demo_stick], env={"NO_COLOR": "1", "KIT_BUNDLE": ""})
-        term.wait_for("Ctrl+S sends", timeout=START_TIMEOUT_S)
+        term.wait_for("Enter sends", timeout=START_TIMEOUT_S)
         assert "Gemma 3 270M" in term.screen()
 
         term.type("How do I purify water?")
-        term.keys("C-s")
+        term.keys("C-j")  # a new line, not sent
+        term.type("Answer briefly.")
+        screen = term.wait_for(lambda s: "Answer briefly." in s, timeout=30)
+        assert "Ready" in screen and "Answering" not in screen
+        term.keys("Enter")  # sends both lines
         screen = term.wait_for(lambda s: re.search(r"[\d.]+ tok/s · context \d+ of \d+ tokens", s) is not None,
                                timeout=180)  # streamed in and ended: speed and context use show
-        assert "How do I purify water?" in screen
+        assert "Answering" not in screen  # (the question, both lines, is checked in the saved history below)
 
         term.keys("C-n")
         term.wait_for(lambda s: "tok/s ·" not in s, timeout=30)
         screen = ask_and_stop(term)  # Esc stops an answer, not the chat
         assert re.search(r"Stopped · [\d.]+ tok/s · context \d+ of \d+ tokens", screen)
-        assert "stopped ─" in screen and "Ctrl+S sends" in screen
+        assert "stopped ─" in screen and "Enter sends" in screen
 
         # quitting in the middle of the next answer (or just after it) ends at once, with exit code 0
         term.keys("C-n")
         term.wait_for(lambda s: "Stopped ·" not in s, timeout=30)
         term.type("Tell me a long story about mountains.")
-        term.keys("C-s")
+        term.keys("Enter")
         term.wait_for(lambda s: re.search(r"Answering\.\.\. \d+ tokens|tok/s ·", s) is not None, timeout=180)
         term.keys("C-q")
         assert term.wait_exit(timeout=60) == 0
 
     saved = [json.loads(p.read_text()) for p in (demo_stick / "KIT" / "state" / "history").glob("*.json")]
-    conv = next(c for c in saved if c["messages"] and c["messages"][0]["content"] == "How do I purify water?")
+    conv = next(c for c in saved if c["messages"]
+                and c["messages"][0]["content"] == "How do I purify water?\nAnswer briefly.")
     assert [m["role"] for m in conv["messages"][:2]] == ["user", "assistant"]
     stopped = [c for c in saved if len(c["messages"]) > 1 and c["messages"][1].get("stopped") is True]
     assert stopped and stopped[0]["messages"][1]["content"].strip()

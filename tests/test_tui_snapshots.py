@@ -99,6 +99,11 @@ def stick_and_state(tmp_path):
     return write_stick(tmp_path / "stick"), state
 
 
+async def keys_shown(pilot, app) -> None:
+    """The footer shows the question box's keys once the box has focus (a frame after the chat)."""
+    await wait_for(pilot, lambda: "⏎ Send" in screen_text(app), what="the question box's keys in the footer")
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 async def test_start_and_failure_snapshots(size, tmp_path, stick_and_state, monkeypatch):
@@ -129,10 +134,11 @@ async def test_chat_and_window_snapshots(size, tmp_path, stick_and_state):
     tag = f"{size[0]}x{size[1]}"
     async with app.run_test(size=size) as pilot:
         chat = await started(pilot)
+        await keys_shown(pilot, app)
         compare(f"chat-empty-{tag}", screen_text(app), tmp_path)
         # windows first, over the saved conversations only
         for key, name, ready in [("f2", "presets", "No preset"), ("f3", "models", "does not fit"),
-                                 ("f4", "history", "Morse code"), ("f1", "help", "Conversations (F4)"),
+                                 ("f4", "history", "Morse code"), ("f1", "help", "In the chat"),
                                  ("f5", "hardware", "Plan: model tiny")]:
             await pilot.press(key)
             await wait_for(pilot, lambda ready=ready: ready in screen_text(app), what=name)
@@ -142,7 +148,7 @@ async def test_chat_and_window_snapshots(size, tmp_path, stick_and_state):
             await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), what="the chat")
         # the answer last: saving it adds a conversation stamped now to the history list
         chat.query_one("#question").text = "How do I make water safe to drink?"
-        await pilot.press("ctrl+s")
+        await pilot.press("enter")
         await wait_for(pilot, lambda: chat.generation is None and "tablets" in screen_text(app), what="answer")
         await pilot.pause(0.2)
         compare(f"chat-answer-{tag}", screen_text(app), tmp_path)
@@ -155,4 +161,5 @@ async def test_read_only_snapshot(size, tmp_path):
     app = make_app(starter=FakeStarter(stick, None, engine=SteadyEngine()))
     async with app.run_test(size=size) as pilot:
         await started(pilot)
+        await keys_shown(pilot, app)
         compare(f"chat-read-only-{size[0]}x{size[1]}", screen_text(app), tmp_path)

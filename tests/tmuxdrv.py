@@ -4,9 +4,9 @@ Reusable for any command, e.g. the frozen runtime on a built stick:
 
     with Tmux(width=100, height=30) as term:
         term.start(["STICK/START-linux.sh"], env={"NO_COLOR": "1"})
-        term.wait_for("Ctrl+S sends", timeout=300)
+        term.wait_for("Enter sends", timeout=300)
         term.type("How do I purify water?")
-        term.keys("C-s")
+        term.keys("Enter")
         screen = term.wait_for(lambda s: "tok/s" in s)
         term.keys("C-q")
         assert term.wait_exit() == 0
@@ -170,7 +170,7 @@ def ask_and_stop(term: Tmux, prompts: Sequence[str] = LONG_PROMPTS, timeout: flo
     the next prompt gets its chance (a new conversation each time, so context stays small)."""
     for prompt in prompts:
         term.type(prompt)
-        term.keys("C-s")
+        term.keys("Enter")
         screen = term.wait_for(lambda s: STREAMING.search(s) is not None or "tok/s ·" in s, timeout=timeout)
         if STREAMING.search(screen):
             term.keys("Escape")

@@ -1,13 +1,14 @@
 """`kit build`: profile → a complete stick, or one that says it is incomplete.
 
 Order matters for crash safety: INCOMPLETE marker first, then files (each atomic and resumable),
-then README.txt and the launchers, the hand-check sums, bundle.json and (when signing)
-bundle.json.sig + signer.pub, and only then the marker goes (kit.medium.begin and seal: the order
-`kit clone` keeps too).
+then README.txt and the launchers (hashed into bundle.json's root_files), the hand-check sums,
+bundle.json and (when signing) bundle.json.sig + signer.pub, and only then the marker goes
+(kit.medium.begin and seal: the order `kit clone` keeps too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from kit.errors import BuildError
 from kit.integrity import ByteMeter, ProgressFn, hash_file
 from kit.manifest import BundleManifest, FileEntry, ModelEntry, RuntimeEntry, load_profile
 from kit.paths import KIT_DIRNAME, BundlePaths
+from kit.units import human_bytes
 
 Report = Callable[[str], None]
 
@@ -48,7 +50,7 @@ class BuildResult:
 
     def summary(self) -> str:
         lines = [f"stick ready at {self.target}: {len(self.manifest.files)} files, "
-                 f"{self.total_bytes() / 1e6:.0f} MB ({self.copied} copied, {self.kept} already there) "
+                 f"{human_bytes(self.total_bytes())} ({self.copied} copied, {self.kept} already there) "
                  f"in {self.seconds:.1f} s",
                  f"models: {', '.join(m.id for m in self.manifest.models)}",
                  f"runtimes: {', '.join(r.platform for r in self.manifest.runtimes) or 'none'}",
@@ -115,6 +117,8 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
                               models=tuple(models), runtimes=tuple(runtime_entries), files=tuple(files),
                               presets=profile.presets)
     write_stick_texts(target, manifest)
+    # README.txt says nothing of root_files, so listing it after writing it is no circle
+    manifest = dataclasses.replace(manifest, root_files=_root_entries(target))
     raw = manifest.to_json()
     if private_key is None:
         signer, write_signature = None, signing.remove_signature
@@ -123,6 +127,15 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         write_signature = functools.partial(signing.write_signature, bundle_json=raw, private_key=private_key)
     medium.seal(stick, manifest, raw, write_signature)
     return BuildResult(target, manifest, copied, kept, time.monotonic() - start, result_warnings, signer)
+
+
+def _root_entries(target: Path) -> tuple[FileEntry, ...]:
+    """The launchers and README.txt just written beside KIT/, hashed for bundle.json."""
+    entries = []
+    for name in medium.ROOT_FILES:
+        digest = hash_file(target / name, sha256=True)
+        entries.append(FileEntry(name, digest.size, digest.blake3, digest.sha256))
+    return tuple(entries)
 
 
 def _runtimes(imported: list[Path], freeze: bool, cache: Path, report: Report) -> list:
@@ -174,9 +187,11 @@ def _stage_model(model_id: str, fetched, kit_dir: Path, cache: Path, max_file_si
 def _model_entry(model, paths: list[str], kit_dir: Path) -> ModelEntry:
     """Facts for the planner come from the staged, hashed GGUF and go into the manifest, so the
     runtime can plan without parsing a model it has not verified yet."""
+    from kit.builder.templates import refuse_unsafe_template
     from kit.ggufmeta import read_facts
 
     facts = read_facts([kit_dir.joinpath(*p.split("/")) for p in paths])
+    refuse_unsafe_template(model.id, facts)
     return ModelEntry(id=model.id, name=model.name, files=tuple(paths), quant=facts.quant,
                       params=facts.n_params, context_length=facts.n_ctx_train, licence=model.licence,
                       chat_format=model.chat_format, facts=facts.to_dict())

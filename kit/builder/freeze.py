@@ -32,6 +32,7 @@ from kit.fsutil import atomic_write
 from kit.hardware import normalise_arch, normalise_os
 from kit.integrity import hash_file
 from kit.manifest import RuntimeEntry, check_relpath
+from kit.units import human_bytes
 
 RUNTIME_MANIFEST = "kit-runtime.json"
 RUNTIME_FORMAT = 1
@@ -83,7 +84,7 @@ def freeze_runtime(work_dir: Path, report: Report = print) -> RuntimeDir:
     files = write_runtime_manifest(runtime)
     size = sum(f.size for f in files)
     report(f"runtime {runtime.platform} frozen in {time.monotonic() - start:.0f} s: "
-           f"{len(files)} files, {size / 1e6:.0f} MB")
+           f"{len(files)} files, {human_bytes(size)}")
     return runtime
 
 

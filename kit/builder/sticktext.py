@@ -1,7 +1,8 @@
 """What sits at the stick's root beside KIT/: README.txt and the three launchers.
 
-They are outside bundle.json on purpose: a person reads and starts them before anything can be
-verified, and README.txt says how to check the rest by hand.
+They sit outside KIT/ because a person reads and starts them before anything can be verified;
+bundle.json lists them (root_files) so that `kit verify` checks them and the runtime warns when
+the launcher that started it was changed. README.txt says how to check the rest by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from kit.errors import BuildError
 from kit.manifest import BundleManifest
 from kit.medium import LAUNCHERS, README_NAME, write_root_file
 from kit.paths import KIT_DIRNAME
+from kit.units import human_bytes
 
 LAUNCHER_DIR = Path(__file__).resolve().parents[2] / "launchers"
 WIDTH = 76
@@ -133,8 +135,9 @@ def _check_by_hand() -> str:
     return "\n".join([
         _title("CHECK THE STICK BY HAND"),
         _para("Every file under KIT/ is listed with its BLAKE3 and SHA-256 hash in KIT/B3SUMS and "
-              "KIT/SHA256SUMS (the launchers and this README are not: read them before you trust "
-              "them). In a terminal, from inside the KIT folder:"),
+              "KIT/SHA256SUMS. The launchers and this README are listed in KIT/bundle.json "
+              "(root_files), which `verify` checks; a changed launcher can lie about that, so "
+              "check the stick from a kit you trust. In a terminal, from inside the KIT folder:"),
         "      cd KIT",
         "      b3sum -c B3SUMS                    (b3sum: github.com/BLAKE3-team/BLAKE3)",
         "      sha256sum -c SHA256SUMS            (Linux)",
@@ -150,9 +153,9 @@ def _check_by_hand() -> str:
 def _models(manifest: BundleManifest) -> str:
     lines = [_title("MODELS ON THIS STICK")]
     for model in manifest.models:
-        size_mb = manifest.model_size(model) / 1e6
         params = f"{model.params / 1e9:.1f}B" if model.params >= 1e9 else f"{model.params / 1e6:.0f}M"
-        lines.append(f"  {model.name} (id {model.id}): {params} parameters, {model.quant}, {size_mb:,.0f} MB")
+        size = human_bytes(manifest.model_size(model))
+        lines.append(f"  {model.name} (id {model.id}): {params} parameters, {model.quant}, {size}")
         lines.append(f"    licence: {model.licence}")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from textual.binding import Binding
 from textual.content import Content
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Static, TextArea
+from textual.widgets import Footer, Static
 from textual.worker import Worker
 
 from kit.conversation import LOOP_NOTE, NO_PRESET, AnswerSettings, EmptyAnswerError, default_preset
@@ -32,6 +32,7 @@ from kit.tui.screens.integrity import IntegrityScreen
 from kit.tui.screens.pickers import ModelPicker, PresetPicker
 from kit.tui.screens.textview import TextViewScreen
 from kit.tui.text import failure_parts, stats_line
+from kit.tui.widgets.question import QuestionBox
 from kit.tui.widgets.transcript import AnswerMessage, Transcript
 
 if TYPE_CHECKING:  # the type only: the screens are handed a started session
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # the type only: the screens are handed a started session
 # and the screen share the CPU: on a 2-core laptop each frame is time taken from generation.
 FLUSH_S = 0.1
 
-WELCOME = ("Type your question in the box below, then press Ctrl+S to send it (Enter starts a new line).\n"
+WELCOME = ("Type your question in the box below and press Enter to send it (Ctrl+J starts a new line).\n"
            "Everything runs on this computer: nothing is sent anywhere. Answers can be wrong; "
            "in an emergency, reach trained help.  F1 or Ctrl+G shows every key.")
 
@@ -59,8 +60,8 @@ class Generation:
 
 class ChatScreen(Screen):
     BINDINGS = [
-        Binding("ctrl+s,ctrl+j", "send", "Send", priority=True,
-                tooltip="Send the question (Ctrl+J is what Ctrl+Enter sends in many terminals)"),
+        Binding("ctrl+s", "send", "Send", priority=True, show=False,
+                tooltip="Send the question from anywhere in the chat (Enter sends it from the box)"),
         Binding("escape", "stop", "Stop", priority=True, tooltip="Stop the answer being written"),
         Binding("ctrl+n", "new", "New", priority=True, tooltip="Start a new conversation"),
         Binding("f1,ctrl+g", "help", "Help", priority=True, tooltip="Show every key"),
@@ -112,9 +113,8 @@ class ChatScreen(Screen):
                                  "F4 then E shows one to copy."), id="banner")
         yield Transcript(self.welcome_text(), id="transcript")
         yield Static(id="stats")
-        question = TextArea(id="question", soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
-                            placeholder="Type your question here")
-        question.border_title = "Your question · Ctrl+S sends · Enter = new line"
+        question = QuestionBox(id="question", placeholder="Type your question, then press Enter")
+        question.border_title = "Your question · Enter sends · Ctrl+J = new line"
         yield question
         yield Footer()
 
@@ -124,7 +124,7 @@ class ChatScreen(Screen):
         if not self.conversation.empty:
             self.query_one(Transcript).call_after_refresh(self.query_one(Transcript).show,
                                                           self.conversation, self.speaker)
-        self.query_one("#question", TextArea).focus()
+        self.query_one("#question", QuestionBox).focus()
 
     def on_unmount(self) -> None:
         if self.generation is not None:  # quitting mid-answer: let the thread end at the next token
@@ -174,18 +174,21 @@ class ChatScreen(Screen):
 
     # ------------------------------------------------------------------ asking
 
+    def on_question_box_send(self, _message: QuestionBox.Send) -> None:
+        self.action_send()
+
     def action_send(self) -> None:
         # The send key is a screen binding, seen before the text box has handled the keys typed just
         # before it (a fast typist, a terminal flushing a burst): read the box after its own queue.
-        self.query_one("#question", TextArea).call_later(self.send_now)
+        self.query_one("#question", QuestionBox).call_later(self.send_now)
 
     def send_now(self) -> None:
-        box = self.query_one("#question", TextArea)
+        box = self.query_one("#question", QuestionBox)
         question = box.text.strip()
         if self.answering:
             return
         if not question:
-            self.refresh_stats("Type a question first, then press Ctrl+S.")
+            self.refresh_stats("Type a question first, then press Enter.")
             return
         conv = self.conversation
         messages = self.session.messages(question, preset=self.preset_for_engine(), history=conv.prompt_history())
@@ -258,7 +261,7 @@ class ChatScreen(Screen):
         if gen is self.generation:
             self.generation = None
             self.last_stats = stats
-            box = self.query_one("#question", TextArea)
+            box = self.query_one("#question", QuestionBox)
             if not text.strip() and not box.text:
                 box.text = gen.question  # ask again without retyping
             self.refresh_bindings()
@@ -313,13 +316,14 @@ class ChatScreen(Screen):
             transcript.show(conv, self.speaker)
         self.refresh_topbar()
         self.refresh_stats()
-        self.query_one("#question", TextArea).focus()
+        self.query_one("#question", QuestionBox).focus()
 
     # ------------------------------------------------------------------ other screens
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen([
             ("In the chat", [*self.BINDINGS, *self.app.BINDINGS]),
+            ("In the question box", QuestionBox.BINDINGS),
             ("Conversations (F4)", HistoryScreen.BINDINGS),
             ("Checking the stick (F6)", IntegrityScreen.BINDINGS),
             ("Copied answer and exports", TextViewScreen.BINDINGS),

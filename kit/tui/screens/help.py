@@ -19,7 +19,6 @@ from kit.tui.text import key_label
 
 # Keys the widgets themselves handle (TextArea, lists); not in any screen's BINDINGS.
 TEXT_BOX_KEYS = [
-    ("Enter", "A new line in the question"),
     ("Tab / Shift+Tab", "Move between the question and the conversation (then Up, Down, PgUp, PgDn scroll)"),
     ("Shift+arrows", "Select text; Ctrl+C copies it, Ctrl+X cuts, Ctrl+V pastes, Ctrl+Z undoes"),
     ("Up / Down, Enter", "In every list: move, then choose"),

@@ -1,4 +1,4 @@
-"""A byte progress display: file, bar, bytes, MB/s and time left (kit.integrity.Progress)."""
+"""A byte progress display: file, bar, bytes, MiB/s and time left (kit.integrity.Progress)."""
 
 from __future__ import annotations
 
