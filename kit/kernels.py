@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from kit import sealed
 from kit.errors import KernelError, KitError, describe_error
 from kit.ggml import VARIANT_FLAGS, Variant, list_variants
 from kit.hardware import Host
@@ -205,9 +206,12 @@ def probe_command(variant: Variant, model: Path, blake3: str, threads: int, *, s
 
 
 def _spawn(command: list[str]) -> subprocess.Popen:
-    """The one place probe children are started (a descriptor they inherit goes here)."""
+    """The one place probe children are started. A model given as a sealed copy's
+    /proc/self/fd/N (kit.sealed) is inherited under the same number: the child hashes and loads
+    the very bytes the parent verified, not the stick's file."""
+    inherited = tuple(fd for fd in map(sealed.fd_of, command) if fd is not None)
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                            stderr=subprocess.DEVNULL, text=True, bufsize=1, pass_fds=inherited)
 
 
 def _signal_name(code: int) -> str:

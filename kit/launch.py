@@ -255,14 +255,18 @@ def measured_speed(manifest: BundleManifest, kernel: kernels.KernelChoice) -> Cp
 def choose_kernel(opened: OpenStick, *, refresh: bool = False, on_probe=None,
                   progress=None, seal: bool = False) -> kernels.KernelChoice:
     """Verify the runtime's own libraries, then probe (or recall) the CPU kernel with the smallest
-    model, verified first: the probe children load it (by its path; each hashes it again).
+    model, verified first: the probe children load it (its sealed copy when there is one; each
+    hashes it again).
     `seal` (start, not doctor): verify it into sealed copies when it could be loaded that way, so
     that a stick whose smallest model is the one chosen reads it once."""
     bundle, manifest = opened.bundle, opened.manifest
     verify_own_libraries(bundle, manifest, opened.host.platform)
     probe_model = smallest_model(manifest)
     verify_model(bundle, manifest, probe_model, progress, seal=seal and _could_seal(opened, probe_model))
-    first = bundle.resolve(probe_model.files[0])
+    paths = model_paths(bundle, probe_model)
+    # the children inherit a sealed copy (kernels._spawn); a split model's other shards are found
+    # by name, which only the load's private links give, so a split one is probed from the stick
+    first = paths[0] if len(paths) == 1 else bundle.resolve(probe_model.files[0])
     return kernels.choose_kernel(opened.host, first, manifest.file(probe_model.files[0]).blake3,
                                  state=opened.state, saved=bundle.kit / "state", refresh=refresh,
                                  on_result=on_probe)

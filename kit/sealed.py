@@ -81,6 +81,12 @@ def fd_path(fd: int) -> Path:
     return Path(f"/proc/self/fd/{fd}")
 
 
+def fd_of(path: str | Path) -> int | None:
+    """The descriptor a fd_path names (a child inherits it under the same number), else None."""
+    head, _, number = str(path).rpartition("/")
+    return int(number) if head == "/proc/self/fd" and number.isdigit() else None
+
+
 @contextmanager
 def shard_names(paths: Sequence[Path], names: Sequence[str]) -> Iterator[list[Path]]:
     """`paths` reachable under `names` in one private folder, for as long as the block runs.

@@ -70,6 +70,14 @@ def temps(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*.part")] if folder.exists() else []
 
 
+def size_now(path: Path) -> int:
+    """A temp file's size, 0 once it was renamed away (the copy moves on while we look)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
@@ -185,7 +193,7 @@ def test_sigkill_mid_copy_then_the_same_command_ends_with_verified_targets(stick
     model_dir = targets[0] / "KIT" / Path(MODEL).parent
     deadline = time.monotonic() + 300
     try:  # kill when the model's temp file on the first target is part written: mid-copy, every time
-        while not any(p.stat().st_size >= 32 << 20 for p in temps(model_dir)):
+        while not any(size_now(p) >= 32 << 20 for p in temps(model_dir)):
             assert proc.poll() is None, "the clone finished before it could be killed mid-copy"
             assert time.monotonic() < deadline, "the model's copy never started"
             time.sleep(0.001)

@@ -225,3 +225,31 @@ def test_doctor_says_which_load_mode_and_why(probed_stick):
     assert data["load_mode"]["mode"] == "sealed" and "sealed memory" in data["load_mode"]["reason"]
     text = run_kit("doctor", "--stick", str(probed_stick), check=True).stdout
     assert "  load: sealed: the model is copied into sealed memory" in text
+
+
+@pytest.mark.slow
+def test_probe_children_inherit_the_sealed_copy_not_the_file(gemma_path, tmp_path):
+    """The kernel probe is handed the sealed copy's /proc/self/fd/N: its child gets the same
+    descriptor, hashes and loads those bytes, and works with the file gone from disk."""
+    from kit import ggml, kernels
+    from kit.hardware import detect
+
+    model = tmp_path / "m.gguf"
+    shutil.copyfile(gemma_path, model)
+    entry = _entry(model, "m.gguf")
+    _, copy = integrity.seal_entry(tmp_path, entry)
+    model.unlink()  # only the descriptor holds the bytes now
+    try:
+        variant = next(v for v in ggml.list_variants() if v.name == "haswell")
+        result = kernels.probe_variant(variant, copy.path, entry.blake3, 1)
+        choice = kernels.choose_kernel(detect(), copy.path, entry.blake3, state=None, refresh=True)
+    finally:
+        copy.close()
+    assert result.state == "ok" and result.gen_tps > 1, result
+    assert choice.chosen and any(r.state == "ok" for r in choice.results)
+
+
+def test_the_descriptor_a_path_names():
+    assert sealed.fd_of(sealed.fd_path(7)) == 7
+    assert sealed.fd_of("/proc/self/fd/12") == 12
+    assert sealed.fd_of("/sticks/a/KIT/models/m.gguf") is None and sealed.fd_of("/proc/self/fd/x") is None

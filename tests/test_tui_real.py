@@ -113,10 +113,12 @@ def test_kit_chat_in_a_real_terminal(demo_stick):
         term.type("Answer briefly.")
         screen = term.wait_for(lambda s: "Answer briefly." in s, timeout=30)
         assert "Ready" in screen and "Answering" not in screen
-        term.keys("Enter")  # sends both lines
-        screen = term.wait_for(lambda s: re.search(r"[\d.]+ tok/s · context \d+ of \d+ tokens", s) is not None,
-                               timeout=180)  # streamed in and ended: speed and context use show
-        assert "Answering" not in screen  # (the question, both lines, is checked in the saved history below)
+        term.keys("Enter")  # sends both lines: the transcript shows them one under the other, the box empties
+        term.wait_for(lambda s: re.search(r"How do I purify water\?\s*│?\s*\n.*Answer briefly\.", s) is not None
+                      and "Type your question, then press Enter" in s, timeout=60)
+        first = term.wait_for(lambda s: re.search(r"[\d.]+ tok/s · context \d+ of \d+ tokens", s) is not None,
+                              timeout=180)  # streamed in and ended: speed and context use show
+        assert "Answering" not in first
 
         term.keys("C-n")
         term.wait_for(lambda s: "tok/s ·" not in s, timeout=30)
@@ -134,8 +136,11 @@ def test_kit_chat_in_a_real_terminal(demo_stick):
         assert term.wait_exit(timeout=60) == 0
 
     saved = [json.loads(p.read_text()) for p in (demo_stick / "KIT" / "state" / "history").glob("*.json")]
-    conv = next(c for c in saved if c["messages"]
-                and c["messages"][0]["content"] == "How do I purify water?\nAnswer briefly.")
-    assert [m["role"] for m in conv["messages"][:2]] == ["user", "assistant"]
+    conv = next((c for c in saved if c["messages"]
+                 and c["messages"][0]["content"] == "How do I purify water?\nAnswer briefly."), None)
+    if conv is None:  # the tiny model wrote nothing (it samples): the chat said so and kept no turn
+        assert "The model gave no answer" in first
+    else:
+        assert [m["role"] for m in conv["messages"][:2]] == ["user", "assistant"]
     stopped = [c for c in saved if len(c["messages"]) > 1 and c["messages"][1].get("stopped") is True]
     assert stopped and stopped[0]["messages"][1]["content"].strip()

@@ -21,7 +21,7 @@ def hardware_text(session: Session) -> str:
     """`kit doctor`'s text for the running session (kit.report's one renderer), with what only
     the chat knows: the fallbacks taken while starting and where state goes."""
     report = session.report()
-    text = f"Stick: {session.bundle.root}\n\n" + render_doctor(report)
+    text = render_doctor(report)  # its first line names the stick
     if report.fallback_steps:
         text += "\n\nFallbacks taken while starting:\n" + "\n".join(f"  {s}" for s in report.fallback_steps)
     state = session.state if session.state is not None else "none: the stick is read-only, nothing is saved"
