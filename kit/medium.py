@@ -198,10 +198,12 @@ def seal(stick: BundlePaths, manifest: BundleManifest, raw: bytes,
          write_signature: Callable[[Path], object]) -> None:
     """The last writes, in order: the hand-check sums, bundle.json's exact bytes, then
     `write_signature(KIT/)` (bundle.json.sig and signer.pub, or their removal), and only then the
-    INCOMPLETE marker goes. A seal killed half way left temp files beside these: remove them first,
-    or the finished stick would carry files its manifest does not list."""
-    for name in MANIFEST_COMPANIONS:
-        for temp in leftover_temps(stick.kit / name):
+    INCOMPLETE marker goes. A writer killed half way left temp files beside these, the marker and
+    the root files: remove them first, or the finished stick would carry files its manifest does
+    not list."""
+    ours = [stick.kit / name for name in (*MANIFEST_COMPANIONS, stick.incomplete_marker.name)]
+    for path in ours + [stick.root / name for name in ROOT_FILE_NAMES]:
+        for temp in leftover_temps(path):
             temp.unlink(missing_ok=True)
     atomic_write(stick.kit / "B3SUMS", sums_text(manifest, "blake3").encode())
     atomic_write(stick.kit / "SHA256SUMS", sums_text(manifest, "sha256").encode())

@@ -673,6 +673,28 @@ def test_atomic_write_with_a_mode_is_never_readable_by_others(tmp_path):
     assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o666  # no mode: the umask decides, as open() does
 
 
+@pytest.mark.slow
+def test_a_build_removes_what_a_killed_build_left_half_written(tmp_path):
+    """Killed while writing the INCOMPLETE marker, a hand-check sum or a root file: the temp file
+    stays; the same build command run again must finish a stick that verifies clean."""
+    stick = tmp_path / "stick"
+    build = ["build", "--profile", "manifests/demo.toml", "--target", str(stick), "--no-freeze"]
+    run_kit(*build, check=True)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = [stick / "KIT" / f".INCOMPLETE.{int(ended.stdout)}-0123abcd.part",
+            stick / "KIT" / f".SHA256SUMS.{int(ended.stdout)}-0123abcd.part",
+            stick / f".README.txt.{int(ended.stdout)}-0123abcd.part"]
+    for p in dead:
+        p.write_bytes(b"partial")
+    (stick / "KIT" / "INCOMPLETE").write_text("build started\n")
+    assert run_kit("verify", str(stick)).returncode == 3
+    run_kit(*build, check=True)
+    done = run_kit("verify", str(stick))
+    assert done.returncode == 0, done.stdout
+    assert not any(p.exists() for p in dead)
+
+
 def test_leftover_temps_are_only_those_of_writers_that_are_gone(tmp_path):
     path = tmp_path / "model.gguf"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
