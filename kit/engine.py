@@ -523,30 +523,49 @@ def bench_context(prompt_tokens: int, gen_tokens: int) -> int:
     return max(256, prompt_tokens + gen_tokens + 16)
 
 
-def benchmark(model: Path, settings: EngineSettings, *, prompt_tokens: int, gen_tokens: int,
-              repeats: int = 3) -> dict:
-    """Time a real batch decode and greedy generation (the kernel probe and `kit bench`).
+BENCH_TEXT = b"The survival kit carries water, food, a map, a radio and a first aid box. " * 16
 
-    The best of `repeats` runs: on a busy machine the minimum is the kernel's speed, the rest
-    is other programs. `settings.n_batch` should hold the whole prompt (one batch).
-    """
-    integrity.require_verified(model)
-    llama_cpp = _import_llama()
-    llm = _streaming_llama(llama_cpp)(model_path=str(model), **context_params(settings), verbose=False)
-    text = "The survival kit carries water, food, a map, a radio and a first aid box. " * 16
-    tokens = llm.tokenize(text.encode())[:prompt_tokens]
-    llm.eval(tokens[:8])  # warm up: first-use costs are not the kernel's speed
-    greedy = llm._init_sampler(temp=0.0)  # the chat's sampler, built once as generate() does per answer
-    best_prompt = best_gen = float("inf")
-    for _ in range(repeats):
+
+@dataclass
+class BenchModel:
+    """A verified model loaded for timing (the kernel probe's children and `kit bench`)."""
+
+    llm: object
+    tokens: list[int]  # the prompt: `settings.n_batch` should hold it whole (one batch)
+    greedy: object  # the chat's sampler at temperature 0, built once as generate() does per answer
+
+    @classmethod
+    def load(cls, model: Path, settings: EngineSettings, *, prompt_tokens: int) -> BenchModel:
+        integrity.require_verified(model)
+        llama_cpp = _import_llama()
+        try:
+            llm = _streaming_llama(llama_cpp)(model_path=str(model), **context_params(settings), verbose=False)
+        except Exception as exc:  # as LlamaEngine.load words it
+            raise EngineError(f"llama.cpp could not load {model.name}: {_one_line(exc)}") from None
+        return cls(llm, llm.tokenize(BENCH_TEXT)[:prompt_tokens], llm._init_sampler(temp=0.0))
+
+    def round(self, gen_tokens: int) -> tuple[float, float]:
+        """One real batch decode of the prompt, then `gen_tokens` greedy tokens: their seconds."""
+        llm = self.llm
         llm.reset()
         start = time.perf_counter()
-        llm.eval(tokens)
+        llm.eval(self.tokens)
         prompt_done = time.perf_counter()
         for _ in range(gen_tokens):
-            llm.eval([greedy.sample(llm._ctx)])
-        end = time.perf_counter()
-        best_prompt = min(best_prompt, prompt_done - start)
-        best_gen = min(best_gen, end - prompt_done)
-    return {"prompt_tps": len(tokens) / best_prompt, "gen_tps": gen_tokens / best_gen,
-            "seconds": best_prompt + best_gen, "prompt_tokens": len(tokens), "gen_tokens": gen_tokens}
+            llm.eval([self.greedy.sample(llm._ctx)])
+        return prompt_done - start, time.perf_counter() - prompt_done
+
+
+def benchmark(model: Path, settings: EngineSettings, *, prompt_tokens: int, gen_tokens: int,
+              repeats: int = 3) -> dict:
+    """Time a real batch decode and greedy generation (`kit bench`).
+
+    The best of `repeats` runs: on a busy machine the minimum is the kernel's speed, the rest
+    is other programs.
+    """
+    bench = BenchModel.load(model, settings, prompt_tokens=prompt_tokens)
+    bench.llm.eval(bench.tokens[:8])  # warm up: first-use costs are not the kernel's speed
+    rounds = [bench.round(gen_tokens) for _ in range(repeats)]
+    best_prompt, best_gen = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    return {"prompt_tps": len(bench.tokens) / best_prompt, "gen_tps": gen_tokens / best_gen,
+            "seconds": best_prompt + best_gen, "prompt_tokens": len(bench.tokens), "gen_tokens": gen_tokens}

@@ -76,7 +76,6 @@ def candidates(variants: list[Variant], host: Host) -> tuple[list[Variant], list
 
 # ---------------------------------------------------------------- the probe child (`kit _probe`)
 
-PROBE_TEXT = b"The survival kit carries water, food, a map, a radio and a first aid box. " * 16
 # What each answer line holds: {"error": sentence} is the other well-formed answer to any of them.
 _ANSWER_KEYS = {"score": ("score",), "load": ("loaded_s",), "round": ("prompt_tps", "gen_tps", "seconds")}
 _PROBE_KEYS = _ANSWER_KEYS["round"]
@@ -87,8 +86,7 @@ class _ChildBench:
 
     def __init__(self, variant_path: Path, model: Path, blake3: str, threads: int):
         self.variant_path, self.model, self.blake3, self.threads = variant_path, model, blake3, threads
-        self.llm = None
-        self.tokens: list[int] = []
+        self.bench = None  # kit.engine.BenchModel, once loaded
         self.warm = False
 
     def score(self) -> dict:
@@ -106,31 +104,23 @@ class _ChildBench:
             raise KitError("model bytes do not match the manifest")
         settings = EngineSettings(n_ctx=engine.bench_context(PROBE_PROMPT_TOKENS, PROBE_GEN_TOKENS),
                                   threads=self.threads, n_batch=PROBE_PROMPT_TOKENS)
-        self.llm = engine.LlamaEngine.load([self.model], settings, model_id="probe",
-                                           variant=self.variant_path).llm
-        self.tokens = self.llm.tokenize(PROBE_TEXT)[:PROBE_PROMPT_TOKENS]
+        engine.ensure_backend(self.variant_path)
+        self.bench = engine.BenchModel.load(self.model, settings, prompt_tokens=PROBE_PROMPT_TOKENS)
         return {"loaded_s": time.perf_counter() - start}
 
     def round(self) -> dict:
-        """One timed batch decode and greedy generation (engine.benchmark's loop, one pass)."""
-        if self.llm is None:
+        """One timed batch decode and greedy generation (kit.engine.BenchModel.round)."""
+        if self.bench is None:
             self.load()
-        llm = self.llm
+        bench = self.bench
         if not self.warm:
             # The whole batch once, untimed (buffers are sized on first use). Not in load():
             # children load side by side, and computing there would crowd the cores.
-            llm.eval(self.tokens)
+            bench.llm.eval(bench.tokens)
             self.warm = True
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(self.tokens)
-        prompt_done = time.perf_counter()
-        for _ in range(PROBE_GEN_TOKENS):
-            llm.eval([llm.sample(temp=0.0)])
-        end = time.perf_counter()
-        return {"prompt_tps": len(self.tokens) / (prompt_done - start),
-                "gen_tps": PROBE_GEN_TOKENS / (end - prompt_done), "seconds": end - start,
-                "prompt_tokens": len(self.tokens), "gen_tokens": PROBE_GEN_TOKENS}
+        prompt_s, gen_s = bench.round(PROBE_GEN_TOKENS)
+        return {"prompt_tps": len(bench.tokens) / prompt_s, "gen_tps": PROBE_GEN_TOKENS / gen_s,
+                "seconds": prompt_s + gen_s, "prompt_tokens": len(bench.tokens), "gen_tokens": PROBE_GEN_TOKENS}
 
     def one_shot(self) -> dict:
         """No commands given: the classic probe, best of three rounds in one line."""
