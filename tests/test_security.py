@@ -255,27 +255,32 @@ def test_hostile_gguf_on_a_stick_is_refused_before_llama_cpp(warm_copy, real_mod
     assert "llama.cpp" not in done.stderr
 
 
+def path_profile(tmp_path: Path, model: Path, model_id: str) -> Path:
+    """A profile of one model from a local file (kind "path"), pinned to its SHA-256."""
+    profile = tmp_path / f"{model_id}.toml"
+    profile.write_text(textwrap.dedent(f"""\
+        schema_version = 1
+        name = "{model_id}"
+        [[models]]
+        id = "{model_id}"
+        name = "{model_id.capitalize()}"
+        licence = "none"
+        [models.source]
+        kind = "path"
+        path = "{model}"
+        sha256 = "{hash_file(model, sha256=True).sha256}"
+        """))
+    return profile
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["array length", "string size"])
 def test_hostile_gguf_is_refused_by_the_build(tmp_path, real_model, how):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(poisoned_gguf(real_model, how))
-    sha = hash_file(bad, sha256=True).sha256
-    profile = tmp_path / "hostile.toml"
-    profile.write_text(textwrap.dedent(f"""\
-        schema_version = 1
-        name = "hostile"
-        [[models]]
-        id = "bad"
-        name = "Bad"
-        licence = "none"
-        [models.source]
-        kind = "path"
-        path = "{bad}"
-        sha256 = "{sha}"
-        """))
     target = tmp_path / "stick"
-    refused(run_kit("build", "--profile", str(profile), "--target", str(target), "--no-freeze"), GGUF_CASES[how])
+    refused(run_kit("build", "--profile", str(path_profile(tmp_path, bad, "bad")), "--target", str(target),
+                    "--no-freeze"), GGUF_CASES[how])
     refused(run_kit("verify", str(target)), "incomplete", code=3)
 
 
@@ -822,23 +827,6 @@ def with_chat_template(model: Path, template: str) -> bytes:
         return head + fh.read()
 
 
-def path_profile(tmp_path: Path, model: Path) -> Path:
-    profile = tmp_path / "templated.toml"
-    profile.write_text(textwrap.dedent(f"""\
-        schema_version = 1
-        name = "templated"
-        [[models]]
-        id = "templated"
-        name = "Templated"
-        licence = "none"
-        [models.source]
-        kind = "path"
-        path = "{model}"
-        sha256 = "{hash_file(model, sha256=True).sha256}"
-        """))
-    return profile
-
-
 @pytest.mark.slow
 def test_a_hostile_chat_template_is_refused_by_the_build(tmp_path, demo_stick):
     from kit.ggufmeta import read_facts
@@ -847,8 +835,8 @@ def test_a_hostile_chat_template_is_refused_by_the_build(tmp_path, demo_stick):
     bad = tmp_path / "hostile.gguf"
     bad.write_bytes(with_chat_template(demo_stick / "KIT" / MODEL, HOSTILE_TEMPLATE.replace("{marker}", str(marker))))
     assert read_facts([bad]).chat_template.startswith("{{ cycler")  # a well-formed GGUF: only the template is bad
-    done = run_kit("build", "--profile", str(path_profile(tmp_path, bad)), "--target", str(tmp_path / "stick"),
-                   "--no-freeze")
+    profile = path_profile(tmp_path, bad, "templated")
+    done = run_kit("build", "--profile", str(profile), "--target", str(tmp_path / "stick"), "--no-freeze")
     refused(done, "templated", "chat template")
     assert 1 <= done.returncode <= 3 and not marker.exists()
 
@@ -859,7 +847,8 @@ def test_a_benign_chat_template_is_built_and_used(tmp_path, demo_stick):
     good.write_bytes(with_chat_template(demo_stick / "KIT" / MODEL,
                                         "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<model>"))
     stick = tmp_path / "stick"
-    done = run_kit("build", "--profile", str(path_profile(tmp_path, good)), "--target", str(stick), "--no-freeze")
+    profile = path_profile(tmp_path, good, "templated")
+    done = run_kit("build", "--profile", str(profile), "--target", str(stick), "--no-freeze")
     assert done.returncode == 0, done.stderr
     assert run_kit("verify", str(stick)).returncode == 0
 
