@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import FakeEngine
 from rich.console import Console
+from textual import events
 from textual.app import App
 
 from kit import integrity, launch, signing
@@ -332,6 +333,22 @@ async def test_enter_sends_and_ctrl_j_or_shift_enter_make_new_lines(stick, state
         await answered(pilot)
         assert starter.engine.prompts[0][-1] == {"role": "user", "content": "Fire\nWater\nFood"}
         assert box.text == "" and "Two lines read." in screen_text(app)
+
+
+@pytest.mark.anyio
+async def test_keys_typed_faster_than_the_box_reads_them_keep_their_order(stick, state):
+    # A terminal delivers a burst of keys at once (fast typing, a slow host): the new line and
+    # the send must land after the letters typed before them.
+    starter = FakeStarter(stick, state)
+    starter.engine.enqueue("In order.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await started(pilot)
+        burst = [*"How", "ctrl+j", *"Now", "enter"]
+        for key in burst:
+            app.post_message(events.Key(key, key if len(key) == 1 else None))
+        await answered(pilot)
+        assert starter.engine.prompts[0][-1] == {"role": "user", "content": "How\nNow"}
 
 
 @pytest.mark.anyio

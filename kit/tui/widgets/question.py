@@ -20,10 +20,13 @@ XTERM_SHIFT_ENTER = "shift+\r"  # a key name Textual's bindings cannot hold (the
 
 
 class QuestionBox(TextArea):
-    # Priority: seen before TextArea's own key handler, which would insert a new line on Enter.
+    # The keys act in the box's own key handler, in the order they were typed: a priority binding
+    # would run in the app's task before the box has inserted the letters typed just before it
+    # (fast typing, a slow host), so the new line or the send came ahead of them. The bindings stay
+    # for the footer and the help screen.
     BINDINGS = [
-        Binding(SEND_KEY, "send", "Send", priority=True, tooltip="Send the question"),
-        Binding(NEWLINE_KEYS, "newline", "New line", priority=True, show=False,
+        Binding(SEND_KEY, "send", "Send", tooltip="Send the question"),
+        Binding(NEWLINE_KEYS, "newline", "New line", show=False,
                 tooltip="A new line in the question (Shift+Enter or Alt+Enter too, where the terminal "
                         "reports them)"),
     ]
@@ -35,15 +38,23 @@ class QuestionBox(TextArea):
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
 
     async def _on_key(self, event: events.Key) -> None:
-        if event.key == XTERM_SHIFT_ENTER:
-            event.stop()
-            event.prevent_default()
-            self.action_newline()
+        action = _ACTIONS.get(event.key)
+        if action is None:
+            await super()._on_key(event)
             return
-        await super()._on_key(event)
+        event.stop()
+        event.prevent_default()
+        action(self)
 
     def action_send(self) -> None:
         self.post_message(self.Send())
 
     def action_newline(self) -> None:
         self._replace_via_keyboard("\n", *self.selection)  # as TextArea types Enter: over a selection
+
+
+_ACTIONS = {
+    SEND_KEY: QuestionBox.action_send,
+    XTERM_SHIFT_ENTER: QuestionBox.action_newline,
+    **{key: QuestionBox.action_newline for key in NEWLINE_KEYS.split(",")},
+}
