@@ -1,10 +1,9 @@
 """llama.cpp's own tools (llama-bench, llama-completion), built from the very sources the kit's
 llama-cpp-python was built from, and made to run exactly one CPU kernel variant.
 
-- Sources: the llama-cpp-python sdist of the version in build/llama-cpp.env (its vendor/llama.cpp
-  is the same commit), downloaded once with pip into the cache.
-- Build: cmake, portable (GGML_NATIVE=OFF) with dynamically loaded backends (GGML_BACKEND_DL=ON);
-  only the two tools, no CPU backend of its own: the kernel comes from the kit.
+- Build: none of its own. build/base.py builds llama.cpp once per platform (build/llama-cpp.env):
+  the kit's libraries, every CPU variant and these tools, from the source vendored in the pinned
+  llama-cpp-python sdist. The kernel each run uses comes from the kit's llama_cpp/lib.
 - One kernel: ggml_backend_load_all() scores every libggml-cpu-*.so in the executable's folder and
   the current folder and loads the best. A folder per variant holding a copy of the tools and only
   that variant's library (copied from the kit's llama_cpp/lib), run from that folder, leaves it no
@@ -21,61 +20,24 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, ensure_cache, say
+from bench.common import ROOT, ensure_cache
 
 TOOLS = ("llama-bench", "llama-completion")
-CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON",
-              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-              "-DLLAMA_OPENSSL=OFF"]
 _LOADED = re.compile(r"loaded CPU backend from (\S+)")
 
 
-def pinned_version() -> str:
-    text = (ROOT / "build" / "llama-cpp.env").read_text()
-    match = re.search(r"^LLAMA_CPP_PYTHON_VERSION=(\S+)", text, re.M)
-    if not match:
-        raise RuntimeError("build/llama-cpp.env names no LLAMA_CPP_PYTHON_VERSION")
-    return match.group(1)
-
-
-def sources() -> Path:
-    """vendor/llama.cpp of the pinned sdist, downloaded and unpacked once."""
-    version = pinned_version()
-    src = ensure_cache() / "src"
-    tree = src / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    if (tree / "CMakeLists.txt").is_file():
-        return tree
-    say(f"downloading the llama-cpp-python {version} sdist (its vendored llama.cpp)")
-    src.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={version}", "-d", str(src)], check=True)
-    archive = next(src.glob(f"llama_cpp_python-{version}.tar.gz"))
-    with tarfile.open(archive) as tar:
-        tar.extractall(src, filter="data")
-    return tree
-
-
-def build_dir() -> Path:
-    return ensure_cache() / f"llama.cpp-{pinned_version()}"
-
-
 def build_tools() -> Path:
-    """The folder holding the built tools (cached: cmake rebuilds nothing when nothing changed)."""
-    out = build_dir()
-    binaries = out / "bin"
-    if all((binaries / t).is_file() for t in TOOLS):
-        return binaries
-    tree = sources()
-    say(f"building {', '.join(TOOLS)} from {tree} (once; ~10 min on 2 cores)")
-    subprocess.run(["cmake", "-S", str(tree), "-B", str(out), "-G", "Ninja", *CMAKE_ARGS],
-                   check=True, stdout=subprocess.DEVNULL)
-    jobs = str(os.cpu_count() or 2)
-    subprocess.run(["cmake", "--build", str(out), "-j", jobs, "--target", *TOOLS], check=True,
-                   stdout=subprocess.DEVNULL)
+    """The folder holding the tools: this platform's one llama.cpp build (build/base.py), whose
+    libraries the kit's llama_cpp/lib holds too."""
+    out = subprocess.run([sys.executable, str(ROOT / "build" / "base.py"), "llama-dir"], capture_output=True,
+                         text=True, check=True)
+    binaries = Path(out.stdout.strip())
+    missing = [t for t in TOOLS if not (binaries / t).is_file()]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} missing from {binaries}: run `bash build/install.sh`")
     return binaries
 
 
@@ -97,7 +59,9 @@ def variant_dir(variant_lib: Path) -> Path:
 
 
 def tool_env(kit_lib: Path) -> dict[str, str]:
-    env = dict(os.environ, LD_LIBRARY_PATH=str(kit_lib))
+    # The kit's libllama and libggml first; the tools' own libraries (lib*-impl, libllama-common)
+    # from the build. ggml looks for CPU kernels beside the executable, not on this path.
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{kit_lib}{os.pathsep}{build_tools()}")
     env.pop("GGML_BACKEND_PATH", None)  # would load one more backend on top of the folder's
     return env
 

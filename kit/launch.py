@@ -17,6 +17,8 @@ files are loaded by path, with the identity check of kit.integrity just before.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import posixpath
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -288,11 +290,32 @@ def plan_for(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoi
                      cpu_speed=measured_speed(opened.manifest, kernel) if kernel else None)
 
 
+def glibc_fit(opened: OpenStick) -> tuple[str, str] | None:
+    """(the glibc this host's runtime on the stick needs, the host's glibc), on a Linux host.
+
+    The launcher refuses a host older than the runtime needs; doctor shows how close it is."""
+    try:
+        have = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
+    except (AttributeError, ValueError, OSError):
+        return None
+    platform_name = f"{opened.host.os}-{opened.host.arch}"
+    runtime = next((r for r in opened.manifest.runtimes if r.platform == platform_name), None)
+    if not have or not have.startswith("glibc ") or runtime is None:
+        return None
+    try:
+        info = json.loads(opened.bundle.resolve(f"{runtime.folder}/kit-runtime.json").read_text())
+    except (OSError, ValueError):
+        return None
+    need = info.get("glibc") if isinstance(info, dict) else None
+    return (need, have.split()[1]) if isinstance(need, str) else None
+
+
 def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None) -> DoctorReport:
     """Everything `kit doctor` shows: host, kernel probe table, plan (or why none)."""
     opened = open_stick(stick)
     report = DoctorReport(str(opened.bundle.root), opened.trust.signer_label, opened.host,
-                          ModelSummary.all_of(opened.manifest), tuple(sorted(ggml.runtime_backends())))
+                          ModelSummary.all_of(opened.manifest), tuple(sorted(ggml.runtime_backends())),
+                          glibc=glibc_fit(opened))
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
         report = replace(report, plan=plan_for(opened, overrides, report.kernel))

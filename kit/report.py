@@ -43,6 +43,7 @@ class DoctorReport:
     error: str | None = None  # why there is no plan: the error's sentence and what to do
     fallback_steps: tuple[str, ...] = field(default=())  # taken while starting (the chat only)
     load_mode: LoadMode | None = None  # sealed memory copy or by path, and why (kit.plan.load_mode)
+    glibc: tuple[str, str] | None = None  # (the stick's runtime needs, this host has), on Linux
 
     def to_dict(self) -> dict:
         data = {"stick": self.stick, "signer": self.signer, "host": self.host.to_dict(),
@@ -50,7 +51,8 @@ class DoctorReport:
                 "plan": self.plan.to_dict() if self.plan else None,
                 "runtime_backends": list(self.runtime_backends),
                 "models": [vars(m).copy() for m in self.models],
-                "load_mode": self.load_mode.to_dict() if self.load_mode else None}
+                "load_mode": self.load_mode.to_dict() if self.load_mode else None,
+                "glibc": {"runtime_needs": self.glibc[0], "host_has": self.glibc[1]} if self.glibc else None}
         if self.error:
             data["error"] = self.error
         return data
@@ -70,6 +72,8 @@ def render_doctor(report: DoctorReport) -> str:
         out.append("      GPU: none found")
     for note in host.notes:
         out.append(f"      note: {note}")
+    if report.glibc:
+        out.append(f"      glibc: {report.glibc[1]}; this stick's runtime needs {report.glibc[0]} or newer")
     kernel = report.kernel
     if kernel:
         out.append("")

@@ -81,7 +81,9 @@ explain_not_executable() {
     exit 1
 }
 
-# Warn (do not refuse) when this Linux's C library is older than the one the runtime was built on.
+# Refuse, with the reason, when this Linux's C library is older than the newest one any file of the
+# runtime asks for (kit-runtime.json "glibc", read from the files' symbol versions when frozen):
+# the loader would fail with a cryptic "GLIBC_2.xx not found".
 check_glibc() {
     manifest="$(dirname -- "$1")/kit-runtime.json"
     [ -r "$manifest" ] || return 0
@@ -92,8 +94,10 @@ check_glibc() {
         split(have, h, "."); split(need, n, ".")
         print (h[1] + 0 < n[1] + 0 || (h[1] + 0 == n[1] + 0 && h[2] + 0 < n[2] + 0)) ? 1 : 0 }')
     if [ "$older" = 1 ]; then
-        say "kit: warning: the runtime was built for glibc $need or newer; this Linux has glibc $have."
-        say "     If it fails to start, this computer's Linux is too old for this stick."
+        say "kit: this stick's runtime needs glibc $need or newer; this Linux has glibc $have."
+        say "     This computer's Linux is too old for this stick: use another computer, or a stick"
+        say "     built on an older base (build/base.py makes runtimes for glibc 2.31 and newer)."
+        exit 1
     fi
 }
 

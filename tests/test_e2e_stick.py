@@ -8,6 +8,7 @@ run downloads it); the stick is bind-mounted into it and the launcher runs under
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,9 @@ from conftest import apt_install, run_kit
 from kit.builder.freeze import host_platform
 
 CACHE = Path("/var/cache/kit-test-debootstrap")
-SUITE = "bookworm"  # the glibc of the freezing host (Debian 12) is the runtime's floor
+# Debian 11 has glibc 2.31, the floor build/base.py freezes for (Ubuntu 20.04 has the same);
+# Debian 12 (2.36) stands for every newer Linux.
+SUITES = {"bullseye": "11.", "bookworm": "12."}
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 STICK_NAME = "Survival Kit — clé USB"  # spaces and non-ASCII, as real volume names have
 QUESTION = "How do I purify water?"
@@ -56,24 +59,25 @@ def require_root_tools() -> None:
             pytest.fail(f"{tool} is missing; install util-linux / coreutils")
 
 
-@pytest.fixture(scope="session")
-def debian_root() -> Path:
-    """A minimal Debian root without Python, made once and kept under CACHE."""
+@pytest.fixture(scope="session", params=sorted(SUITES))
+def debian_root(request) -> Path:
+    """A minimal Debian root without Python, made once per release and kept under CACHE."""
     require_root_tools()
-    root = CACHE / f"{SUITE}-minbase"
+    suite = request.param
+    root = CACHE / f"{suite}-minbase"
     if (root / ".kit-complete").exists():
         return root
-    partial = CACHE / f"{SUITE}-minbase.partial"
+    partial = CACHE / f"{suite}-minbase.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     mirror = debian_mirror()
-    proc = subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(partial), mirror],
+    proc = subprocess.run(["debootstrap", "--variant=minbase", suite, str(partial), mirror],
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        pytest.fail(f"debootstrap {SUITE} from {mirror} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        pytest.fail(f"debootstrap {suite} from {mirror} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
-    (root / ".kit-complete").write_text(f"debootstrap --variant=minbase {SUITE} {mirror}\n")
+    (root / ".kit-complete").write_text(f"debootstrap --variant=minbase {suite} {mirror}\n")
     return root
 
 
@@ -108,9 +112,11 @@ def test_the_stick_has_everything(built_stick):
 
 
 def test_the_bare_host_has_no_python_and_no_openmp(debian_root):
+    suite = debian_root.name.removesuffix("-minbase")
+    assert (debian_root / "etc" / "debian_version").read_text().startswith(SUITES[suite])
     assert (debian_root / "bin" / "sh").exists()
     assert not list((debian_root / "usr" / "bin").glob("python*"))
-    # The CPU kernels need libgomp.so.1, which a minbase root lacks: the runtime must bring its own.
+    # A minbase root has no OpenMP runtime: the runtime must need none, or bring its own.
     assert not list(debian_root.glob("usr/lib/*/libgomp.so*"))
 
 
@@ -120,13 +126,26 @@ def test_the_frozen_runtime_verifies_the_stick_offline(debian_root, built_stick)
     assert "The stick is intact." in proc.stdout
 
 
+def test_doctor_on_the_bare_host_names_its_glibc_and_the_runtimes(debian_root, built_stick):
+    proc = run_on_bare_host(debian_root, built_stick, "doctor")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    shown = re.search(r"glibc: (\S+); this stick's runtime needs (\S+) or newer", proc.stdout)
+    assert shown, proc.stdout
+    host_glibc = {"bullseye": "2.31", "bookworm": "2.36"}[debian_root.name.removesuffix("-minbase")]
+    needs = json.loads((built_stick / "KIT" / "runtimes" / host_platform() / "kit-runtime.json").read_text())["glibc"]
+    assert shown.groups() == (host_glibc, needs)
+
+
 def test_ask_answers_offline_on_a_bare_host(debian_root, built_stick):
     proc = run_on_bare_host(debian_root, built_stick, "ask", QUESTION, "--max-tokens", "48", "--temperature", "0")
     diagnostics = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     print(diagnostics)
     assert proc.returncode == 0, diagnostics
     assert "checking gemma-3-270m against the stick's manifest" in proc.stderr, diagnostics
+    # Probed now, or on the other bare host or by doctor: the verdict is kept on the stick, per CPU.
     probed_ok = set(re.findall(r"probed CPU kernel (\S+): ok", proc.stderr))
+    verdicts = json.loads((built_stick / "KIT" / "state" / "kernel-probe.json").read_text())
+    probed_ok |= {r["variant"] for v in verdicts.values() for r in v["results"] if r["state"] == "ok"}
     stats = re.search(r"\[(\d+) tokens, [\d.]+ tok/s, model gemma-3-270m, kernel (\S+)\]", proc.stderr)
     assert stats, diagnostics
     assert int(stats.group(1)) > 0 and stats.group(2) in probed_ok, diagnostics

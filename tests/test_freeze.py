@@ -21,9 +21,33 @@ import pytest
 
 from kit import __version__, ggml, integrity, kernels
 from kit.builder import freeze
+from kit.builder.elfglibc import glibc_floor, glibc_needs, is_elf
 from kit.builder.freeze import RUNTIME_MANIFEST, RuntimeDir, import_runtime, write_runtime_manifest
 from kit.errors import BuildError
 from kit.hardware import detect
+
+GLIBC_FLOOR = (2, 31)  # build/base.py freezes in Debian 11: Ubuntu 20.04, RHEL 9 and newer run it
+# What every glibc host has; anything else a runtime file needs must be in the runtime.
+GLIBC_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "libutil.so.1",
+                   "libresolv.so.2", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
+
+
+def needed_libraries(path: Path) -> list[str]:
+    """The DT_NEEDED names of an ELF file (none for other files)."""
+    if not is_elf(path):
+        return []
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        return [tag.needed for section in ELFFile(f).iter_sections() if isinstance(section, DynamicSection)
+                for tag in section.iter_tags("DT_NEEDED")]
+
+
+def base_ready() -> bool:
+    base = Path(__file__).resolve().parents[1] / "build" / "base.py"
+    return subprocess.run([sys.executable, str(base), "ready"]).returncode == 0
+
 
 # ---------------------------------------------------------------- the real freeze (slow)
 
@@ -61,12 +85,16 @@ def test_frozen_version_starts(frozen):
 
 
 @pytest.mark.slow
-def test_every_cpu_variant_and_openmp_are_frozen(frozen):
+def test_every_cpu_variant_is_frozen_and_every_library_they_need_is_bundled(frozen):
     source = {v.name for v in ggml.list_variants()}
     inside = {v.name for v in ggml.list_variants(_lib_dir(frozen.folder))}
     assert source and inside == source
-    if sys.platform.startswith("linux"):  # the variants need it, and a bare host may lack it
-        assert (_lib_dir(frozen.folder) / "libgomp.so.1").is_file()
+    if sys.platform.startswith("linux"):  # a bare host has glibc and nothing else
+        files = list(freeze.walk_regular_files(frozen.folder))
+        bundled = {Path(rel).name for rel in files}
+        missing = {f"{rel} needs {name}" for rel in files for name in needed_libraries(frozen.folder / rel)
+                   if name not in bundled and name not in GLIBC_LIBRARIES}
+        assert not missing, sorted(missing)
 
 
 @pytest.mark.slow
@@ -92,7 +120,50 @@ def test_runtime_manifest_lists_every_file(frozen):
     assert frozen.entry in files and any(p.startswith("_internal/llama_cpp/lib/libggml-cpu-") for p in files)
     if sys.platform.startswith("linux"):
         data = json.loads((frozen.folder / RUNTIME_MANIFEST).read_text())
-        assert data["glibc"] == freeze.build_glibc()
+        floor = glibc_floor(frozen.folder, list(files))
+        assert (data["glibc"], data["glibc_needed_by"]) == (floor.text, floor.path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc is Linux's C library")
+def test_no_file_of_the_runtime_asks_for_a_glibc_newer_than_the_floor(frozen):
+    if not base_ready():
+        pytest.fail("this runtime was frozen on the host, not in the old-glibc root: run "
+                    "`python3 build/base.py ensure` as root on Debian (build/install.sh does)")
+    needs = glibc_needs(frozen.folder, list(freeze.walk_regular_files(frozen.folder)))
+    offenders = [f"{n.path} asks for GLIBC_{n.text}" for n in needs if n.version[:2] > GLIBC_FLOOR]
+    assert needs and not offenders, offenders
+    assert any(n.path.endswith("libpython3.11.so.1.0") for n in needs)  # the check reads real files
+
+
+@pytest.mark.slow
+def test_the_runtime_is_at_most_100_mb(frozen):
+    sizes = {rel: (frozen.folder / rel).stat().st_size for rel in freeze.walk_regular_files(frozen.folder)}
+    largest = sorted(sizes, key=sizes.get, reverse=True)[:5]
+    print(f"runtime {frozen.platform}: {sum(sizes.values()) / 1e6:.1f} MB; largest: "
+          + ", ".join(f"{rel} {sizes[rel] / 1e6:.1f}" for rel in largest))
+    assert sum(sizes.values()) <= 100e6
+
+
+@pytest.mark.slow
+def test_the_notices_name_a_licence_for_every_bundled_distribution_and_library(frozen):
+    notices = json.loads((frozen.folder / "notices.json").read_text())
+    text = (frozen.folder / "THIRD-PARTY-NOTICES.txt").read_text()
+    covered = {f: c for c in notices["components"] if c["licence_bytes"] > 0 for f in c["files"]}
+    files = list(freeze.walk_regular_files(frozen.folder))
+    native = [rel for rel in files if is_elf(frozen.folder / rel)]
+    uncovered = [rel for rel in native if rel.removeprefix("_internal/") not in covered]
+    assert native and not uncovered, uncovered
+    names = {c["name"].lower().replace("_", "-") for c in notices["components"]}
+    distributions = {rel.split("/")[1].removesuffix(".dist-info").rsplit("-", 1)[0].lower().replace("_", "-")
+                     for rel in files if rel.startswith("_internal/") and ".dist-info/" in rel}
+    assert distributions and distributions <= names, sorted(distributions - names)
+    for needed in ("llama-cpp-python", "numpy", "textual", "blake3", "pynacl", "CPython", "llama.cpp / ggml",
+                   "Survival Kit", "pyinstaller"):
+        assert needed.lower() in names, needed
+    for licence in ("MIT License", "PYTHON SOFTWARE FOUNDATION LICENSE", "Apache License"):
+        assert licence in text, licence
+    assert "THIRD-PARTY-NOTICES.txt" in files
 
 
 def _simplest_variant(lib: Path) -> ggml.Variant:

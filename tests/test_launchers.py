@@ -125,12 +125,20 @@ def test_an_incomplete_stick_says_so(tmp_path, shell):
     assert proc.returncode == 1 and "incomplete" in proc.stderr and proc.stdout == ""
 
 
-def test_an_old_glibc_is_warned_about_and_the_runtime_still_runs(tmp_path, shell):
+def test_a_glibc_older_than_the_runtime_needs_is_refused_with_both_versions(tmp_path, shell):
     stick = make_stick(tmp_path, [host_platform()])
     (stick / "KIT" / "runtimes" / host_platform() / "kit-runtime.json").write_text('{"glibc": "9.99"}')
     proc = run_launcher(shell, stick, "x")
-    assert proc.returncode == 0 and "arg=[x]" in proc.stdout
-    assert "built for glibc 9.99 or newer" in proc.stderr
+    have = os.confstr("CS_GNU_LIBC_VERSION").split()[1]
+    assert proc.returncode == 1 and "arg=" not in proc.stdout
+    assert f"needs glibc 9.99 or newer; this Linux has glibc {have}" in proc.stderr
+
+
+def test_a_glibc_at_least_as_new_as_needed_starts_the_runtime(tmp_path, shell):
+    stick = make_stick(tmp_path, [host_platform()])
+    (stick / "KIT" / "runtimes" / host_platform() / "kit-runtime.json").write_text('{"glibc": "2.17"}')
+    proc = run_launcher(shell, stick, "x")
+    assert proc.returncode == 0 and "arg=[x]" in proc.stdout and "glibc" not in proc.stderr
 
 
 def test_macos_launcher_explains_gatekeeper_when_the_runtime_is_killed(tmp_path, shell):

@@ -32,7 +32,8 @@ def test_doctor_text_uses_one_unit_for_every_size():
 
 def test_doctor_json_keeps_its_keys():
     data = report().to_dict()
-    assert set(data) == {"stick", "signer", "host", "kernel", "plan", "runtime_backends", "models", "load_mode"}
+    assert set(data) == {"stick", "signer", "host", "kernel", "plan", "runtime_backends", "models", "load_mode",
+                         "glibc"}
     assert data["models"] == [{"id": "m", "name": "Model", "bytes": 250 * MiB, "quant": "Q4_K_M",
                                "params": 270_000_000}]
     assert data["kernel"]["chosen"] == "haswell" and data["plan"] is None
@@ -46,3 +47,10 @@ def test_doctor_says_how_the_model_is_loaded_and_why():
                                                              "reason": "copied into sealed memory as it is checked"}
     text = render_doctor(report(load_mode=LoadMode(BY_PATH, "memfd is Linux-only (this is darwin): by path")))
     assert "load: path: memfd is Linux-only (this is darwin): by path" in text
+
+
+def test_doctor_shows_the_glibc_the_runtime_needs_beside_the_hosts():
+    text = render_doctor(report(glibc=("2.31", "2.36")))
+    assert "glibc: 2.36; this stick's runtime needs 2.31 or newer" in text
+    assert report(glibc=("2.31", "2.36")).to_dict()["glibc"] == {"runtime_needs": "2.31", "host_has": "2.36"}
+    assert "glibc" not in render_doctor(report())  # not Linux, or no runtime for this host

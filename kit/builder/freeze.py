@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 import blake3
 
 from kit import __version__, ggml
+from kit.builder.elfglibc import glibc_floor
 from kit.errors import BuildError, KernelError, ManifestError
 from kit.fsutil import atomic_write
 from kit.hardware import normalise_arch, normalise_os
@@ -37,6 +38,7 @@ from kit.units import human_bytes
 RUNTIME_MANIFEST = "kit-runtime.json"
 RUNTIME_FORMAT = 1
 SPEC = Path(__file__).resolve().parents[2] / "build" / "kit.spec"
+BASE = SPEC.parent / "base.py"  # freezes in the old-glibc build root when there is one
 MAX_RUNTIME_BYTES = 4 << 30  # a runtime is ~130 MB; an archive claiming more is broken or hostile
 MAX_RUNTIME_MANIFEST_BYTES = 16 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -77,14 +79,14 @@ def freeze_runtime(work_dir: Path, report: Report = print) -> RuntimeDir:
     work_dir.mkdir(parents=True, exist_ok=True)
     report(f"freezing the runtime with PyInstaller (about a minute; log: {log})")
     start = time.monotonic()
-    _run_pyinstaller(dist, work_dir / "work", log)
+    _run_pyinstaller(work_dir, log)
     runtime = RuntimeDir(host_platform(), dist / "kit", entry_name(host_platform()))
     _replace_links_with_copies(runtime.folder)
     _check_variants_frozen(source_variants, runtime.folder)
     files = write_runtime_manifest(runtime)
     size = sum(f.size for f in files)
     report(f"runtime {runtime.platform} frozen in {time.monotonic() - start:.0f} s: "
-           f"{len(files)} files, {human_bytes(size)}")
+           f"{len(files)} files, {human_bytes(size)}{_floor_text(runtime.folder)}")
     return runtime
 
 
@@ -100,16 +102,15 @@ def _require_variants() -> list[str]:
     return names
 
 
-def _run_pyinstaller(dist: Path, work: Path, log: Path) -> None:
-    if not SPEC.is_file():
+def _run_pyinstaller(work_dir: Path, log: Path) -> None:
+    """build/base.py freezes: in the old-glibc build root when it is ready, else with this Python."""
+    if not SPEC.is_file() or not BASE.is_file():
         raise BuildError(f"the runtime spec {SPEC} is missing", "freeze from a source checkout of the kit")
-    command = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--distpath", str(dist),
-               "--workpath", str(work), str(SPEC)]
-    with open(log, "wb") as out:
-        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              cwd=SPEC.parent.parent)
+    proc = subprocess.run([sys.executable, str(BASE), "freeze", str(work_dir), sys.executable],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=SPEC.parent.parent)
     if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+        tail = (lines or (proc.stderr or "no output").strip().splitlines())[-1:]
         raise BuildError(f"PyInstaller failed (exit {proc.returncode}): {tail[0][:200]}",
                          f"read {log}; `pip install pyinstaller` if it is missing")
 
@@ -166,20 +167,20 @@ def write_runtime_manifest(runtime: RuntimeDir) -> list[RuntimeFile]:
     data = {"format": RUNTIME_FORMAT, "platform": runtime.platform, "entry": runtime.entry,
             "kit_version": __version__,
             "files": [{"path": f.path, "size": f.size, "blake3": f.blake3} for f in files]}
-    glibc = build_glibc() if runtime.platform.startswith("linux-") else None
-    if glibc:
-        data["glibc"] = glibc
+    floor = glibc_floor(runtime.folder, [f.path for f in files]) if runtime.platform.startswith("linux-") else None
+    if floor:
+        data["glibc"] = floor.text
+        data["glibc_needed_by"] = floor.path
     atomic_write(runtime.folder / RUNTIME_MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
     return files
 
 
-def build_glibc() -> str | None:
-    """This machine's glibc: the oldest a Linux runtime frozen here runs on (docs/ARCHITECTURE.md, trap 5).
-
-    The launcher and README.txt read it to explain a failure on an older Linux.
-    """
-    name, version = platform.libc_ver()
-    return version if name == "glibc" and version else None
+def _floor_text(folder: Path) -> str:
+    """", needs glibc >= 2.31 (libfoo.so)" for a Linux runtime: the oldest Linux it starts on."""
+    data = json.loads((folder / RUNTIME_MANIFEST).read_text())
+    if not data.get("glibc"):
+        return ""
+    return f"; needs glibc >= {data['glibc']} ({data.get('glibc_needed_by', '?')})"
 
 
 def walk_regular_files(folder: Path) -> Iterator[str]:

