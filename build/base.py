@@ -256,7 +256,9 @@ def ensure_root() -> None:
     if (root / ".kit-complete").exists() and json.loads((root / ".kit-complete").read_text()) == inputs:
         return
     if shutil.which("debootstrap") is None:
-        run(["apt-get", "install", "-y", "-q", "debootstrap"], stdout=subprocess.DEVNULL)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
+        run(["apt-get", "install", "-y", "-qq", "debootstrap"], env=env, stdout=subprocess.DEVNULL)
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
