@@ -274,7 +274,7 @@ def ensure_python() -> None:
     inputs = {"url": PYTHON_URL, "sha256": PYTHON_SHA256, "configure": list(PYTHON_CONFIGURE)}
     if stamped("python", inputs):
         return
-    forget("venv")
+    forget("venv")  # its packages were built for the old CPython
     tarball = download(PYTHON_URL, PYTHON_SHA256, CACHE / Path(PYTHON_URL).name)
     say("building CPython 3.11 in the root (~3 min on 2 cores)")
     configure = " ".join(shlex.quote(a) for a in PYTHON_CONFIGURE)
@@ -296,7 +296,6 @@ def ensure_llama() -> None:
               "compilers": list(LLAMA_COMPILERS) if uses_root() else "host"}
     if stamped("llama", inputs) and llama_libraries():
         return
-    forget("venv")
     tree = llama_sources()
     say(f"building llama.cpp {version}'s libraries, every CPU variant and {', '.join(llama_tools())} "
         f"(~12 min on 2 cores){'' if uses_root() else ' on this host: no old-glibc root can be made here'}")
@@ -344,38 +343,53 @@ WHERE_LLAMA_CPP = ("import importlib.util, pathlib;"
 
 
 def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
-    """llama-cpp-python's Python part (LLAMA_BUILD=OFF) into python's venv, its lib/ filled from the llama step."""
+    """llama-cpp-python's Python part (LLAMA_BUILD=OFF) into python's venv, its lib/ filled from the
+    llama step; when the Python part is there already, only libraries that differ are copied."""
     version = llama_settings()["LLAMA_CPP_PYTHON_VERSION"]
     built = json.loads(stamp_path("llama").read_text())
-    pip = (f"CMAKE_ARGS='{NO_NATIVE_BUILD}' {python} -m pip install -q --no-cache-dir"
-           f" --no-binary llama-cpp-python llama-cpp-python=={version}")
-    where = f"{python} -c {shlex.quote(WHERE_LLAMA_CPP)}"
-    if not inside_root:
-        out = subprocess.run([python, "-c", WHERE_LLAMA_CPP], capture_output=True, text=True)
-        current = Path(out.stdout.strip() or "/nonexistent") / "lib" / "kit-build.json"
-        if current.is_file() and json.loads(current.read_text()) == built:
-            say(f"llama_cpp for {python} already holds this build's libraries")
-            return
-    if inside_root:
-        in_root(pip)
-        out = subprocess.run(["chroot", str(root_dir()), "sh", "-c", where], capture_output=True, text=True)
-        package = root_dir() / out.stdout.strip().lstrip("/")
-    else:  # the kit's own `pip install` brings the dependencies
-        run([python, "-m", "pip", "install", "-q", "--no-cache-dir", "--force-reinstall", "--no-deps",
-             "--no-binary", "llama-cpp-python", f"llama-cpp-python=={version}"],
-            env=dict(os.environ, CMAKE_ARGS=NO_NATIVE_BUILD))
-        out = subprocess.run([python, "-c", WHERE_LLAMA_CPP], capture_output=True, text=True)
-        package = Path(out.stdout.strip())
-    if not (package / "llama_cpp.py").is_file():
-        raise BaseError(f"llama_cpp did not install for {python}: {out.stderr.strip()[-200:]}")
+    package = _llama_cpp_package(python, inside_root)
+    if package is not None and _json_or_none(package / "lib" / "kit-build.json") == built:
+        say(f"llama_cpp for {python} already holds this build's libraries")
+        return
+    if package is None or _json_or_none(package / "lib" / "kit-version.json") != version:
+        if inside_root:
+            in_root(f"CMAKE_ARGS='{NO_NATIVE_BUILD}' {python} -m pip install -q --no-cache-dir"
+                    f" --no-binary llama-cpp-python llama-cpp-python=={version}")
+        else:  # the kit's own `pip install` brings the dependencies
+            run([python, "-m", "pip", "install", "-q", "--no-cache-dir", "--force-reinstall", "--no-deps",
+                 "--no-binary", "llama-cpp-python", f"llama-cpp-python=={version}"],
+                env=dict(os.environ, CMAKE_ARGS=NO_NATIVE_BUILD))
+        package = _llama_cpp_package(python, inside_root)
+        if package is None:
+            raise BaseError(f"llama_cpp did not install for {python}")
     lib = package / "lib"
     shutil.rmtree(lib, ignore_errors=True)
     lib.mkdir()
     for source in llama_libraries():
         shutil.copyfile(source, lib / source.name)  # a copy per name, links resolved, as pip's wheel holds
     shutil.copyfile(llama_dir() / LLAMA_LICENCE, lib / LLAMA_LICENCE)
+    (lib / "kit-version.json").write_text(json.dumps(version))
     (lib / "kit-build.json").write_text(json.dumps(built))
     say(f"llama_cpp for {python}: {len(llama_libraries())} libraries from {llama_dir()}")
+
+
+def _llama_cpp_package(python: str, inside_root: bool) -> Path | None:
+    """The llama_cpp package folder of python's environment (seen from here), or None."""
+    argv = [python, "-c", WHERE_LLAMA_CPP]
+    argv = ["chroot", str(root_dir()), *argv] if inside_root else argv
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    package = Path(out.stdout.strip())
+    package = root_dir() / str(package).lstrip("/") if inside_root else package
+    return package if (package / "llama_cpp.py").is_file() else None
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # numpy is on the stick only because llama_cpp imports it; nothing here multiplies matrices, and
@@ -386,9 +400,10 @@ NUMPY_WITHOUT_BLAS = ("--no-binary numpy -Csetup-args=-Dblas=none -Csetup-args=-
 
 def ensure_venv() -> None:
     requirements = runtime_requirements()
-    inputs = {"requirements": requirements, "llama": json.loads(stamp_path("llama").read_text()),
-              "numpy": NUMPY_WITHOUT_BLAS}
+    inputs = {"requirements": requirements, "numpy": NUMPY_WITHOUT_BLAS,
+              "llama-cpp-python": llama_settings()["LLAMA_CPP_PYTHON_VERSION"]}
     if stamped("venv", inputs):
+        install_llama_cpp(f"{IN_ROOT_VENV}/bin/python", inside_root=True)  # a new llama build: its files
         return
     say("installing the runtime's Python packages in the root")
     quoted = " ".join(shlex.quote(r) for r in requirements)
