@@ -25,6 +25,10 @@ the host instead and says so; a runtime frozen there needs the host's glibc.
   python3 build/base.py install-llama-cpp PY   llama-cpp-python into the venv of PY, on those libraries
   python3 build/base.py ready                  exit 0 when runtimes are frozen in the root
   python3 build/base.py freeze WORK PY         PyInstaller in the root (else with PY here): WORK/dist/kit
+
+Settings: KIT_BASE_DIR (where the root and its downloads are kept; /var/cache/kit-base),
+KIT_DEBIAN_MIRROR (a Debian archive to debootstrap from), KIT_BASE=host (build on the host even
+where a root could be made).
 """
 
 from __future__ import annotations
@@ -45,10 +49,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ROOT / "build" / "llama-cpp.env"
 CACHE = Path(os.environ.get("KIT_BASE_DIR", "/var/cache/kit-base"))
-HOST_BUILD = ROOT / "build" / ".llama"  # the llama step when no root can be made
+HOST_BUILD = ROOT / "build" / ".llama"  # the llama step when no root can be made (sources, build, stamps)
 
 SUITE = "bullseye"  # glibc 2.31: Ubuntu 20.04 and every Linux since
 MIRROR = os.environ.get("KIT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 PACKAGES = ("build-essential", "cmake", "ninja-build", "pkg-config", "clang-16", "libffi-dev", "zlib1g-dev",
             "libsqlite3-dev", "libbz2-dev", "liblzma-dev", "libssl-dev", "uuid-dev", "xz-utils",
             "ca-certificates", "binutils", "file")
@@ -64,7 +69,7 @@ NOT_IN_RUNTIME = {"llama-cpp-python", "huggingface-hub", "tomlkit", "platformdir
                   "pyelftools"}
 # What llama_cpp/lib holds: libllama, libggml, libggml-base, every backend (ggml*.dll on Windows).
 # The tools' own libraries (libllama-common, lib*-impl, libmtmd) stay beside the tools.
-LLAMA_LIBRARY = re.compile(r"^(lib)?(llama|ggml(-base|-cpu-[^.]+|-rpc)?)\.(so(\.\d+)*|dylib|dll)$")
+LLAMA_LIBRARY = re.compile(r"^(lib)?(llama|ggml(-base|-cpu-[^.]+|-rpc|-metal|-blas|-vulkan)?)\.(so(\.\d+)*|dylib|dll)$")
 LLAMA_LICENCE = "LICENSE-llama.cpp"  # beside the libraries: build/notices.py reads it
 
 IN_ROOT_PYTHON = "/opt/python/bin/python3.11"
@@ -95,7 +100,8 @@ def llama_settings() -> dict[str, str]:
 
 
 def llama_cmake_args() -> list[str]:
-    return [*shlex.split(llama_settings()["LLAMA_CMAKE_ARGS"]), "-DCMAKE_INSTALL_RPATH=$ORIGIN"]
+    origin = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"  # each library finds its neighbours
+    return [*shlex.split(llama_settings()["LLAMA_CMAKE_ARGS"]), f"-DCMAKE_INSTALL_RPATH={origin}"]
 
 
 def llama_tools() -> list[str]:
@@ -118,8 +124,14 @@ def root_dir() -> Path:
 
 
 def can_make_root() -> bool:
-    return (sys.platform.startswith("linux") and os.geteuid() == 0 and Path("/etc/debian_version").exists()
-            and os.environ.get("KIT_BASE", "root") != "host")
+    """Root on Debian (or Ubuntu) with mount rights; KIT_BASE=host builds on the host instead."""
+    if not (sys.platform.startswith("linux") and os.geteuid() == 0 and Path("/etc/debian_version").exists()
+            and os.environ.get("KIT_BASE", "root") != "host"):
+        return False
+    try:  # a container's root may lack the right to make a mount namespace
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
 
 
 def uses_root() -> bool:
@@ -128,7 +140,12 @@ def uses_root() -> bool:
 
 
 def llama_dir() -> Path:
-    return root_dir() / IN_ROOT_LLAMA.lstrip("/") / "bin" if uses_root() else HOST_BUILD / "bin"
+    return llama_build_dir() / "bin"
+
+
+def llama_build_dir() -> Path:
+    """cmake's build folder of the llama step (its bin/ holds the libraries and tools)."""
+    return root_dir() / IN_ROOT_LLAMA.lstrip("/") if uses_root() else HOST_BUILD / "build"
 
 
 def in_root(command: str, *, binds: tuple[tuple[Path, str, bool], ...] = (), env: dict[str, str] | None = None,
@@ -175,7 +192,10 @@ def share_host_network_settings() -> None:
 
 
 def run(argv: list[str], **kwargs) -> None:
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, **kwargs)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, **kwargs)
+    except OSError as exc:
+        raise BaseError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
     if proc.returncode != 0:
         raise BaseError(f"`{' '.join(map(str, argv))[:160]}` failed (exit {proc.returncode})")
 
@@ -214,8 +234,11 @@ def download(url: str, sha256: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     say(f"downloading {url}")
-    with urllib.request.urlopen(url, timeout=120) as response, open(tmp, "wb") as out:
-        shutil.copyfileobj(response, out)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except OSError as exc:  # URLError, timeouts, a full disk
+        raise BaseError(f"cannot download {url}: {exc}; check the network, or set KIT_DEBIAN_MIRROR") from None
     if _sha256(tmp) != sha256:
         tmp.unlink()
         raise BaseError(f"{url} does not match its pinned sha256 {sha256}")
@@ -253,25 +276,32 @@ def llama_sources() -> Path:
 def ensure_root() -> None:
     root = root_dir()
     inputs = {"suite": SUITE, "packages": list(PACKAGES)}
-    if (root / ".kit-complete").exists() and json.loads((root / ".kit-complete").read_text()) == inputs:
+    if _json_or_none(root / ".kit-complete") == inputs:
         return
-    if shutil.which("debootstrap") is None:
+    if shutil.which("debootstrap") is None or not Path(DEBIAN_KEYRING).is_file():
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
-        run(["apt-get", "install", "-y", "-qq", "debootstrap"], env=env, stdout=subprocess.DEVNULL)
+        run(["apt-get", "install", "-y", "-qq", "debootstrap", "debian-archive-keyring"], env=env,
+            stdout=subprocess.DEVNULL)
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     say(f"making a Debian {SUITE} root in {root} (debootstrap, ~2 min)")
-    run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial), MIRROR],
-        stdout=subprocess.DEVNULL)
+    # Signed: every compiler and library of every stick comes from here (Ubuntu has no Debian keyring
+    # by default, and debootstrap then goes on unchecked).
+    run(["debootstrap", "--variant=minbase", f"--keyring={DEBIAN_KEYRING}", "--force-check-gpg",
+         f"--include={','.join(PACKAGES)}", SUITE, str(partial), MIRROR], stdout=subprocess.DEVNULL)
     partial.rename(root)
     (root / ".kit-complete").write_text(json.dumps(inputs))
 
 
+def python_inputs() -> dict:
+    return {"url": PYTHON_URL, "sha256": PYTHON_SHA256, "configure": list(PYTHON_CONFIGURE)}
+
+
 def ensure_python() -> None:
-    inputs = {"url": PYTHON_URL, "sha256": PYTHON_SHA256, "configure": list(PYTHON_CONFIGURE)}
+    inputs = python_inputs()
     if stamped("python", inputs):
         return
     forget("venv")  # its packages were built for the old CPython
@@ -290,12 +320,20 @@ def ensure_python() -> None:
     stamp("python", inputs)
 
 
+def llama_inputs() -> dict:
+    return {"version": llama_settings()["LLAMA_CPP_PYTHON_VERSION"], "cmake_args": llama_cmake_args(),
+            "tools": llama_tools(), "compilers": list(LLAMA_COMPILERS) if uses_root() else "host"}
+
+
 def ensure_llama() -> None:
-    version = llama_settings()["LLAMA_CPP_PYTHON_VERSION"]
-    inputs = {"version": version, "cmake_args": llama_cmake_args(), "tools": llama_tools(),
-              "compilers": list(LLAMA_COMPILERS) if uses_root() else "host"}
+    inputs = llama_inputs()
+    version = inputs["version"]
     if stamped("llama", inputs) and llama_libraries():
         return
+    # cmake keeps a cache: flags dropped from the settings, another compiler or source would
+    # linger in it, and old outputs in bin/. A killed or changed build starts from nothing.
+    forget("llama")
+    shutil.rmtree(llama_build_dir(), ignore_errors=True)
     tree = llama_sources()
     say(f"building llama.cpp {version}'s libraries, every CPU variant and {', '.join(llama_tools())} "
         f"(~12 min on 2 cores){'' if uses_root() else ' on this host: no old-glibc root can be made here'}")
@@ -304,7 +342,7 @@ def ensure_llama() -> None:
         in_root(f"{IN_ROOT_PYTHON} /src/build/base.py build-llama /llama-src {IN_ROOT_LLAMA}",
                 binds=((ROOT, "/src", True), (tree, "/llama-src", True)), env=env)
     else:
-        build_llama(tree, HOST_BUILD)
+        build_llama(tree, llama_build_dir())
     if not any(p.name.startswith(("libggml-cpu-", "ggml-cpu-")) for p in llama_libraries()):
         raise BaseError(f"the llama.cpp build left no ggml-cpu-* variant library in {llama_dir()}")
     shutil.copyfile(tree / "LICENSE", llama_dir() / LLAMA_LICENCE)  # the notices of every runtime
@@ -319,10 +357,12 @@ def build_llama(tree: Path, out: Path) -> None:
         if shutil.which(tool) is None:
             raise BaseError(f"{tool} is missing: `pip install {tool}` or your system's package")
     run(["cmake", "-S", str(tree), "-B", str(out), "-G", "Ninja", *llama_cmake_args()], stdout=subprocess.DEVNULL)
-    listing = subprocess.run(["ninja", "-C", str(out), "-t", "targets", "all"], capture_output=True, text=True,
-                             check=True).stdout
+    listed = subprocess.run(["ninja", "-C", str(out), "-t", "targets", "all"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise BaseError(f"ninja could not list the targets of {out}: {listed.stderr.strip()[-200:]}")
+    listing = listed.stdout
     # With GGML_BACKEND_DL each CPU variant and the RPC backend is a module nothing links to.
-    backends = sorted(set(re.findall(r"^(ggml-cpu-[^:/\s]+|ggml-rpc): ", listing, re.M)))
+    backends = sorted(set(re.findall(r"^(ggml-cpu-[^:/\s]+|ggml-(?:rpc|metal|blas|vulkan)): ", listing, re.M)))
     run(["cmake", "--build", str(out), "-j", str(os.cpu_count() or 2), "--target", "llama", "ggml", *backends,
          *llama_tools()], stdout=subprocess.DEVNULL)
     if sys.platform.startswith("linux"):  # symbol tables: 15 % of the libraries, used by no loader
@@ -345,8 +385,10 @@ WHERE_LLAMA_CPP = ("import importlib.util, pathlib;"
 def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
     """llama-cpp-python's Python part (LLAMA_BUILD=OFF) into python's venv, its lib/ filled from the
     llama step; when the Python part is there already, only libraries that differ are copied."""
-    version = llama_settings()["LLAMA_CPP_PYTHON_VERSION"]
-    built = json.loads(stamp_path("llama").read_text())
+    built = _json_or_none(stamp_path("llama"))
+    if built is None:
+        raise BaseError("llama.cpp is not built yet: run `python3 build/base.py ensure` first")
+    version = built["version"]  # the Python part must match the libraries it will load
     package = _llama_cpp_package(python, inside_root)
     if package is not None and _json_or_none(package / "lib" / "kit-build.json") == built:
         say(f"llama_cpp for {python} already holds this build's libraries")
@@ -376,7 +418,8 @@ def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
 def _llama_cpp_package(python: str, inside_root: bool) -> Path | None:
     """The llama_cpp package folder of python's environment (seen from here), or None."""
     argv = [python, "-c", WHERE_LLAMA_CPP]
-    argv = ["chroot", str(root_dir()), *argv] if inside_root else argv
+    if inside_root:  # the root's own environment, not the host's PYTHONPATH or PYTHONHOME
+        argv = ["chroot", str(root_dir()), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", *argv]
     out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0 or not out.stdout.strip():
         return None
@@ -398,10 +441,13 @@ NUMPY_WITHOUT_BLAS = ("--no-binary numpy -Csetup-args=-Dblas=none -Csetup-args=-
                       " -Csetup-args=-Dallow-noblas=true")
 
 
+def venv_inputs() -> dict:
+    return {"requirements": runtime_requirements(), "numpy": NUMPY_WITHOUT_BLAS}
+
+
 def ensure_venv() -> None:
-    requirements = runtime_requirements()
-    inputs = {"requirements": requirements, "numpy": NUMPY_WITHOUT_BLAS,
-              "llama-cpp-python": llama_settings()["LLAMA_CPP_PYTHON_VERSION"]}
+    inputs = venv_inputs()
+    requirements = inputs["requirements"]
     if stamped("venv", inputs):
         install_llama_cpp(f"{IN_ROOT_VENV}/bin/python", inside_root=True)  # a new llama build: its files
         return
@@ -413,6 +459,9 @@ def ensure_venv() -> None:
     in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q --no-cache-dir {NUMPY_WITHOUT_BLAS} numpy")
     install_llama_cpp(f"{IN_ROOT_VENV}/bin/python", inside_root=True)
     in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q {quoted}")
+    # A later install must not have swapped in a wheel with OpenBLAS (28 MB on every stick).
+    in_root(f"{IN_ROOT_VENV}/bin/python -c \"import numpy, pathlib, sys;"
+            f" sys.exit(pathlib.Path(numpy.__file__).parent.with_name('numpy.libs').exists())\"")
     stamp("venv", inputs)
 
 
@@ -421,9 +470,11 @@ def ensure() -> None:
         ensure_llama()
         return
     if os.geteuid() != 0:  # a root made earlier by root: usable as it is, not to be changed
-        missing = [step for step in ("python", "llama", "venv") if not stamp_path(step).exists()]
-        if missing:
-            raise BaseError(f"the build root {root_dir()} lacks {', '.join(missing)}: run this as root")
+        steps = {"python": python_inputs(), "llama": llama_inputs(), "venv": venv_inputs()}
+        stale = [step for step, inputs in steps.items() if not stamped(step, inputs)]
+        if stale:
+            raise BaseError(f"the build root {root_dir()} is not up to date ({', '.join(stale)}): "
+                            "run `python3 build/base.py ensure` as root, or set KIT_BASE=host")
         return
     ensure_root()
     share_host_network_settings()
@@ -438,15 +489,17 @@ def freeze(work: Path, python: str) -> None:
     In the root when it is ready (the checkout mounted read-only), else on this host with python.
     """
     work.mkdir(parents=True, exist_ok=True)
-    steps = ("{py} -m PyInstaller --noconfirm --distpath {out}/dist --workpath {out}/work {src}/build/kit.spec"
-             " && {py} {src}/build/notices.py {out}/dist/kit {out}/work/kit")
     with open(work / "pyinstaller.log", "wb") as log:
         if root_ready():
-            in_root(steps.format(py=f"{IN_ROOT_VENV}/bin/python", out="/out", src="/src"),
+            py, out, src = f"{IN_ROOT_VENV}/bin/python", "/out", "/src"
+            in_root(f"{py} -m PyInstaller --noconfirm --distpath {out}/dist --workpath {out}/work {src}/build/kit.spec"
+                    f" && {py} {src}/build/notices.py {out}/dist/kit {out}/work/kit",
                     binds=((ROOT, "/src", True), (work, "/out", False)), log=log)
         else:
-            command = steps.format(py=shlex.quote(python), out=shlex.quote(str(work)), src=shlex.quote(str(ROOT)))
-            run(["sh", "-ec", f"cd {shlex.quote(str(ROOT))} && {command}"], stdout=log, stderr=subprocess.STDOUT)
+            run([python, "-m", "PyInstaller", "--noconfirm", "--distpath", str(work / "dist"), "--workpath",
+                 str(work / "work"), str(ROOT / "build" / "kit.spec")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            run([python, str(ROOT / "build" / "notices.py"), str(work / "dist" / "kit"), str(work / "work" / "kit")],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def root_ready() -> bool:

@@ -14,10 +14,14 @@ EXTRAS=""
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || { echo "kit needs Python >= 3.11 (found $("$PY" --version)); set PYTHON=python3.11 or newer" >&2; exit 1; }
-"$PY" "$ROOT/build/base.py" ensure
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
 "$VPY" -m pip install -q --upgrade pip
+# Building on the host (no build root here) needs cmake and ninja: from PyPI when they are missing.
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+  "$VPY" -m pip install -q cmake ninja
+fi
+PATH="$VENV/bin:$PATH" "$PY" "$ROOT/build/base.py" ensure
 # The host loads the very libraries the runtime carries (built on glibc 2.31, they run here too).
 "$PY" "$ROOT/build/base.py" install-llama-cpp "$VPY"
 "$VPY" -m pip install -q -e "$ROOT$EXTRAS"

@@ -82,6 +82,12 @@ class Tracer:
                 licences.append(_write_text(f"{name}-LICENSE.txt", text))
         return self.component(name, dist.version, licences)
 
+    def is_cpython(self, path: Path) -> bool:
+        """The stdlib, its extension modules and libpython; not the system libraries beside them
+        (a Debian Python's prefix is /usr: its libz is zlib's, not the PSF's)."""
+        return (path.is_relative_to(self.stdlib) or path.name.startswith("libpython")
+                or path.name == "base_library.zip")  # PyInstaller's archive of the stdlib's core modules
+
     def trace(self, source: str, typecode: str) -> Component | None:
         real = _resolved(source)
         if typecode == "EXECUTABLE":
@@ -90,13 +96,11 @@ class Tracer:
         if dist is not None:
             return self.dist_component(dist)
         path = Path(real)
-        if path.name.startswith(("libllama", "libggml")):
-            licence = path.parent / LLAMA_LICENCE
-            return self.component("llama.cpp / ggml", "", [licence]) if licence.is_file() else None
+        if (path.parent / LLAMA_LICENCE).is_file():  # llama_cpp/lib: libllama.so, ggml.dll ...
+            return self.component("llama.cpp / ggml", "", [path.parent / LLAMA_LICENCE])
         if path.is_relative_to(KIT_ROOT):
             return self.component("Survival Kit", "", [KIT_ROOT / "LICENSE"])
-        if (path.is_relative_to(self.prefix) or path.is_relative_to(self.stdlib) or path.name.startswith("libpython")
-                or path.name == "base_library.zip"):  # PyInstaller's copy of the stdlib's core modules
+        if self.is_cpython(path):
             return self.component("CPython", sys.version.split()[0], [self.stdlib / "LICENSE.txt"])
         package = debian_package(real) or debian_package(source)
         if package:
@@ -106,7 +110,7 @@ class Tracer:
         return None
 
 
-_TMP = Path(os.environ.get("TMPDIR", "/tmp")) / f"kit-notices-{os.getpid()}"
+_TMP = Path("licences")  # set under the freeze's work folder by main(): nothing is left on the host
 
 
 def _write_text(name: str, text: str) -> Path:
@@ -134,6 +138,8 @@ def debian_package(path: str) -> str | None:
 
 
 def main(dist_dir: Path, work_dir: Path) -> int:
+    global _TMP
+    _TMP = work_dir / "licences"
     tracer = Tracer()
     missing = []
     for dest, source, typecode in read_toc(work_dir / "COLLECT-00.toc"):
