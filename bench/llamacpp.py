@@ -14,6 +14,7 @@ llama-cpp-python was built from, and made to run exactly one CPU kernel variant.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -29,6 +30,7 @@ TOOLS = ("llama-bench", "llama-completion")
 _LOADED = re.compile(r"loaded CPU backend from (\S+)")
 
 
+@functools.cache
 def build_tools() -> Path:
     """The folder holding the tools: this platform's one llama.cpp build (build/base.py), whose
     libraries the kit's llama_cpp/lib holds too."""

@@ -56,7 +56,8 @@ def _resolved(path: str | Path) -> str:
 
 
 class Tracer:
-    def __init__(self) -> None:
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch  # licence texts taken from metadata are written here (the work folder)
         self.components: dict[str, Component] = {}
         self.by_file: dict[str, importlib.metadata.Distribution] = {}
         for dist in importlib.metadata.distributions():
@@ -79,7 +80,9 @@ class Tracer:
         if not licences:  # some wheels keep the licence only in the metadata text
             text = dist.metadata.get("License-Expression") or dist.metadata.get("License") or ""
             if text.strip():
-                licences.append(_write_text(f"{name}-LICENSE.txt", text))
+                self.scratch.mkdir(parents=True, exist_ok=True)
+                licences.append(self.scratch / f"{name}-LICENSE.txt")
+                licences[-1].write_text(text)
         return self.component(name, dist.version, licences)
 
     def is_cpython(self, path: Path) -> bool:
@@ -110,16 +113,6 @@ class Tracer:
         return None
 
 
-_TMP = Path("licences")  # set under the freeze's work folder by main(): nothing is left on the host
-
-
-def _write_text(name: str, text: str) -> Path:
-    _TMP.mkdir(parents=True, exist_ok=True)
-    path = _TMP / name
-    path.write_text(text)
-    return path
-
-
 def debian_package(path: str) -> str | None:
     """The Debian package that installed path (merged /usr: try both spellings)."""
     candidates = [path]
@@ -138,9 +131,7 @@ def debian_package(path: str) -> str | None:
 
 
 def main(dist_dir: Path, work_dir: Path) -> int:
-    global _TMP
-    _TMP = work_dir / "licences"
-    tracer = Tracer()
+    tracer = Tracer(work_dir / "licences")
     missing = []
     for dest, source, typecode in read_toc(work_dir / "COLLECT-00.toc"):
         if typecode in ("SYMLINK", "DEPENDENCY") or not source:

@@ -17,7 +17,6 @@ files are loaded by path, with the identity check of kit.integrity just before.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import posixpath
 import sys
@@ -31,7 +30,7 @@ from kit.engine import ChatEngine
 from kit.errors import ChatTemplateError, EngineError, IntegrityError, KernelError, PlanError
 from kit.hardware import Host, detect
 from kit.manifest import BundleManifest, FileEntry, ModelEntry
-from kit.paths import BundlePaths, find_bundle, launcher_name, state_dir
+from kit.paths import BundlePaths, find_bundle, launcher_name, runtime_glibc, state_dir
 from kit.plan import (
     BY_PATH,
     CpuSpeed,
@@ -302,12 +301,8 @@ def glibc_fit(opened: OpenStick) -> tuple[str, str] | None:
     runtime = next((r for r in opened.manifest.runtimes if r.platform == platform_name), None)
     if not have or not have.startswith("glibc ") or runtime is None:
         return None
-    try:
-        info = json.loads(opened.bundle.resolve(f"{runtime.folder}/kit-runtime.json").read_text())
-    except (OSError, ValueError):
-        return None
-    need = info.get("glibc") if isinstance(info, dict) else None
-    return (need, have.split()[1]) if isinstance(need, str) else None
+    need = runtime_glibc(opened.bundle.resolve(runtime.folder))
+    return (need, have.split()[1]) if need else None
 
 
 def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None) -> DoctorReport:

@@ -9,6 +9,7 @@ The one place KIT_* environment variables are read:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,21 @@ class BundlePaths:
     def resolve(self, relpath: str) -> Path:
         """A manifest path (already validated by kit.manifest) as a real path."""
         return self.kit.joinpath(*relpath.split("/"))
+
+
+RUNTIME_MANIFEST = "kit-runtime.json"  # in each runtime folder: its platform, files and glibc floor
+
+
+def runtime_glibc(runtime_folder: Path) -> str | None:
+    """The newest glibc the runtime's files ask for, as its kit-runtime.json records it, if known.
+
+    Read by the builder (README.txt) and by doctor; the launcher reads the same key with sed."""
+    try:
+        info = json.loads((runtime_folder / RUNTIME_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    need = info.get("glibc") if isinstance(info, dict) else None
+    return need if isinstance(need, str) else None
 
 
 def launcher_name() -> str | None:

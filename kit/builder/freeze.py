@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import blake3
 
-from kit import __version__, ggml
+from kit import __version__, ggml, paths
 from kit.builder.elfglibc import glibc_floor
 from kit.errors import BuildError, KernelError, ManifestError
 from kit.fsutil import atomic_write
@@ -35,7 +35,7 @@ from kit.integrity import hash_file
 from kit.manifest import RuntimeEntry, check_relpath
 from kit.units import human_bytes
 
-RUNTIME_MANIFEST = "kit-runtime.json"
+RUNTIME_MANIFEST = paths.RUNTIME_MANIFEST
 RUNTIME_FORMAT = 1
 SPEC = Path(__file__).resolve().parents[2] / "build" / "kit.spec"
 BASE = SPEC.parent / "base.py"  # freezes in the old-glibc build root when there is one

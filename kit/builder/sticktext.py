@@ -7,14 +7,13 @@ the launcher that started it was changed. README.txt says how to check the rest 
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
 from kit.errors import BuildError
 from kit.manifest import BundleManifest
 from kit.medium import LAUNCHERS, README_NAME, write_root_file
-from kit.paths import KIT_DIRNAME
+from kit.paths import KIT_DIRNAME, runtime_glibc
 from kit.units import human_bytes
 
 LAUNCHER_DIR = Path(__file__).resolve().parents[2] / "launchers"
@@ -41,16 +40,8 @@ def launcher_bytes(source: Path, newline: str) -> bytes:
 
 def linux_glibc_floor(kit_dir: Path, manifest: BundleManifest) -> str | None:
     """The newest glibc any file of the Linux runtimes asks for (their kit-runtime.json), if known."""
-    versions = []
-    for runtime in manifest.runtimes:
-        if not runtime.platform.startswith("linux-"):
-            continue
-        try:
-            info = json.loads((kit_dir / runtime.folder / "kit-runtime.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(info, dict) and isinstance(info.get("glibc"), str):
-            versions.append(info["glibc"])
+    versions = [runtime_glibc(kit_dir / r.folder) for r in manifest.runtimes if r.platform.startswith("linux-")]
+    versions = [v for v in versions if v]
     return max(versions, key=_version_key) if versions else None
 
 
