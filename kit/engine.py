@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kit import ggml, integrity
+from kit import chatformat, ggml, integrity
 from kit.conversation import DEFAULT_MAX_TOKENS, EmptyAnswerError
 from kit.errors import ChatTemplateError, EngineError
 from kit.loopguard import LoopGuard
@@ -41,12 +41,6 @@ from kit.settings import EngineSettings
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
-# Fallback chat formats that do not tell llama-cpp-python where a turn ends: without these a base
-# model writes the next "### Instruction" itself and talks to itself until max_tokens.
-TURN_MARKERS = {"alpaca": ["###", "</s>"], "vicuna": ["USER:", "</s>"], "zephyr": ["<|user|>", "</s>"]}
-# A base model under a foreign template ends its answer with its own family's markers, which
-# llama.cpp does not treat as end-of-generation (Gemma 3 270M loops on <start_of_image>).
-FAMILY_MARKERS = ["<start_of_image>", "<end_of_turn>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"]
 _loaded_variants: set[str] = set()
 _variant_lock = threading.Lock()
 
@@ -213,7 +207,7 @@ class LlamaEngine(ChatEngine):
         stops: list[str] = []
         if "tokenizer.chat_template" not in llm.metadata and chat_format_fallback:
             llm.chat_format = chat_format_fallback
-            stops = TURN_MARKERS.get(chat_format_fallback, []) + FAMILY_MARKERS
+            stops = chatformat.stop_strings(chat_format_fallback)
             if chat_format_fallback == "alpaca":
                 llm.chat_handler = _alpaca_handler()
         return cls(llm=llm, model_id=model_id, n_ctx=settings.n_ctx, stop_strings=stops)
@@ -501,9 +495,6 @@ class StopStrings:
         return rest
 
 
-ALPACA_CUE = "### Response:\n"  # the Alpaca template's own last line
-
-
 def _alpaca_handler():
     """llama-cpp-python's alpaca format ends the prompt after the question, without the
     "### Response:" line that every other format's assistant cue has: a base model then writes the
@@ -513,7 +504,7 @@ def _alpaca_handler():
 
     def format_alpaca_with_cue(messages, **kwargs):
         result = llama_chat_format.format_alpaca(messages=messages, **kwargs)
-        return dataclasses.replace(result, prompt=result.prompt + ALPACA_CUE)
+        return dataclasses.replace(result, prompt=result.prompt + chatformat.ALPACA_CUE)
 
     return llama_chat_format.chat_formatter_to_chat_completion_handler(format_alpaca_with_cue)
 

@@ -90,6 +90,12 @@ class PlanError(KitError):
     hint = "run `kit doctor` to see what fits; free memory or choose a smaller model"
 
 
+class ServeError(KitError):
+    """llama-server could not start, or stopped while serving."""
+
+    hint = "run `kit doctor --serve` to see the plan; KIT_DEBUG=1 shows the server's last lines"
+
+
 class SourceError(KitError):
     """A model source in a profile could not be fetched or did not match its pin."""
 

@@ -82,6 +82,17 @@ def lib_dir() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
+def server_dir() -> Path:
+    """llama_cpp/bin: llama-server and rpc-server with their own libraries and no CPU variant, so
+    that ggml's search beside the executable finds none and loads only GGML_BACKEND_PATH's."""
+    return lib_dir().parent / "bin"
+
+
+def tool_path(name: str) -> Path:
+    """A llama.cpp tool of this runtime ("llama-server", "ggml-rpc-server")."""
+    return server_dir() / (f"{name}.exe" if os_key() == "windows" else name)
+
+
 def list_variants(directory: Path | None = None) -> list[Variant]:
     prefix, suffix, *_ = _LIB_NAMES[os_key()]
     directory = directory or lib_dir()

@@ -40,9 +40,11 @@ from kit.plan import (
     Overrides,
     fallback_steps,
     load_mode,
+    make_budget,
     make_plan,
 )
 from kit.report import DoctorReport, ModelSummary
+from kit.serveplan import ServePlan, plan_slots
 
 Status = Callable[[str], None]
 
@@ -200,13 +202,20 @@ def _verified_already(path: Path) -> bool:
         return False
 
 
-def verify_own_libraries(bundle: BundlePaths, manifest: BundleManifest, platform: str) -> None:
-    """A frozen runtime on its stick checks its llama.cpp libraries before loading any of them."""
+def verify_own_libraries(bundle: BundlePaths, manifest: BundleManifest, platform: str,
+                         folders: Sequence[str] = ("lib",), what: str = "llama.cpp libraries") -> None:
+    """A frozen runtime on its stick checks its llama.cpp libraries (in llama_cpp/<folder>/) before
+    loading or starting any of them."""
     if not getattr(sys, "frozen", False):
         return
-    libs = [f.path for f in manifest.runtime_files(platform) if "/llama_cpp/lib/" in f.path]
+    libs = [f.path for f in manifest.runtime_files(platform) if any(f"/llama_cpp/{d}/" in f.path for d in folders)]
     if libs:
-        verify_files(bundle, manifest, libs, "the runtime's llama.cpp libraries are damaged")
+        verify_files(bundle, manifest, libs, f"the runtime's {what} are damaged")
+
+
+def verify_own_tools(bundle: BundlePaths, manifest: BundleManifest, platform: str) -> None:
+    """llama-server and rpc-server with their libraries and the ones they load from llama_cpp/lib."""
+    verify_own_libraries(bundle, manifest, platform, ("bin", "lib"), "llama-server and its libraries")
 
 
 _prechecked: set[str] = set()  # BLAKE3 of model files whose GGUF header passed the bounded walk
@@ -289,6 +298,21 @@ def plan_for(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoi
                      cpu_speed=measured_speed(opened.manifest, kernel) if kernel else None)
 
 
+def plan_serve(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoice | None,
+               parallel: int | None) -> tuple[LaunchPlan, ServePlan]:
+    """kit serve's plan: the chat's (model, threads, GPU layers), then its memory divided into
+    llama-server's slots; --ctx is each slot's context."""
+    plan = plan_for(opened, overrides, kernel)
+    model = opened.manifest.model(plan.model_id)
+    budget = make_budget(opened.host, ggml.runtime_backends())
+    return plan, plan_slots(plan, model.model_facts(), budget, slots=parallel, slot_ctx=overrides.n_ctx)
+
+
+def as_launch_plan(plan: LaunchPlan, serve_plan: ServePlan) -> LaunchPlan:
+    """The chat plan with the server's settings: what the load mode must fit in RAM."""
+    return replace(plan, settings=serve_plan.settings, estimate=serve_plan.estimate)
+
+
 def glibc_fit(opened: OpenStick) -> tuple[str, str] | None:
     """(the glibc this host's runtime on the stick needs, the host's glibc), on a Linux host.
 
@@ -305,14 +329,20 @@ def glibc_fit(opened: OpenStick) -> tuple[str, str] | None:
     return (need, have.split()[1]) if need else None
 
 
-def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None) -> DoctorReport:
-    """Everything `kit doctor` shows: host, kernel probe table, plan (or why none)."""
+def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None, serve: bool = False,
+           parallel: int | None = None) -> DoctorReport:
+    """Everything `kit doctor` shows: host, kernel probe table, plan (or why none); `serve`: the
+    plan of `kit serve` (its slots, with their reasons) instead of the chat's."""
     opened = open_stick(stick)
     report = DoctorReport(str(opened.bundle.root), opened.trust.signer_label, opened.host,
                           ModelSummary.all_of(opened.manifest), tuple(sorted(ggml.runtime_backends())),
                           glibc=glibc_fit(opened))
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
+        if serve:
+            plan, serve_plan = plan_serve(opened, overrides, report.kernel, parallel)
+            report = replace(report, plan=plan, serve=serve_plan)
+            return replace(report, load_mode=choose_load_mode(opened, as_launch_plan(plan, serve_plan)))
         report = replace(report, plan=plan_for(opened, overrides, report.kernel))
         return replace(report, load_mode=choose_load_mode(opened, report.plan))
     except (KernelError, PlanError, IntegrityError) as err:
@@ -357,10 +387,10 @@ def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.Kern
         if attempt.model_id in refused:
             continue
         model = manifest.model(attempt.model_id)
-        mode = _verified_for_load(opened, attempt, model, on_progress, steps)
+        mode = verified_for_load(opened, attempt, model, on_progress, steps)
         on_status(f"loading {model.name}: {attempt_description(attempt)}")
         try:
-            with _load_names(bundle, model, mode) as files:
+            with load_names(bundle, model, mode) as files:
                 engine = LlamaEngine.load(
                     files, attempt.settings, model_id=model.id,
                     chat_format_fallback=model.chat_format, variant=kernel.path,
@@ -379,7 +409,7 @@ def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.Kern
     raise EngineError(f"no setting worked on this host; last error: {last_error}")
 
 
-def _verified_for_load(opened: OpenStick, attempt: LaunchPlan, model: ModelEntry, on_progress,
+def verified_for_load(opened: OpenStick, attempt: LaunchPlan, model: ModelEntry, on_progress,
                        steps: list[str]) -> LoadMode:
     """Verify `model` for this attempt, sealed when the load mode says so; a memfd that cannot be
     filled (memory ran short after all) falls back to the path, as a step the user sees."""
@@ -399,7 +429,7 @@ def _verified_for_load(opened: OpenStick, attempt: LaunchPlan, model: ModelEntry
 
 
 @contextlib.contextmanager
-def _load_names(bundle: BundlePaths, model: ModelEntry, mode: LoadMode) -> Iterator[list[Path]]:
+def load_names(bundle: BundlePaths, model: ModelEntry, mode: LoadMode) -> Iterator[list[Path]]:
     """The paths to hand llama.cpp: the sealed copies (named as llama.cpp derives a split model's
     shard names, kit.sealed.shard_names), or the stick's files."""
     if not mode.sealed:

@@ -13,6 +13,7 @@ from kit.integrity import VerifyReport
 from kit.kernels import KernelChoice
 from kit.manifest import BundleManifest
 from kit.plan import LaunchPlan, LoadMode
+from kit.serveplan import ServePlan
 from kit.units import human_bytes
 
 
@@ -44,6 +45,7 @@ class DoctorReport:
     fallback_steps: tuple[str, ...] = field(default=())  # taken while starting (the chat only)
     load_mode: LoadMode | None = None  # sealed memory copy or by path, and why (kit.plan.load_mode)
     glibc: tuple[str, str] | None = None  # (the stick's runtime needs, this host has), on Linux
+    serve: ServePlan | None = None  # `kit doctor --serve`: llama-server's slots, and why
 
     def to_dict(self) -> dict:
         data = {"stick": self.stick, "signer": self.signer, "host": self.host.to_dict(),
@@ -53,6 +55,8 @@ class DoctorReport:
                 "models": [vars(m).copy() for m in self.models],
                 "load_mode": self.load_mode.to_dict() if self.load_mode else None,
                 "glibc": {"runtime_needs": self.glibc[0], "host_has": self.glibc[1]} if self.glibc else None}
+        if self.serve:
+            data["serve"] = self.serve.to_dict()
         if self.error:
             data["error"] = self.error
         return data
@@ -88,10 +92,19 @@ def render_doctor(report: DoctorReport) -> str:
     out.append("")
     if report.plan:
         out.append(render_plan(report.plan))
+    if report.serve:
+        out.append(render_serve_plan(report.serve))
     if report.load_mode:
         out.append(f"  load: {report.load_mode.mode}: {report.load_mode.reason}")
     if report.error:
         out.append(f"No plan: {report.error}")
+    return "\n".join(out)
+
+
+def render_serve_plan(plan: ServePlan) -> str:
+    out = [f"Serve: {plan.slots} slot{'s' if plan.slots > 1 else ''} of {plan.slot_ctx} tokens "
+           f"(llama-server context {plan.total_ctx}), {human_bytes(plan.estimate.ram)} RAM"]
+    out += [f"  {d.topic}: {d.reason}" for d in plan.decisions]
     return "\n".join(out)
 
 

@@ -99,16 +99,24 @@ def shard_names(paths: Sequence[Path], names: Sequence[str]) -> Iterator[list[Pa
     if len(paths) == 1:
         yield [Path(paths[0])]
         return
-    root = next((r for r in LINK_ROOTS if os.access(r, os.W_OK | os.X_OK)), None)
-    if root is None:
-        raise OSError(f"no RAM folder ({', '.join(LINK_ROOTS)}) to name the shards in")
-    folder = Path(tempfile.mkdtemp(prefix="kit-shards-", dir=root))
-    try:
+    with ram_folder("shards") as folder:
         links = []
         for target, name in zip(paths, names, strict=True):
             link = folder / name
             link.symlink_to(target)
             links.append(link)
         yield links
+
+
+@contextmanager
+def ram_folder(purpose: str) -> Iterator[Path]:
+    """A private (0700) folder on a RAM filesystem for as long as the block runs: files the kit
+    must hand a native tool by name (shard links, the served page) never touch the host's disk."""
+    root = next((r for r in LINK_ROOTS if os.access(r, os.W_OK | os.X_OK)), None)
+    if root is None:
+        raise OSError(f"no RAM folder ({', '.join(LINK_ROOTS)}) for the {purpose}")
+    folder = Path(tempfile.mkdtemp(prefix=f"kit-{purpose}-", dir=root))
+    try:
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -9,6 +9,9 @@ import math
 import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -19,15 +22,19 @@ from bench import run as bench_run  # noqa: E402
 from bench.chat_terminal import QUICK_WINDOW  # noqa: E402
 from bench.common import Ratio, compare, interleave, median, table  # noqa: E402
 from bench.kernel_choice import ggml_pick, share_of_fastest  # noqa: E402
+from bench.serve import bare_argv, concurrent_round, percentile, request_body  # noqa: E402
 
 TITLES = ["## Machine", "## 1. Engine overhead", "## 2. Kernel choice", "## 3. Verification",
-          "## 4. Launch to first token", "## 5. Footprint", "## 7. Chat in a real terminal", "## Summary"]
+          "## 4. Launch to first token", "## 5. Footprint", "## 7. Chat in a real terminal", "## 8. Serving a team",
+          "## Summary"]
 COMPARED = ["engine prompt", "engine generation", "engine decode only", "chat stream generation",
             "kernel: kit's choice / fastest working", "kernel with a CPU hog: kit's choice / fastest working",
             "verify+load / load alone (cold cache)", "sealed copy + load / load alone (cold cache)",
             "sealed copy + load / load alone (warm cache)",
             "launch to first token, kit / llama.cpp CLI", "launch to first token on a new host, seconds",
-            f"chat: last {QUICK_WINDOW} / first {QUICK_WINDOW} tokens", f"chat last {QUICK_WINDOW} tokens / kit ask"]
+            f"chat: last {QUICK_WINDOW} / first {QUICK_WINDOW} tokens", f"chat last {QUICK_WINDOW} tokens / kit ask",
+            "serve: 4 streams / 1 stream, kit serve", "serve: kit serve / bare llama-server, 1 stream",
+            "serve: kit serve / bare llama-server, 4 streams"]
 RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED}  # medians, and the least disturbed runs
 RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)
 
@@ -75,6 +82,63 @@ def test_table_pads_columns():
     lines = table(["a", "bb"], [["long cell", "1"]]).splitlines()
     assert lines[0] == "| a         | bb |"
     assert len({len(line) for line in lines}) == 1
+
+
+def test_percentile_interpolates_between_ranks_and_skips_missing_values():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    assert percentile([7.0, None, float("nan")], 95) == 7.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_bare_argv_swaps_only_the_sealed_model_and_the_page_folder():
+    argv = ["/x/llama-server", "--model", "/proc/self/fd/3", "--host", "127.0.0.1", "--port", "8080",
+            "--path", "/dev/shm/kit-page-1", "--parallel", "4"]
+    bare = bare_argv(argv, Path("/stick/KIT/models/m.gguf"), Path("/tmp/page"))
+    assert bare == [*argv[:2], "/stick/KIT/models/m.gguf", *argv[3:7], "--path", "/tmp/page", *argv[-2:]]
+    with pytest.raises(RuntimeError, match="loopback"):
+        bare_argv([*argv[:3], "--host", "0.0.0.0"], Path("m.gguf"), None)
+
+
+class _FakeServer(BaseHTTPRequestHandler):
+    """llama-server's streaming chat answer in miniature: a role chunk, max_tokens content chunks,
+    then usage and timings, then [DONE]."""
+
+    protocol_version = "HTTP/1.1"
+    bodies: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = [{"choices": [{"delta": {"role": "assistant", "content": None}}]}]
+        events += [{"choices": [{"delta": {"content": f"t{i} "}}]} for i in range(body["max_tokens"])]
+        events += [{"choices": [], "usage": {"completion_tokens": body["max_tokens"]},
+                    "timings": {"predicted_per_second": 50.0}}]
+        for event in [*(f"data: {json.dumps(e)}" for e in events), "data: [DONE]"]:
+            data = (event + "\n\n").encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_concurrent_round_counts_every_stream_and_times_the_first_content():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = concurrent_round(server.server_address[1], 4, request_body(5))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.streams == 4 and result.tokens == 20 and result.tps > 0
+    assert all(s.chunks == 5 and s.server_tps == 50.0 and 0 <= s.ttft <= s.ended - s.sent for s in result.results)
+    sent = _FakeServer.bodies[-1]
+    assert sent["stream"] and sent["ignore_eos"] and sent["temperature"] == 0 and not sent["cache_prompt"]
 
 
 def test_unknown_section_is_refused():

@@ -200,3 +200,65 @@ def test_launcher_opens_the_chat_in_a_real_terminal(built_stick):
         assert re.search(r"Stopped · [\d.]+ tok/s · context \d+ of \d+ tokens", screen)
         term.keys("C-q")
         assert term.wait_exit(timeout=60) == 0
+
+
+def test_serve_answers_offline_on_a_bare_host(debian_root, built_stick):
+    """`START-linux.sh serve` in the bare root with no network but its own loopback: the frozen
+    runtime starts the stick's llama-server, which answers a real client (curl, entering that
+    network namespace from outside) and stops with the launcher."""
+    from servekit import free_port
+
+    apt_install("nsenter", "curl")
+    port = free_port()
+    inside = f"/media/{STICK_NAME}"
+    (debian_root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
+    script = ('set -e; mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; '
+              'mount -t sysfs sysfs "$1/sys" || true; mount -t tmpfs tmpfs "$1/dev/shm" || true; '
+              'python3 -c "import socket, fcntl, struct; s = socket.socket(); '
+              "fcntl.ioctl(s, 0x8914, struct.pack('16sh22x', b'lo', 1 | 0x40))\"; "  # SIOCSIFFLAGS: lo up
+              'shift 3; exec chroot "$@"')
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--net", "sh", "-c", script, "sh", str(debian_root), str(built_stick), STICK_NAME,
+         str(debian_root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8",
+         "/bin/sh", f"{inside}/START-linux.sh", "serve", "--port", str(port), "--parallel", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    import threading
+
+    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 600
+        while not any("Ctrl+C stops the server" in ln for ln in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "\n".join(lines[-40:])
+            time.sleep(0.5)
+        body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32})
+        answer = subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "curl", "-sS", "--max-time", "120",
+                                 "-H", "Content-Type: application/json", "-d", body,
+                                 f"http://127.0.0.1:{port}/v1/chat/completions"],
+                                capture_output=True, text=True, timeout=150)
+        assert answer.returncode == 0, answer.stderr
+        assert json.loads(answer.stdout)["choices"][0]["message"]["content"].strip()
+        assert any(ln.startswith("Serving Gemma 3 270M") and ln.endswith("sealed") for ln in lines), lines
+    finally:
+        proc.terminate()  # the unshare's sh has exec'd chroot -> sh -> the runtime: SIGTERM reaches kit serve
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, "\n".join(lines[-20:])
+    assert any("llama-server has exited" in ln for ln in lines)
+
+
+def test_serve_refuses_a_stick_whose_llama_server_was_changed(built_stick, tmp_path):
+    stick = tmp_path / "stick"
+    shutil.copytree(built_stick, stick, ignore=shutil.ignore_patterns("state"))
+    server = stick / "KIT" / "runtimes" / host_platform() / "_internal" / "llama_cpp" / "bin" / "llama-server"
+    data = bytearray(server.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    server.write_bytes(bytes(data))
+    proc = subprocess.run(["sh", str(stick / "START-linux.sh"), "serve", "--port", "0"], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "llama-server and its libraries are damaged" in proc.stderr
+    assert "_internal/llama_cpp/bin/llama-server is corrupt" in proc.stderr, proc.stderr[-2000:]

@@ -18,8 +18,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from test_server_files import (
+    GLIBC_LIBRARIES,
+    check_server_folder,
+    check_server_runs,
+    resolve,
+    simplest_variant,
+    venv_bin,
+)
 
-from kit import __version__, ggml, integrity, kernels
+from kit import __version__, ggml, integrity
 from kit.builder import freeze
 from kit.builder.elfglibc import glibc_floor, glibc_needs, is_elf
 from kit.builder.freeze import RUNTIME_MANIFEST, RuntimeDir, import_runtime, write_runtime_manifest
@@ -27,9 +35,6 @@ from kit.errors import BuildError
 from kit.hardware import detect
 
 GLIBC_FLOOR = (2, 31)  # build/base.py freezes in Debian 11: Ubuntu 20.04, RHEL 9 and newer run it
-# What every glibc host has; anything else a runtime file needs must be in the runtime.
-GLIBC_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "libutil.so.1",
-                   "libresolv.so.2", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
 
 
 def needed_libraries(path: Path) -> list[str]:
@@ -72,6 +77,10 @@ def _lib_dir(folder: Path) -> Path:
     return folder / "_internal" / "llama_cpp" / "lib"
 
 
+def _bin_dir(folder: Path) -> Path:
+    return folder / "_internal" / "llama_cpp" / "bin"
+
+
 @pytest.mark.slow
 def test_frozen_version_starts(frozen):
     start = time.monotonic()
@@ -95,6 +104,13 @@ def test_every_cpu_variant_is_frozen_and_every_library_they_need_is_bundled(froz
         missing = {f"{rel} needs {name}" for rel in files for name in needed_libraries(frozen.folder / rel)
                    if name not in bundled and name not in GLIBC_LIBRARIES}
         assert not missing, sorted(missing)
+        # The tools run with no LD_LIBRARY_PATH: their RUNPATH ($ORIGIN, $ORIGIN/../lib and
+        # $ORIGIN/../.. for libstdc++) must find each library in the runtime.
+        for tool in sorted(p for p in _bin_dir(frozen.folder).iterdir() if is_elf(p)):
+            mapped, missing_here = resolve(tool, GLIBC_LIBRARIES)
+            outside = [str(p) for p in mapped.values() if not p.is_relative_to(frozen.folder.resolve())]
+            assert not missing_here and not outside, (missing_here, outside)
+            assert not [p for p in mapped.values() if p.name.startswith("libggml-cpu-")]
 
 
 @pytest.mark.slow
@@ -109,7 +125,9 @@ def test_each_shared_library_is_there_once(frozen):
     assert not copies, f"libraries shipped more than once: {copies}"
     llama_named = [rel for paths in by_content.values() for rel in paths
                    if Path(rel).name.startswith(("libggml", "libllama", "ggml", "llama"))]
-    assert all(rel.startswith("_internal/llama_cpp/lib/") for rel in llama_named), llama_named
+    # llama_cpp/bin: the tools' own libraries (libllama-common, libllama-server-impl), no libggml
+    tools_own = [rel for rel in llama_named if rel.startswith("_internal/llama_cpp/bin/libllama-")]
+    assert all(rel.startswith("_internal/llama_cpp/lib/") for rel in llama_named if rel not in tools_own), llama_named
 
 
 @pytest.mark.slow
@@ -166,10 +184,16 @@ def test_the_notices_name_a_licence_for_every_bundled_distribution_and_library(f
     assert "THIRD-PARTY-NOTICES.txt" in files
 
 
-def _simplest_variant(lib: Path) -> ggml.Variant:
-    """The variant with the fewest required instructions this CPU has: it works everywhere."""
-    usable, _ = kernels.candidates(ggml.list_variants(lib), detect())
-    return min(usable, key=lambda v: len(v.required_flags))
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="llama_cpp/bin is made on Linux only")
+def test_the_server_tools_are_frozen_beside_no_cpu_variant_and_start_with_an_empty_environment(
+        stick_copy_of_runtime, tmp_path):
+    folder = _bin_dir(stick_copy_of_runtime)
+    check_server_folder(folder)
+    check_server_runs(folder, tmp_path)
+    frozen_files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    venv_files = {p.name: p.read_bytes() for p in venv_bin().iterdir() if is_elf(p)}
+    assert frozen_files == venv_files, (sorted(frozen_files), sorted(venv_files))  # the same bytes
 
 
 def _mapped_paths(pid: int) -> set[str]:
@@ -190,7 +214,7 @@ def test_one_libggml_is_mapped_when_the_frozen_runtime_runs(stick_copy_of_runtim
     _internal/), which wins over RUNPATH: a stray top-level libggml.so.0 would be bound there.
     """
     folder = stick_copy_of_runtime
-    variant = _simplest_variant(_lib_dir(folder))
+    variant = simplest_variant(_lib_dir(folder))
     env = dict(os.environ)
     if as_probe_child:
         env["LD_LIBRARY_PATH"] = str(folder / "_internal")

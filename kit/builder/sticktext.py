@@ -90,6 +90,7 @@ def _how_to_start(manifest: BundleManifest, glibc: str | None) -> str:
         '  sh START-linux.sh ask "How do I purify water?"     one answer, as plain text',
         "  sh START-linux.sh verify                           check every file of the stick",
         "  sh START-linux.sh doctor                           what this computer can run",
+        "  sh START-linux.sh serve --lan                      serve phones and laptops nearby (Linux)",
         "  sh START-linux.sh --help                           everything else",
         "(on Windows: START-windows.bat ask \"...\", and so on).",
         "",

@@ -1,0 +1,396 @@
+"""kit serve: one stick serves a team through llama.cpp's own llama-server.
+
+The kit writes no server. It runs the opening sequence every front end shares (kit.launch:
+offline gate, trust, the runtime's own files verified, probe, plan), divides the memory into
+slots (kit.serveplan), copies the chosen model into sealed memory while hashing it, and starts
+llama-server on that copy (the child inherits the descriptor: the bytes it maps are the bytes
+checked), with the probed CPU kernel, a clean environment and the kit's page. While it serves,
+`watch` reads its /slots and /metrics over loopback for the status line; the server's log is
+kept in memory only (its last lines explain a death).
+
+Loopback by default. --lan binds every interface and always needs a key: made at start, kept in
+the stick's state (--keep-key), or read from --key-file. Nothing is written to the host: the page
+and its settings live in a private RAM folder (kit.sealed.ram_folder) for as long as it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from kit import chatformat, ggml, launch, llamaserver, sealed
+from kit.conversation import DEFAULT_MAX_TOKENS
+from kit.errors import KitError, ServeError
+from kit.fsutil import atomic_write
+from kit.launch import OpenStick
+from kit.manifest import ModelEntry
+from kit.plan import LaunchPlan, LoadMode, Overrides
+from kit.serveplan import ServePlan
+
+Status = Callable[[str], None]
+DISCLAIMER = "Answers can be wrong; in an emergency reach trained help."
+KEY_FILE_NAME = "serve-key"  # in the stick's state, with --keep-key
+MIN_KEY_LENGTH = 16
+READY_TIMEOUT_S = 300.0  # a large model from a slow stick; the server says "loading" meanwhile
+STOP_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+# The host's http_proxy must not see loopback requests, nor the key they carry.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_STOP_SIGNALS = tuple(filter(None, (signal.SIGTERM, getattr(signal, "SIGHUP", None))))  # no SIGHUP on Windows
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    port: int = 8080
+    lan: bool = False
+    parallel: int | None = None
+    key_file: Path | None = None
+    keep_key: bool = False
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A server that answers: what the banner shows."""
+
+    model: ModelEntry
+    plan: LaunchPlan
+    serve_plan: ServePlan
+    load_mode: LoadMode
+    port: int
+    lan: bool
+    key: str | None
+    urls: tuple[str, ...]  # loopback first, then each LAN address
+
+    @property
+    def join_url(self) -> str:
+        """What a phone opens: a LAN address with the key in the fragment (never sent to the server)."""
+        base = self.urls[-1]
+        return f"{base}#key={self.key}" if self.key else base
+
+
+@dataclass
+class ServeStatus:
+    slots_busy: int = 0
+    slots: int = 0
+    served: int = 0  # answers finished
+    waiting: int = 0  # requests queued for a slot
+    tokens_per_s: float = 0.0  # generation over the last interval, every slot together
+
+
+# ---------------------------------------------------------------- the key
+
+
+def choose_key(options: ServeOptions, state: Path | None) -> str | None:
+    """None on loopback without --key-file; --lan always gets one."""
+    if options.key_file is not None:
+        return read_key_file(options.key_file)
+    if not options.lan:
+        return None
+    if options.keep_key:
+        if state is None:
+            raise KitError("--keep-key needs a writable stick to keep the key in",
+                           "use --key-file FILE, or leave --keep-key out for a new key each start")
+        kept = state / KEY_FILE_NAME
+        if kept.is_file():
+            return read_key_file(kept)
+        key = secrets.token_urlsafe(18)
+        atomic_write(kept, (key + "\n").encode(), mode=0o600)
+        return key
+    return secrets.token_urlsafe(18)
+
+
+def read_key_file(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KitError(f"cannot read the key file {path}: {getattr(exc, 'strerror', None) or exc}",
+                       "give a readable text file holding one key") from None
+    keys = [ln for ln in lines if ln and not ln.startswith("#")]
+    if len(keys) != 1 or len(keys[0]) < MIN_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in keys[0]):
+        raise KitError(f"the key file {path} must hold one key of at least {MIN_KEY_LENGTH} characters, "
+                       "without spaces", "write a long random key on one line, e.g. `openssl rand -base64 24`")
+    return keys[0]
+
+
+# ---------------------------------------------------------------- addresses and the page
+
+
+def lan_addresses() -> list[str]:
+    """This host's IPv4 addresses other than loopback, on interfaces that are up."""
+    import psutil
+
+    stats = psutil.net_if_stats()
+    found = []
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if not stats.get(name) or not stats[name].isup:
+            continue
+        found += [a.address for a in addrs if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    return found
+
+
+def check_port_free(bind: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind, port))
+        except OSError as exc:
+            raise ServeError(f"port {port} is not free on {bind} ({exc.strerror or exc})",
+                             "choose another port with --port, or stop what uses it") from None
+
+
+def page_html(config: dict) -> str:
+    """The kit's page with its settings filled in (presets, disclaimer, whether a key is needed)."""
+    template = resources.files("kit").joinpath("web/index.html").read_text(encoding="utf-8")
+    # inside <script>: a "</" in a preset must not end the element
+    return template.replace("__KIT_CONFIG__", json.dumps(config).replace("</", "<\\/"))
+
+
+def page_config(opened: OpenStick, model: ModelEntry, needs_key: bool, stops: list[str]) -> dict:
+    presets = opened.manifest.presets
+    return {"title": f"Survival Kit — {opened.manifest.profile}", "model": model.id, "model_name": model.name,
+            "needs_key": needs_key, "disclaimer": DISCLAIMER,
+            "presets": [{"id": p.id, "name": p.name, "system": p.system} for p in presets],
+            "default_preset": presets[0].id if presets else None,
+            "max_tokens": DEFAULT_MAX_TOKENS, "stop": stops}
+
+
+# ---------------------------------------------------------------- the process
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """The server goes when the kit goes, even on SIGKILL: no orphan keeps the port and the model."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ServerProcess:
+    """A running llama-server: its log in memory, its health and status over loopback."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], *, cwd: Path, pass_fds: tuple[int, ...],
+                 port: int, key: str | None):
+        self.base = f"http://{llamaserver.LOOPBACK}:{port}"
+        self.key = key
+        self.log: deque[str] = deque(maxlen=400)
+        self.served = 0
+        self._last_tokens: tuple[float, float] | None = None  # (time, tokens_predicted_total)
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=pass_fds, text=True, errors="replace", bufsize=1,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line.rstrip("\n"))
+            if "stop processing" in line:  # llama-server's line for every finished answer
+                self.served += 1
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.base + path)
+        if self.key:
+            request.add_header("Authorization", f"Bearer {self.key}")
+        try:
+            with _LOOPBACK.open(request, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServeError(self.death())
+            with contextlib.suppress(OSError):
+                if self.get("/health", timeout=1.0)[0] == 200:
+                    return
+            time.sleep(0.2)
+        raise ServeError(f"llama-server did not become ready in {timeout:.0f} s",
+                         "try a smaller model (--model) or fewer slots (--parallel)")
+
+    def status(self) -> ServeStatus:
+        state = ServeStatus(served=self.served)
+        with contextlib.suppress(OSError, ValueError):
+            code, body = self.get("/slots")
+            if code == 200:
+                slots = json.loads(body)
+                state.slots = len(slots)
+                state.slots_busy = sum(1 for s in slots if s.get("is_processing"))
+        with contextlib.suppress(OSError, ValueError):
+            code, body = self.get("/metrics")
+            if code == 200:
+                metrics = parse_metrics(body.decode())
+                state.waiting = int(metrics.get("llamacpp:requests_deferred", 0))
+                now, tokens = time.monotonic(), metrics.get("llamacpp:tokens_predicted_total", 0.0)
+                if self._last_tokens is not None and now > self._last_tokens[0]:
+                    state.tokens_per_s = max(0.0, tokens - self._last_tokens[1]) / (now - self._last_tokens[0])
+                self._last_tokens = (now, tokens)
+        return state
+
+    def death(self) -> str:
+        """One sentence for a server that stopped by itself."""
+        code = self.proc.wait()
+        self._reader.join(timeout=2)
+        text = "\n".join(self.log)
+        if re.search(r"couldn't bind|address already in use", text, re.I):
+            return "llama-server could not listen on its port (is another server using it? try --port)"
+        if code < 0:
+            return f"llama-server crashed ({signal.Signals(-code).name})"
+        lines = [ln for ln in self.log if re.search(r"error|failed|fatal", ln, re.I)] or list(self.log)[-1:]
+        last = re.sub(r"^[\d.]+ [EWI] ", "", lines[-1]).strip()[:200] if lines else "no output"
+        return f"llama-server stopped (exit {code}): {last}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=2)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text: `name value` lines, comments skipped."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                values[name] = float(value.split()[0])
+    return values
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+@dataclass
+class Server:
+    serving: Serving
+    process: ServerProcess
+    _cleanup: contextlib.ExitStack = field(repr=False)
+
+    def close(self) -> None:
+        """Stop the server and free its page and sealed copy; a second Ctrl+C cannot cut it short."""
+        in_main = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGINT, *_STOP_SIGNALS) if in_main else ()
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+        try:
+            self.process.stop()
+        finally:
+            self._cleanup.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Status = lambda s: None,
+          on_progress=None) -> Server:
+    """Everything up to a llama-server that answers on `options.port`."""
+    opened = launch.open_stick(stick)
+    manifest = opened.manifest
+    bind = llamaserver.ALL_INTERFACES if options.lan else llamaserver.LOOPBACK
+    launch.plan_for(opened, overrides)  # bad overrides fail fast, before any probe
+    key = choose_key(options, opened.state)
+    check_port_free(bind, options.port)
+    launch.verify_own_tools(opened.bundle, manifest, opened.host.platform)
+    server = ggml.tool_path("llama-server")
+    if not server.is_file():
+        raise ServeError(f"this runtime has no llama-server ({server})",
+                         "rebuild the stick with this kit's `kit build` (its runtime carries llama-server)")
+    on_status("checking the stick's smallest model and choosing the CPU kernel")
+    kernel = launch.choose_kernel(opened, progress=on_progress, seal=True,
+                                  on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
+    plan, serve_plan = launch.plan_serve(opened, overrides, kernel, options.parallel)
+    model = manifest.model(plan.model_id)
+    if model.id != launch.smallest_model(manifest).id:
+        launch.release_sealed(opened.bundle, launch.smallest_model(manifest))
+    template = None if model.model_facts().has_chat_template else _fallback_template(model)
+    stops = [] if template is None else chatformat.stop_strings(model.chat_format)
+    on_status(f"checking {model.id} against the stick's manifest")
+    mode = launch.verified_for_load(opened, launch.as_launch_plan(plan, serve_plan), model, on_progress, [])
+    cleanup = contextlib.ExitStack()
+    try:
+        names = cleanup.enter_context(launch.load_names(opened.bundle, model, mode))
+        web_dir = _page_folder(cleanup, page_config(opened, model, key is not None, stops), on_status)
+        spec = llamaserver.ServerSpec(server, names[0], model.id, serve_plan, bind, options.port, kernel.path,
+                                      web_dir=web_dir, chat_template=template, stops=stops)
+        inherited = tuple(fd for fd in map(sealed.fd_of, map(str, launch.model_paths(opened.bundle, model)))
+                          if fd is not None)
+        on_status(f"starting llama-server: {model.name}, {serve_plan.slots} slots of {serve_plan.slot_ctx} tokens")
+        process = ServerProcess(llamaserver.server_argv(spec), llamaserver.server_env(spec, key),
+                                cwd=server.parent, pass_fds=inherited, port=options.port, key=key)
+        cleanup.callback(process.stop)
+        process.wait_ready()
+    except BaseException:
+        cleanup.close()
+        raise
+    lan = lan_addresses() if options.lan else []
+    urls = (f"http://{llamaserver.LOOPBACK}:{options.port}/", *(f"http://{a}:{options.port}/" for a in lan))
+    serving = Serving(model, plan, serve_plan, mode, options.port, options.lan, key, urls)
+    return Server(serving, process, cleanup)
+
+
+def _fallback_template(model: ModelEntry) -> str:
+    fmt = model.chat_format
+    template = chatformat.server_template(fmt) if fmt else None
+    if template is None:
+        raise ServeError(f"model {model.id} has no chat template and the kit has no server template for "
+                         f"its fallback format {fmt!r}",
+                         f"serve another model (--model), or use it in `kit chat`; formats the server knows: "
+                         f"{', '.join(sorted(chatformat.SERVER_TEMPLATES))}")
+    return template
+
+
+def _page_folder(cleanup: contextlib.ExitStack, config: dict, on_status: Status) -> Path | None:
+    try:
+        folder = cleanup.enter_context(sealed.ram_folder("page"))
+    except OSError as exc:
+        on_status(f"no browser page: {exc}; the API still works")
+        return None
+    (folder / "index.html").write_text(page_html(config), encoding="utf-8")
+    return folder
+
+
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM and SIGHUP stop kit serve as Ctrl+C does, while it starts too (a probe, a load);
+    the event stops the serving loop from another thread."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in _STOP_SIGNALS}
+    try:
+        yield threading.Event()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def watch(server: Server, on_status: Callable[[ServeStatus], None], stop: threading.Event,
+          interval: float = 1.0) -> None:
+    """Report the status every `interval` until `stop` is set; a server that dies is a ServeError."""
+    while not stop.is_set():
+        if server.process.proc.poll() is not None:
+            raise ServeError(server.process.death(), "start it again; if it keeps stopping, run `kit doctor --serve`")
+        on_status(server.process.status())
+        stop.wait(interval)
