@@ -15,7 +15,7 @@
   from /proc/PID/cmdline and /environ: GGML_BACKEND_PATH, the kernel, is the same), except that
   the model is the stick's file instead of the sealed copy's /proc/self/fd/N and the page folder is
   a copy of kit serve's (which goes when it stops). Same port, so --cors-origins is the same too.
-  What differs is the kit around it: its status loop polls /slots and /metrics every second.
+  What differs is the kit around it: its status loop reads /metrics every second.
 """
 
 from __future__ import annotations
@@ -357,7 +357,8 @@ def _section(sizes: ServeSizes, rounds: dict[str, dict[int, list[Round]]], comma
         f"TTFT: request sent to its first content chunk, over every stream of the round; load average after "
         f"each start's passes {loads}",
     ]
-    section.data = {"sizes": asdict(sizes), "argv_bare": argv, "env": command.env, "loads": loads,
+    env = {k: v for k, v in command.env.items() if k != "LLAMA_API_KEY"}  # a result file holds no key
+    section.data = {"sizes": asdict(sizes), "argv_bare": argv, "env": env, "loads": loads,
                     "rounds": {side: {str(n): [{"streams": r.streams, "seconds": r.seconds, "tokens": r.tokens,
                                                 "tps": r.tps, "streams_detail": [asdict(s) for s in r.results]}
                                                for r in rs] for n, rs in by_n.items()}

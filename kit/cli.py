@@ -109,6 +109,8 @@ def cmd_doctor(args) -> int:
     from kit import launch
     from kit.report import render_doctor
 
+    if args.parallel is not None and not args.serve:
+        raise KitError("--parallel plans kit serve's slots", "add --serve: kit doctor --serve --parallel N")
     report = launch.doctor(args.stick, _overrides(args), refresh=args.refresh,
                            on_probe=None if args.json else _print_probe, serve=args.serve, parallel=args.parallel)
     if args.json:
@@ -155,6 +157,8 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     from kit import serve
 
+    if args.keep_key and not args.lan:
+        raise KitError("--keep-key keeps the key of --lan", "add --lan, or leave --keep-key out")
     options = serve.ServeOptions(port=args.port, lan=args.lan, parallel=args.parallel,
                                  key_file=Path(args.key_file) if args.key_file else None, keep_key=args.keep_key)
     with serve.stop_on_signals() as stop:
@@ -168,7 +172,8 @@ def cmd_serve(args) -> int:
                 serve.watch(server, line, stop)
             except KeyboardInterrupt:
                 pass
-            line.end()
+            finally:
+                line.end()  # an error's sentence goes on a line of its own
         finally:
             server.close()
     print("kit serve: stopped; llama-server has exited", file=sys.stderr)
@@ -176,6 +181,8 @@ def cmd_serve(args) -> int:
 
 
 def _serving_banner(serving) -> str:
+    from kit import serve
+
     plan, sp = serving.plan, serving.serve_plan
     out = [f"Serving {serving.model.name}: {sp.slots} slot{'s' if sp.slots > 1 else ''} of {sp.slot_ctx} tokens, "
            f"{plan.threads} threads, CPU kernel {plan.cpu_variant}, {serving.load_mode.mode}"]
@@ -184,7 +191,7 @@ def _serving_banner(serving) -> str:
         out.append(f"  on the network:   {url}")
     if serving.lan and len(serving.urls) == 1:
         out.append("  on the network:   no network address found (is Wi-Fi or a cable connected?)")
-    base = serving.urls[-1]
+    base = serving.join_url.split("#")[0]
     if serving.key:
         out.append(f"  key:              {serving.key}")
         out.append(f"  API (OpenAI):     base_url {base}v1, api_key the key above")
@@ -193,7 +200,7 @@ def _serving_banner(serving) -> str:
     if serving.lan and len(serving.urls) > 1:
         out.append("  scan to join (the key is in the link):")
         out.append(_qr_text(serving.join_url))
-    out.append("Answers can be wrong; in an emergency reach trained help.")
+    out.append(serve.DISCLAIMER)
     out.append("Ctrl+C stops the server.")
     return "\n".join(out)
 
@@ -362,6 +369,16 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (0 = CPU only)")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kit", description="Survival Kit: a verified, offline LLM on a stick.")
     parser.add_argument("--version", action="version", version=f"kit {__version__}")
@@ -406,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--lan, which always needs a key. Ctrl+C stops it.")
     _add_stick(p)
     _add_overrides(p)
-    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="TCP port, 1-65535 (default 8080)")
     p.add_argument("--lan", action="store_true", help="open it to the local network (then a key is required)")
     p.add_argument("--parallel", type=int, metavar="N", help="people answered at once (default: as many as fit, "
                    "up to 4); --ctx is each one's context")

@@ -129,6 +129,21 @@ def require_verified(path: Path) -> str:
     return record[5]
 
 
+def open_verified(path: Path) -> int:
+    """A read-only descriptor of `path`, after its identity matched what this process verified:
+    a child handed /proc/self/fd/N reads the file checked, even if the path is swapped later."""
+    record = _verified.get(_key(path))
+    if record is None:
+        raise NotVerifiedError(f"{path} was not verified in this process; refusing to load it")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if record[:5] != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        os.close(fd)
+        raise NotVerifiedError(f"{path} changed after it was verified; refusing to load it",
+                               "the stick may be failing or was modified while in use")
+    return fd
+
+
 def forget_verified() -> None:
     _verified.clear()
 

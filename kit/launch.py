@@ -213,8 +213,22 @@ def verify_own_libraries(bundle: BundlePaths, manifest: BundleManifest, platform
         verify_files(bundle, manifest, libs, f"the runtime's {what} are damaged")
 
 
-def verify_own_tools(bundle: BundlePaths, manifest: BundleManifest, platform: str) -> None:
-    """llama-server and rpc-server with their libraries and the ones they load from llama_cpp/lib."""
+def verify_own_tools(bundle: BundlePaths, manifest: BundleManifest, platform: str, tools: Path) -> None:
+    """llama-server and rpc-server with their libraries and the ones they load from llama_cpp/lib.
+    `tools` (llama_cpp/bin) must hold exactly what the manifest lists: ggml loads every backend
+    module it finds beside the executable, so one file more would run unchecked."""
+    if not getattr(sys, "frozen", False):
+        return
+    listed = {bundle.resolve(f.path).resolve() for f in manifest.runtime_files(platform)
+              if "/llama_cpp/bin/" in f.path}
+    present = {p.resolve() for p in tools.iterdir()} if tools.is_dir() else set()
+    extra = sorted(present - listed)
+    if extra:
+        raise IntegrityError(f"llama-server's folder holds {extra[0].name}, which this stick's manifest does not "
+                             "list; refusing to start it", "rebuild the stick, or copy it again from a good one")
+    if not listed:
+        raise IntegrityError("this stick's manifest lists no llama-server",
+                             "rebuild the stick with this kit's `kit build` (its runtime carries llama-server)")
     verify_own_libraries(bundle, manifest, platform, ("bin", "lib"), "llama-server and its libraries")
 
 
@@ -390,7 +404,7 @@ def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.Kern
         mode = verified_for_load(opened, attempt, model, on_progress, steps)
         on_status(f"loading {model.name}: {attempt_description(attempt)}")
         try:
-            with load_names(bundle, model, mode) as files:
+            with _load_names(bundle, model, mode) as files:
                 engine = LlamaEngine.load(
                     files, attempt.settings, model_id=model.id,
                     chat_format_fallback=model.chat_format, variant=kernel.path,
@@ -429,7 +443,7 @@ def verified_for_load(opened: OpenStick, attempt: LaunchPlan, model: ModelEntry,
 
 
 @contextlib.contextmanager
-def load_names(bundle: BundlePaths, model: ModelEntry, mode: LoadMode) -> Iterator[list[Path]]:
+def _load_names(bundle: BundlePaths, model: ModelEntry, mode: LoadMode) -> Iterator[list[Path]]:
     """The paths to hand llama.cpp: the sealed copies (named as llama.cpp derives a split model's
     shard names, kit.sealed.shard_names), or the stick's files."""
     if not mode.sealed:

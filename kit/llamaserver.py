@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kit.conversation import DEFAULT_MAX_TOKENS
 from kit.serveplan import ServePlan
 
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = "0.0.0.0"  # --lan: every IPv4 interface; the key is then required
 KEY_VARIABLE = "LLAMA_API_KEY"  # the key in the server's environment: not in its command line (ps)
 _KV_TYPE_NAMES = {2: "f16", 1: "q8_0"}
+HTTP_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class ServerSpec:
     web_dir: Path | None = None  # the kit's page, served at "/"; None: no page
     chat_template: str | None = None  # Jinja, for a GGUF without its own
     stops: Sequence[str] = ()
-    max_tokens: int = 512  # an answer's length when a request does not say
+    max_tokens: int = DEFAULT_MAX_TOKENS  # an answer's length when a request does not say
 
     @property
     def origin(self) -> str:
@@ -56,11 +58,16 @@ def server_argv(spec: ServerSpec) -> list[str]:
         "--batch-size", str(s.n_batch), "--ubatch-size", str(s.n_ubatch),
         "--n-gpu-layers", str(s.gpu_layers), "--flash-attn", "on" if s.flash_attn else "off",
         "--cache-type-k", kv, "--cache-type-v", kv, *(["--swa-full"] if s.swa_full else []),
-        # the prompt cache keeps up to 8 GiB of finished conversations by default: not priced
-        "--cache-ram", "0", "--no-context-shift", "--n-predict", str(spec.max_tokens),
+        # unpriced memory: the prompt cache (up to 8 GiB of finished conversations by default) and
+        # context checkpoints (32 copies of a slot's state, for SWA or recurrent caches)
+        "--cache-ram", "0", "--ctx-checkpoints", "0", "--no-context-shift", "--n-predict", str(spec.max_tokens),
         # a queue, not refusals: every HTTP thread beyond the slots holds a waiting person
         "--threads-http", str(4 * spec.plan.slots + 4),
-        "--metrics", "--slots", "--offline", "--jinja", "--log-colors", "off",
+        # /slots would show every person's conversation to anyone with the shared key: off; the
+        # status reads /metrics. --fit off: llama-server must not re-plan what the kit planned.
+        "--metrics", "--no-slots", "--fit", "off", "--offline", "--jinja", "--log-colors", "off",
+        # a client that sends nothing holds an HTTP thread for at most this long (default: an hour)
+        "--timeout", str(HTTP_TIMEOUT_S),
         # only the page this server serves talks to it from a browser; no other site may
         "--cors-origins", spec.origin, "--no-cors-credentials",
     ]

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import json
+import os
+import posixpath
 import re
 import secrets
 import signal
@@ -34,12 +37,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from kit import chatformat, ggml, launch, llamaserver, sealed
+from kit import chatformat, ggml, integrity, launch, llamaserver, sealed
 from kit.conversation import DEFAULT_MAX_TOKENS
 from kit.errors import KitError, ServeError
 from kit.fsutil import atomic_write
 from kit.launch import OpenStick
 from kit.manifest import ModelEntry
+from kit.paths import debug_enabled
 from kit.plan import LaunchPlan, LoadMode, Overrides
 from kit.serveplan import ServePlan
 
@@ -79,8 +83,8 @@ class Serving:
 
     @property
     def join_url(self) -> str:
-        """What a phone opens: a LAN address with the key in the fragment (never sent to the server)."""
-        base = self.urls[-1]
+        """What a phone opens: the first LAN address, the key in the fragment (never sent to the server)."""
+        base = self.urls[1] if len(self.urls) > 1 else self.urls[0]
         return f"{base}#key={self.key}" if self.key else base
 
 
@@ -131,17 +135,33 @@ def read_key_file(path: Path) -> str:
 # ---------------------------------------------------------------- addresses and the page
 
 
+# Interfaces other computers do not reach this one on: containers, VMs, bridges for them.
+_VIRTUAL_INTERFACES = ("docker", "br-", "virbr", "veth", "vmnet", "vboxnet", "lxc", "podman", "cni")
+
+
 def lan_addresses() -> list[str]:
-    """This host's IPv4 addresses other than loopback, on interfaces that are up."""
+    """This host's IPv4 addresses others can reach, the default route's first (the QR code's):
+    no loopback, no link-local 169.254, no container or VM bridge, interfaces that are up."""
     import psutil
 
     stats = psutil.net_if_stats()
+    default = _default_route_interfaces()
     found = []
-    for name, addrs in sorted(psutil.net_if_addrs().items()):
-        if not stats.get(name) or not stats[name].isup:
+    for name, addrs in psutil.net_if_addrs().items():
+        virtual = name.startswith(_VIRTUAL_INTERFACES) and name not in default
+        if virtual or not stats.get(name) or not stats[name].isup:
             continue
-        found += [a.address for a in addrs if a.family == socket.AF_INET and not a.address.startswith("127.")]
-    return found
+        found += [(name not in default, name, a.address) for a in addrs if a.family == socket.AF_INET
+                  and not a.address.startswith(("127.", "169.254."))]
+    return [address for *_, address in sorted(found)]
+
+
+def _default_route_interfaces() -> set[str]:
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:  # not Linux
+        return set()
+    return {f[0] for f in (line.split() for line in lines) if len(f) > 1 and f[1] == "00000000"}
 
 
 def check_port_free(bind: str, port: int) -> None:
@@ -157,8 +177,8 @@ def check_port_free(bind: str, port: int) -> None:
 def page_html(config: dict) -> str:
     """The kit's page with its settings filled in (presets, disclaimer, whether a key is needed)."""
     template = resources.files("kit").joinpath("web/index.html").read_text(encoding="utf-8")
-    # inside <script>: a "</" in a preset must not end the element
-    return template.replace("__KIT_CONFIG__", json.dumps(config).replace("</", "<\\/"))
+    # inside <script>: no "<" at all, so no "</script>" or "<!--" in a preset can end the element
+    return template.replace("__KIT_CONFIG__", json.dumps(config).replace("<", "\\u003c"))
 
 
 def page_config(opened: OpenStick, model: ModelEntry, needs_key: bool, stops: list[str]) -> dict:
@@ -173,10 +193,20 @@ def page_config(opened: OpenStick, model: ModelEntry, needs_key: bool, stops: li
 # ---------------------------------------------------------------- the process
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """The server goes when the kit goes, even on SIGKILL: no orphan keeps the port and the model."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _parent_death_signal() -> Callable[[], None] | None:
+    """What the child runs between fork and exec so that the server goes when the kit goes, even
+    on SIGKILL: no orphan keeps the port and the model. prctl is looked up here, in the parent
+    (dlopen after fork in a threaded process can deadlock); a parent already gone ends the child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def in_child() -> None:  # pragma: no cover - runs in the child
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return in_child
 
 
 class ServerProcess:
@@ -189,10 +219,16 @@ class ServerProcess:
         self.log: deque[str] = deque(maxlen=400)
         self.served = 0
         self._last_tokens: tuple[float, float] | None = None  # (time, tokens_predicted_total)
-        self.proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            pass_fds=pass_fds, text=True, errors="replace", bufsize=1,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            # its own process group: a terminal's Ctrl+C reaches the kit, which stops it in order
+            self.proc = subprocess.Popen(
+                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                pass_fds=pass_fds, text=True, errors="replace", bufsize=1, process_group=0,
+                preexec_fn=_parent_death_signal())
+        except OSError as exc:
+            raise ServeError(f"llama-server could not be started: {exc.strerror or exc} ({argv[0]})",
+                             "a stick mounted noexec or copied without permissions cannot run it: "
+                             "see the stick's README.txt") from None
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
 
@@ -217,25 +253,20 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServeError(self.death())
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, http.client.HTTPException):
                 if self.get("/health", timeout=1.0)[0] == 200:
                     return
             time.sleep(0.2)
         raise ServeError(f"llama-server did not become ready in {timeout:.0f} s",
                          "try a smaller model (--model) or fewer slots (--parallel)")
 
-    def status(self) -> ServeStatus:
-        state = ServeStatus(served=self.served)
-        with contextlib.suppress(OSError, ValueError):
-            code, body = self.get("/slots")
-            if code == 200:
-                slots = json.loads(body)
-                state.slots = len(slots)
-                state.slots_busy = sum(1 for s in slots if s.get("is_processing"))
-        with contextlib.suppress(OSError, ValueError):
+    def status(self, slots: int) -> ServeStatus:
+        state = ServeStatus(slots=slots, served=self.served)
+        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
             code, body = self.get("/metrics")
             if code == 200:
                 metrics = parse_metrics(body.decode())
+                state.slots_busy = int(metrics.get("llamacpp:requests_processing", 0))
                 state.waiting = int(metrics.get("llamacpp:requests_deferred", 0))
                 now, tokens = time.monotonic(), metrics.get("llamacpp:tokens_predicted_total", 0.0)
                 if self._last_tokens is not None and now > self._last_tokens[0]:
@@ -250,8 +281,12 @@ class ServerProcess:
         text = "\n".join(self.log)
         if re.search(r"couldn't bind|address already in use", text, re.I):
             return "llama-server could not listen on its port (is another server using it? try --port)"
+        if debug_enabled():
+            print("\n".join(["llama-server's last lines:", *list(self.log)[-40:]]), file=sys.stderr)
         if code < 0:
-            return f"llama-server crashed ({signal.Signals(-code).name})"
+            with contextlib.suppress(ValueError):
+                return f"llama-server crashed ({signal.Signals(-code).name})"
+            return f"llama-server crashed (signal {-code})"
         lines = [ln for ln in self.log if re.search(r"error|failed|fatal", ln, re.I)] or list(self.log)[-1:]
         last = re.sub(r"^[\d.]+ [EWI] ", "", lines[-1]).strip()[:200] if lines else "no output"
         return f"llama-server stopped (exit {code}): {last}"
@@ -309,11 +344,11 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     launch.plan_for(opened, overrides)  # bad overrides fail fast, before any probe
     key = choose_key(options, opened.state)
     check_port_free(bind, options.port)
-    launch.verify_own_tools(opened.bundle, manifest, opened.host.platform)
     server = ggml.tool_path("llama-server")
     if not server.is_file():
         raise ServeError(f"this runtime has no llama-server ({server})",
-                         "rebuild the stick with this kit's `kit build` (its runtime carries llama-server)")
+                         "kit serve runs on Linux, from a stick built by this kit's `kit build`")
+    launch.verify_own_tools(opened.bundle, manifest, opened.host.platform, server.parent)
     on_status("checking the stick's smallest model and choosing the CPU kernel")
     kernel = launch.choose_kernel(opened, progress=on_progress, seal=True,
                                   on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
@@ -327,12 +362,13 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     mode = launch.verified_for_load(opened, launch.as_launch_plan(plan, serve_plan), model, on_progress, [])
     cleanup = contextlib.ExitStack()
     try:
-        names = cleanup.enter_context(launch.load_names(opened.bundle, model, mode))
+        files = _model_descriptors(cleanup, opened, model)
+        names = cleanup.enter_context(sealed.shard_names(files, [posixpath.basename(p) for p in model.files]))
         web_dir = _page_folder(cleanup, page_config(opened, model, key is not None, stops), on_status)
         spec = llamaserver.ServerSpec(server, names[0], model.id, serve_plan, bind, options.port, kernel.path,
                                       web_dir=web_dir, chat_template=template, stops=stops)
-        inherited = tuple(fd for fd in map(sealed.fd_of, map(str, launch.model_paths(opened.bundle, model)))
-                          if fd is not None)
+        inherited = tuple(fd for fd in map(sealed.fd_of, map(str, files)) if fd is not None)
+        _recheck(opened, kernel.path)
         on_status(f"starting llama-server: {model.name}, {serve_plan.slots} slots of {serve_plan.slot_ctx} tokens")
         process = ServerProcess(llamaserver.server_argv(spec), llamaserver.server_env(spec, key),
                                 cwd=server.parent, pass_fds=inherited, port=options.port, key=key)
@@ -345,6 +381,28 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     urls = (f"http://{llamaserver.LOOPBACK}:{options.port}/", *(f"http://{a}:{options.port}/" for a in lan))
     serving = Serving(model, plan, serve_plan, mode, options.port, options.lan, key, urls)
     return Server(serving, process, cleanup)
+
+
+def _model_descriptors(cleanup: contextlib.ExitStack, opened: OpenStick, model: ModelEntry) -> list[Path]:
+    """/proc/self/fd/N of each verified model file, for the server to inherit: the sealed copies,
+    or (by path) the stick's files opened after their identity matched what was hashed, so a path
+    swapped later cannot reach llama-server."""
+    paths = launch.model_paths(opened.bundle, model)
+    if all(sealed.fd_of(p) is not None for p in paths):
+        return list(paths)
+    fds = [integrity.open_verified(p) for p in paths]
+    for fd in fds:
+        cleanup.callback(os.close, fd)
+    return [sealed.fd_path(fd) for fd in fds]
+
+
+def _recheck(opened: OpenStick, variant: Path) -> None:
+    """Just before the exec: the server's files and the kernel are still the bytes hashed (a frozen
+    runtime on its stick; a source install's are not on the stick)."""
+    if not getattr(sys, "frozen", False):
+        return
+    for path in (*sorted(ggml.server_dir().iterdir()), variant):
+        integrity.require_verified(path)
 
 
 def _fallback_template(model: ModelEntry) -> str:
@@ -392,5 +450,5 @@ def watch(server: Server, on_status: Callable[[ServeStatus], None], stop: thread
     while not stop.is_set():
         if server.process.proc.poll() is not None:
             raise ServeError(server.process.death(), "start it again; if it keeps stopping, run `kit doctor --serve`")
-        on_status(server.process.status())
+        on_status(server.process.status(server.serving.serve_plan.slots))
         stop.wait(interval)

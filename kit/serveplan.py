@@ -53,7 +53,8 @@ def plan_slots(plan: LaunchPlan, facts: ModelFacts, budget: Budget, *, slots: in
     threads and the GPU layers; this only divides the memory."""
     if slots is not None and not 1 <= slots <= MAX_SLOTS:
         raise PlanError(f"--parallel {slots} is out of range: 1 to {MAX_SLOTS} slots")
-    wanted_ctx = slot_ctx or min(plan.n_ctx, SLOT_CTX)
+    # llama.cpp rounds each slot's share up to 256 cells: price what it will allocate
+    wanted_ctx = -(-(slot_ctx or min(plan.n_ctx, SLOT_CTX)) // CTX_STEP) * CTX_STEP
     if wanted_ctx > facts.n_ctx_train:
         raise PlanError(f"a context of {wanted_ctx} tokens is more than {plan.model_id} was trained for "
                         f"({facts.n_ctx_train})")

@@ -128,8 +128,10 @@ def stop_serve(served: Served, sig: int = signal.SIGTERM, timeout: float = 30) -
         served.proc.kill()
         code = served.proc.wait(10)
     deadline = time.monotonic() + 15
-    while any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in children) and time.monotonic() < deadline:
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
+    left = [pid for pid in children if _alive(pid)]
+    assert not left, f"kit serve left llama-server running: {left}"
     return code
 
 

@@ -257,8 +257,24 @@ def test_serve_refuses_a_stick_whose_llama_server_was_changed(built_stick, tmp_p
     data = bytearray(server.read_bytes())
     data[len(data) // 2] ^= 0xFF
     server.write_bytes(bytes(data))
-    proc = subprocess.run(["sh", str(stick / "START-linux.sh"), "serve", "--port", "0"], capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    from servekit import free_port
+
+    proc = subprocess.run(["sh", str(stick / "START-linux.sh"), "serve", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     assert "llama-server and its libraries are damaged" in proc.stderr
     assert "_internal/llama_cpp/bin/llama-server is corrupt" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_serve_refuses_a_file_the_manifest_does_not_list_beside_llama_server(built_stick, tmp_path):
+    """ggml loads every backend module beside the executable: one file more would run unchecked."""
+    from servekit import free_port
+
+    stick = tmp_path / "stick"
+    shutil.copytree(built_stick, stick, ignore=shutil.ignore_patterns("state"))
+    runtime = stick / "KIT" / "runtimes" / host_platform() / "_internal" / "llama_cpp"
+    shutil.copy(runtime / "lib" / "libggml-cpu-x64.so", runtime / "bin" / "libggml-cpu-x64.so")
+    proc = subprocess.run(["sh", str(stick / "START-linux.sh"), "serve", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "llama-server's folder holds libggml-cpu-x64.so, which this stick's manifest does not list" in proc.stderr

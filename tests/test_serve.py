@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -219,6 +220,13 @@ def test_the_server_runs_the_probed_kernel_on_the_sealed_copy_with_a_clean_env(s
 
 
 @pytest.mark.slow
+def test_no_endpoint_shows_other_peoples_conversations(served):
+    assert served.request("/slots")[0] in (404, 501)  # --no-slots: it would show every slot's prompt
+    code, metrics = served.request("/metrics")
+    assert code == 200 and "llamacpp:requests_processing" in metrics
+
+
+@pytest.mark.slow
 def test_the_status_line_counts_answers(served):
     served.request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
     deadline = time.monotonic() + 10
@@ -301,8 +309,6 @@ def test_serve_refuses_a_stick_whose_model_was_changed(stick_copy):
 
 @pytest.mark.slow
 def test_a_port_in_use_is_one_sentence(demo_stick):
-    import socket
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -353,3 +359,28 @@ def test_doctor_serve_shows_the_slots_and_why(demo_stick):
 def test_overrides_reach_the_slot_plan_through_ctx(models):  # noqa: F811
     plan, sp = _serve_plan("laptop-8gb", models[0], slot_ctx=1024)
     assert sp.slot_ctx == 1024 and "as asked" in sp.decisions[1].reason
+
+
+def test_lan_addresses_put_the_default_route_first_and_skip_bridges(monkeypatch):
+    from types import SimpleNamespace
+
+    import psutil
+
+    def nic(address):  # the two fields of psutil's snicaddr the kit reads
+        return SimpleNamespace(family=socket.AF_INET, address=address)
+
+    up = SimpleNamespace(isup=True)
+    addrs = {"lo": [nic("127.0.0.1")], "docker0": [nic("172.17.0.1")], "eth9": [nic("10.1.2.3")],
+             "wlan0": [nic("192.168.1.20"), nic("169.254.3.4")], "virbr0": [nic("192.168.122.1")]}
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: addrs)
+    monkeypatch.setattr(psutil, "net_if_stats", lambda: dict.fromkeys(addrs, up))
+    monkeypatch.setattr(serve, "_default_route_interfaces", lambda: {"wlan0"})
+    assert serve.lan_addresses() == ["192.168.1.20", "10.1.2.3"]
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "http"])
+def test_a_port_out_of_range_is_refused_by_the_parser(port):
+    from conftest import run_kit
+
+    out = run_kit("serve", "--port", port)
+    assert out.returncode == 2 and "give a number from 1 to 65535" in out.stderr
