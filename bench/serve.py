@@ -75,10 +75,14 @@ class StreamResult:
 # ---------------------------------------------------------------- clients
 
 
+NO_STOP = "<kit-bench: a stop string no answer holds>"
+
+
 def request_body(max_tokens: int) -> dict:
     return {"model": "any", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "cache_prompt": False, "stream": True,
-            "stream_options": {"include_usage": True}}
+            # replaces the server's stop strings ("###" ...), which ignore_eos does not override
+            "stop": [NO_STOP], "stream_options": {"include_usage": True}}
 
 
 def stream_one(port: int, body: dict, key: str | None = None, timeout: float = REQUEST_TIMEOUT_S) -> StreamResult:

@@ -21,6 +21,7 @@ from kit import serve
 
 pytestmark = pytest.mark.slow
 
+NEVER = "<kit-test: a stop string no answer holds>"
 MODEL_ID = "gemma-3-270m"  # manifests/demo.toml
 CLIENTS = 16
 BURST_SLOTS, BURST_CTX = "4", "1024"
@@ -172,7 +173,10 @@ def _busy(served: servekit.Served) -> int:
 
 def test_client_that_hangs_up_mid_stream_frees_its_slot(demo_stick):
     with servekit.serving(demo_stick, "--parallel", "1", "--ctx", "2048") as served:
+        # a stop string that never comes replaces the server's (a "###" ended this stream after 3
+        # chunks once): with ignore_eos it writes until the client hangs up
         body = json.dumps({"model": MODEL_ID, "stream": True, "max_tokens": 1500, "ignore_eos": True,
+                           "stop": [NEVER], "temperature": 0,
                            "messages": [{"role": "user", "content": "Write a long story about a river."}]})
         headers = {"Content-Type": "application/json"}
         if served.key:
