@@ -191,7 +191,7 @@ def _serving_banner(serving) -> str:
         out.append(f"  on the network:   {url}")
     if serving.lan and len(serving.urls) == 1:
         out.append("  on the network:   no network address found (is Wi-Fi or a cable connected?)")
-    base = serving.join_url.split("#")[0]
+    base = serving.share_url
     if serving.key:
         out.append(f"  key:              {serving.key}")
         out.append(f"  API (OpenAI):     base_url {base}v1, api_key the key above")

@@ -94,9 +94,8 @@ def hash_file(path: Path, *, sha256: bool = False, on_block: Callable[[int], Non
 _verified: dict[str, tuple[int, int, int, int, int, str]] = {}
 
 
-def _identity(path: Path) -> tuple[int, int, int, int, int]:
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     # ctime too: a rewrite can put the old mtime back, but setting it moves ctime
-    st = os.stat(path)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -106,7 +105,7 @@ def _key(path: Path) -> str:
 
 
 def _remember(path: Path, blake3_hex: str) -> None:
-    _verified[_key(path)] = (*_identity(path), blake3_hex)
+    _verified[_key(path)] = (*_identity(os.stat(path)), blake3_hex)
 
 
 def verify_file(path: Path, blake3_hex: str, on_block: Callable[[int], None] | None = None) -> bool:
@@ -120,28 +119,35 @@ def verify_file(path: Path, blake3_hex: str, on_block: Callable[[int], None] | N
 
 def require_verified(path: Path) -> str:
     """The BLAKE3 this process checked for `path`; raises if unchecked or changed since."""
-    record = _verified.get(_key(path))
-    if record is None:
-        raise NotVerifiedError(f"{path} was not verified in this process; refusing to load it")
-    if record[:5] != _identity(Path(path)):
-        raise NotVerifiedError(f"{path} changed after it was verified; refusing to load it",
-                               "the stick may be failing or was modified while in use")
+    record = _record(path)
+    _same_file(path, record, os.stat(path))
     return record[5]
 
 
 def open_verified(path: Path) -> int:
     """A read-only descriptor of `path`, after its identity matched what this process verified:
     a child handed /proc/self/fd/N reads the file checked, even if the path is swapped later."""
+    record = _record(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _same_file(path, record, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _record(path: Path) -> tuple:
     record = _verified.get(_key(path))
     if record is None:
         raise NotVerifiedError(f"{path} was not verified in this process; refusing to load it")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    st = os.fstat(fd)
-    if record[:5] != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-        os.close(fd)
+    return record
+
+
+def _same_file(path: Path, record: tuple, st: os.stat_result) -> None:
+    if record[:5] != _identity(st):
         raise NotVerifiedError(f"{path} changed after it was verified; refusing to load it",
                                "the stick may be failing or was modified while in use")
-    return fd
 
 
 def forget_verified() -> None:

@@ -5,7 +5,7 @@ offline gate, trust, the runtime's own files verified, probe, plan), divides the
 slots (kit.serveplan), copies the chosen model into sealed memory while hashing it, and starts
 llama-server on that copy (the child inherits the descriptor: the bytes it maps are the bytes
 checked), with the probed CPU kernel, a clean environment and the kit's page. While it serves,
-`watch` reads its /slots and /metrics over loopback for the status line; the server's log is
+`watch` reads its /metrics over loopback for the status line; the server's log is
 kept in memory only (its last lines explain a death).
 
 Loopback by default. --lan binds every interface and always needs a key: made at start, kept in
@@ -82,10 +82,14 @@ class Serving:
     urls: tuple[str, ...]  # loopback first, then each LAN address
 
     @property
+    def share_url(self) -> str:
+        """The address others use: the first LAN one (the default route's), else loopback."""
+        return self.urls[1] if len(self.urls) > 1 else self.urls[0]
+
+    @property
     def join_url(self) -> str:
-        """What a phone opens: the first LAN address, the key in the fragment (never sent to the server)."""
-        base = self.urls[1] if len(self.urls) > 1 else self.urls[0]
-        return f"{base}#key={self.key}" if self.key else base
+        """What a phone opens: share_url with the key in the fragment (never sent to the server)."""
+        return f"{self.share_url}#key={self.key}" if self.key else self.share_url
 
 
 @dataclass

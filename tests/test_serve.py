@@ -384,3 +384,23 @@ def test_a_port_out_of_range_is_refused_by_the_parser(port):
 
     out = run_kit("serve", "--port", port)
     assert out.returncode == 2 and "give a number from 1 to 65535" in out.stderr
+
+
+def test_a_file_loaded_by_path_reaches_the_server_as_the_descriptor_checked(tmp_path):
+    """Path mode: the stick's file is opened after its identity check; a later swap of the path
+    does not change what /proc/self/fd/N (what llama-server is handed) reads; a change before is refused."""
+    from kit import integrity
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"the bytes that were hashed")
+    assert integrity.verify_file(model, integrity.hash_file(model).blake3)
+    fd = integrity.open_verified(model)
+    try:
+        swapped = tmp_path / "other"
+        swapped.write_bytes(b"other bytes")
+        os.replace(swapped, model)
+        assert Path(f"/proc/self/fd/{fd}").read_bytes() == b"the bytes that were hashed"
+    finally:
+        os.close(fd)
+    with pytest.raises(KitError, match="changed after it was verified"):
+        integrity.open_verified(model)
