@@ -75,12 +75,15 @@ LLAMA_LICENCE = "LICENSE-llama.cpp"  # beside the libraries: build/notices.py re
 # and llama-completion are the bench's. No libggml-cpu-* there: ggml loads the best-scored variant
 # beside the executable, which can die with SIGILL; the kit hands its own in GGML_BACKEND_PATH.
 RUNTIME_TOOLS = ("llama-server", "ggml-rpc-server")
+# Backend modules only the tools load (ggml finds them beside the executable): the RPC backend
+# serves rpc-server and llama-server's --rpc; the engine never uses it, so llama_cpp/lib lacks it.
+TOOL_MODULES = ("libggml-rpc.so",)
 # llama_cpp/bin's files find their own libraries, then llama_cpp/lib, then a frozen runtime's
 # _internal/ (libstdc++, libgcc_s): they start with no LD_LIBRARY_PATH.
 TOOLS_RUNPATH = "$ORIGIN:$ORIGIN/../lib:$ORIGIN/../.."
 # The frozen llama_cpp/lib keeps one name per library (build/kit.spec: OPENED_BY_NAME, SONAME).
 TOOLS_NEEDED_RENAMED = {"libllama.so.0": "libllama.so"}
-LLAMA_CPP_LAYOUT = 2  # what install_llama_cpp lays out (2: llama_cpp/bin); a new one reinstalls
+LLAMA_CPP_LAYOUT = 3  # what install_llama_cpp lays out (2: llama_cpp/bin, 3: RPC module there); a new one reinstalls
 
 IN_ROOT_PYTHON = "/opt/python/bin/python3.11"
 IN_ROOT_VENV = "/opt/kit-venv"
@@ -420,6 +423,8 @@ def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
     shutil.rmtree(lib, ignore_errors=True)
     lib.mkdir()
     for source in llama_libraries():
+        if source.name in TOOL_MODULES:
+            continue  # llama_cpp/bin's (install_llama_tools)
         shutil.copyfile(source, lib / source.name)  # a copy per name, links resolved, as pip's wheel holds
     shutil.copyfile(llama_dir() / LLAMA_LICENCE, lib / LLAMA_LICENCE)
     (lib / "kit-version.json").write_text(json.dumps(version))
@@ -439,6 +444,11 @@ def install_llama_tools(bin_dir: Path, patchelf: str | None) -> list[str]:
         raise BaseError(f"the llama step has not built {', '.join(missing)} in {llama_dir()}")
     bin_dir.mkdir()
     wanted, needed = list(RUNTIME_TOOLS), {}
+    for name in TOOL_MODULES:
+        if not (llama_dir() / name).is_file():
+            raise BaseError(f"the llama step has not built {name} in {llama_dir()}")
+        shutil.copy(llama_dir() / name, bin_dir / name)
+        needed[name] = _patchelf(patchelf, "--print-needed", bin_dir / name).split()
     while wanted:
         name = wanted.pop(0)
         # llama_cpp/lib's libraries and the system's (libc, libstdc++) are not copied

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from kit import __version__
@@ -109,10 +110,12 @@ def cmd_doctor(args) -> int:
     from kit import launch
     from kit.report import render_doctor
 
-    if args.parallel is not None and not args.serve:
+    if args.parallel is not None and not (args.serve or args.pool):
         raise KitError("--parallel plans kit serve's slots", "add --serve: kit doctor --serve --parallel N")
+    workers = _find_pool(args, quiet=args.json)
     report = launch.doctor(args.stick, _overrides(args), refresh=args.refresh,
-                           on_probe=None if args.json else _print_probe, serve=args.serve, parallel=args.parallel)
+                           on_probe=None if args.json else _print_probe, serve=args.serve, parallel=args.parallel,
+                           pool=workers)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -125,15 +128,22 @@ def _print_probe(result) -> None:
 
 
 def cmd_ask(args) -> int:
-    from kit import launch
-    from kit.conversation import LOOP_NOTE
 
     question = " ".join(args.question).strip()
     if not question:
         raise KitError("the question is empty", 'write it after ask: kit ask "How do I purify water?"')
-    session = launch.start(args.stick, _overrides(args),
-                           on_progress=ProgressLine("checking the model"),
-                           on_status=lambda s: print(s, file=sys.stderr))
+    session = _starter(args)(_overrides(args), on_progress=ProgressLine("checking the model"),
+                             on_status=lambda s: print(s, file=sys.stderr))
+    try:
+        return _answer(args, session, question)
+    finally:
+        if args.pool:
+            session.engine.close()  # the pool's llama-server
+
+
+def _answer(args, session, question: str) -> int:
+    from kit.conversation import LOOP_NOTE
+
     messages = session.messages(question, preset=args.preset)  # the same first messages as the chat
     for piece in session.engine.answer(messages, max_tokens=args.max_tokens, temperature=args.temperature):
         sys.stdout.write(piece)
@@ -148,10 +158,32 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def _starter(args):
+    """launch.start bound to the stick, or with --pool kit.poolchat.start_pooled bound to the workers."""
+    import functools
+
+    if getattr(args, "pool", None):
+        from kit import poolchat, poolplan
+
+        return functools.partial(poolchat.start_pooled, args.stick, poolplan.parse_pool(args.pool))
+    from kit import launch
+
+    return functools.partial(launch.start, args.stick)
+
+
+def _find_pool(args, *, quiet: bool = False) -> list:
+    if not getattr(args, "pool", None):
+        return []
+    from kit import pool, poolplan
+
+    return pool.find_pool(poolplan.parse_pool(args.pool),
+                          on_status=(lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)))
+
+
 def cmd_chat(args) -> int:
     from kit.tui.app import run
 
-    return run(args.stick, _overrides(args))
+    return run(args.stick, _overrides(args), starter=_starter(args) if args.pool else None)
 
 
 def cmd_serve(args) -> int:
@@ -159,23 +191,36 @@ def cmd_serve(args) -> int:
 
     if args.keep_key and not args.lan:
         raise KitError("--keep-key keeps the key of --lan", "add --lan, or leave --keep-key out")
+    from kit import poolplan
+    from kit.errors import PoolLost
+
     options = serve.ServeOptions(port=args.port, lan=args.lan, parallel=args.parallel,
-                                 key_file=Path(args.key_file) if args.key_file else None, keep_key=args.keep_key)
+                                 key_file=Path(args.key_file) if args.key_file else None, keep_key=args.keep_key,
+                                 pool=tuple(poolplan.parse_pool(args.pool)) if args.pool else ())
+    overrides = _overrides(args)
     with serve.stop_on_signals() as stop:
-        server = serve.start(args.stick, _overrides(args), options,
-                             on_progress=ProgressLine("checking the model"),
-                             on_status=lambda s: print(s, file=sys.stderr))
-        try:
-            print(_serving_banner(server.serving), flush=True)
-            line = StatusLine()
+        while True:
+            server = serve.start(args.stick, overrides, options, on_progress=ProgressLine("checking the model"),
+                                 on_status=lambda s: print(s, file=sys.stderr))
             try:
-                serve.watch(server, line, stop)
-            except KeyboardInterrupt:
-                pass
+                print(_serving_banner(server.serving), flush=True)
+                line = StatusLine()
+                try:
+                    serve.watch(server, line, stop)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    line.end()  # an error's sentence goes on a line of its own
+            except PoolLost as lost:
+                server.process.kill()  # it may be blocked on the lost worker: SIGTERM would wait
+                # the team keeps a server: the largest model this computer holds alone, same port and key
+                print(f"kit serve: {lost}; going on without the pool", file=sys.stderr, flush=True)
+                options = replace(options, pool=())
+                overrides = replace(overrides, gpu_layers=None)
+                continue
             finally:
-                line.end()  # an error's sentence goes on a line of its own
-        finally:
-            server.close()
+                server.close()
+            break
     print("kit serve: stopped; llama-server has exited", file=sys.stderr)
     return 0
 
@@ -200,6 +245,9 @@ def _serving_banner(serving) -> str:
     if serving.lan and len(serving.urls) > 1:
         out.append("  scan to join (the key is in the link):")
         out.append(_qr_text(serving.join_url))
+    if serving.pool:
+        out.append(f"  pool:             {plan.gpu_layers} layers on {', '.join(w.endpoint for w in serving.pool)}; "
+                   "the token embeddings and the rest here")
     out.append(serve.DISCLAIMER)
     out.append("Ctrl+C stops the server.")
     return "\n".join(out)
@@ -237,6 +285,46 @@ class StatusLine:
         if self.tty and self.last:
             sys.stdout.write("\n")
             sys.stdout.flush()
+
+
+def cmd_pool_worker(args) -> int:
+    from kit import pool, poolplan, serve
+
+    options = pool.WorkerOptions(bind=args.bind, port=args.port, memory=args.memory, threads=args.threads,
+                                 trusted=args.i_trust_this_network)
+    with serve.stop_on_signals() as stop:
+        worker = pool.start_worker(args.stick, options, on_progress=ProgressLine("checking the model"),
+                                   on_status=lambda s: print(s, file=sys.stderr))
+        try:
+            f = worker.facts
+            print("\n".join([
+                f"kit pool worker: rpc-server at {worker.endpoint} (its facts on port "
+                f"{options.port + poolplan.FACTS_PORT_OFFSET})",
+                f"  kit {f.kit}, RPC protocol {poolplan.protocol_text(f.protocol)}, {worker.offer_reason}, "
+                f"{f.threads} threads, CPU kernel {f.kernel}",
+                f"  on the lead:  kit serve --pool {worker.endpoint}   (or kit chat --pool {worker.endpoint})",
+                "  WARNING: rpc-server has no password. Anyone who reaches this address can use this computer's "
+                "memory and CPU and send it data; use it only on the team's own network, and stop it when the "
+                "work is done.",
+                "Ctrl+C stops the worker."]), flush=True)
+            try:
+                worker.wait(stop)
+            except KeyboardInterrupt:
+                pass
+        finally:
+            worker.close()
+    print("kit pool worker: stopped; rpc-server has exited", file=sys.stderr)
+    return 0
+
+
+def _size(text: str) -> int:
+    """--memory: 3G, 512M, 2.5GiB (binary units), or bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 3G or 512M")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
 
 
 def _needs_python_install(command: str) -> None:
@@ -369,6 +457,10 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (0 = CPU only)")
 
 
+def _add_pool(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--pool", metavar="HOST:PORT,...", help=what)
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -398,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="probe the CPU kernels again")
     p.add_argument("--serve", action="store_true", help="show the plan of `kit serve`: its slots and why")
     p.add_argument("--parallel", type=int, metavar="N", help="with --serve: plan for N slots")
+    _add_pool(p, "plan kit serve with these pool workers' memory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
 
@@ -411,11 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help="0 = always the most likely word (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no statistics line")
+    _add_pool(p, "run the model across these pool workers (kit pool worker)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="open the chat")
     _add_stick(p)
     _add_overrides(p)
+    _add_pool(p, "run the model across these pool workers (kit pool worker)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve the model to a team: browser page and OpenAI-compatible API",
@@ -431,7 +526,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "a new random key each start)")
     p.add_argument("--keep-key", action="store_true", help="with --lan: keep the key in the stick's state and "
                    "use it again next time")
+    _add_pool(p, "run the model across these pool workers (kit pool worker); without them if one stops")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pool", help="lend this computer's memory to a lead (kit pool worker)")
+    pool_sub = p.add_subparsers(dest="pool_command", metavar="COMMAND", required=True)
+    p = pool_sub.add_parser("worker", help="offer this computer's memory and CPU to a lead over the network",
+                            description="Starts llama.cpp's rpc-server on one address. It has no password: "
+                            "use it only on the team's own network. Ctrl+C stops it.")
+    _add_stick(p)
+    p.add_argument("--bind", required=True, metavar="ADDR", help="this computer's IPv4 address on the team's "
+                   "network (never every interface, unless --i-trust-this-network)")
+    p.add_argument("--port", type=_port, default=50052, help="rpc-server's port (default 50052); the kit's facts "
+                   "port is the next one")
+    p.add_argument("--memory", type=_size, metavar="SIZE", help="at most this much (e.g. 3G; default: what "
+                   "this computer can lend)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the layers this worker holds "
+                   "(default: one per physical core)")
+    p.add_argument("--i-trust-this-network", action="store_true", help="allow --bind 0.0.0.0")
+    p.set_defaults(func=cmd_pool_worker)
 
     p = sub.add_parser("build", help="build a stick from a profile")
     p.add_argument("--profile", required=True, help="manifests/<name>.toml")

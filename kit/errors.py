@@ -96,6 +96,18 @@ class ServeError(KitError):
     hint = "run `kit doctor --serve` to see the plan; KIT_DEBUG=1 shows the server's last lines"
 
 
+class PoolError(KitError):
+    """A pool worker could not start, or a lead could not use a worker."""
+
+    hint = "run `kit doctor --pool HOST:PORT,...` to see each worker's answer and the pooled plan"
+
+
+class PoolLost(PoolError):
+    """A worker stopped answering while the pool served."""
+
+    hint = "start the worker again (kit pool worker), or go on without the pool"
+
+
 class SourceError(KitError):
     """A model source in a profile could not be fetched or did not match its pin."""
 

@@ -43,6 +43,7 @@ from kit.plan import (
     make_budget,
     make_plan,
 )
+from kit.poolplan import POOL_BACKEND, Worker, pool_gpu
 from kit.report import DoctorReport, ModelSummary
 from kit.serveplan import ServePlan, plan_slots
 
@@ -232,6 +233,15 @@ def verify_own_tools(bundle: BundlePaths, manifest: BundleManifest, platform: st
     verify_own_libraries(bundle, manifest, platform, ("bin", "lib"), "llama-server and its libraries")
 
 
+def recheck_tools(variant: Path) -> None:
+    """Just before a tool's exec: llama_cpp/bin's files and the kernel are still the bytes hashed
+    (a frozen runtime on its stick; a source install's are not on the stick)."""
+    if not getattr(sys, "frozen", False):
+        return
+    for path in (*sorted(ggml.server_dir().iterdir()), variant):
+        integrity.require_verified(path)
+
+
 _prechecked: set[str] = set()  # BLAKE3 of model files whose GGUF header passed the bounded walk
 
 
@@ -304,21 +314,31 @@ def _could_seal(opened: OpenStick, model: ModelEntry) -> bool:
     return choose_load_mode(opened, plan).sealed
 
 
-def plan_for(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoice | None = None) -> LaunchPlan:
+def planning_host(opened: OpenStick, pool: Sequence[Worker] = ()) -> tuple[Host, frozenset[str]]:
+    """The host and backends the plan sees: with a pool, the pool is its one device (a local GPU
+    is left out: llama.cpp would split layers over both, which the memory model does not price)."""
+    if not pool:
+        return opened.host, ggml.runtime_backends()
+    return replace(opened.host, gpus=(pool_gpu(pool),)), frozenset({POOL_BACKEND})
+
+
+def plan_for(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoice | None = None,
+             pool: Sequence[Worker] = ()) -> LaunchPlan:
     """The plan; with the kernel's measured speed it skips a model that would answer slower than
     people read. Without a kernel it only checks the overrides (they fail before any probe)."""
-    return make_plan(opened.host, opened.options, runtime_backends=ggml.runtime_backends(), overrides=overrides,
+    host, backends = planning_host(opened, pool)
+    return make_plan(host, opened.options, runtime_backends=backends, overrides=overrides,
                      cpu_variant=kernel.chosen if kernel else None,
                      cpu_speed=measured_speed(opened.manifest, kernel) if kernel else None)
 
 
 def plan_serve(opened: OpenStick, overrides: Overrides, kernel: kernels.KernelChoice | None,
-               parallel: int | None) -> tuple[LaunchPlan, ServePlan]:
+               parallel: int | None, pool: Sequence[Worker] = ()) -> tuple[LaunchPlan, ServePlan]:
     """kit serve's plan: the chat's (model, threads, GPU layers), then its memory divided into
-    llama-server's slots; --ctx is each slot's context."""
-    plan = plan_for(opened, overrides, kernel)
+    llama-server's slots; --ctx is each slot's context. With a pool, its workers' memory counts."""
+    plan = plan_for(opened, overrides, kernel, pool)
     model = opened.manifest.model(plan.model_id)
-    budget = make_budget(opened.host, ggml.runtime_backends())
+    budget = make_budget(*planning_host(opened, pool))
     return plan, plan_slots(plan, model.model_facts(), budget, slots=parallel, slot_ctx=overrides.n_ctx)
 
 
@@ -344,17 +364,18 @@ def glibc_fit(opened: OpenStick) -> tuple[str, str] | None:
 
 
 def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None, serve: bool = False,
-           parallel: int | None = None) -> DoctorReport:
+           parallel: int | None = None, pool: Sequence[Worker] = ()) -> DoctorReport:
     """Everything `kit doctor` shows: host, kernel probe table, plan (or why none); `serve`: the
-    plan of `kit serve` (its slots, with their reasons) instead of the chat's."""
+    plan of `kit serve` (its slots, with their reasons) instead of the chat's; `pool`: with the
+    workers' memory (kit.pool found them)."""
     opened = open_stick(stick)
     report = DoctorReport(str(opened.bundle.root), opened.trust.signer_label, opened.host,
                           ModelSummary.all_of(opened.manifest), tuple(sorted(ggml.runtime_backends())),
-                          glibc=glibc_fit(opened))
+                          glibc=glibc_fit(opened), pool=tuple(pool))
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
-        if serve:
-            plan, serve_plan = plan_serve(opened, overrides, report.kernel, parallel)
+        if serve or pool:
+            plan, serve_plan = plan_serve(opened, overrides, report.kernel, parallel, pool)
             report = replace(report, plan=plan, serve=serve_plan)
             return replace(report, load_mode=choose_load_mode(opened, as_launch_plan(plan, serve_plan)))
         report = replace(report, plan=plan_for(opened, overrides, report.kernel))

@@ -38,6 +38,8 @@ class ServerSpec:
     chat_template: str | None = None  # Jinja, for a GGUF without its own
     stops: Sequence[str] = ()
     max_tokens: int = DEFAULT_MAX_TOKENS  # an answer's length when a request does not say
+    rpc: Sequence[str] = ()  # kit pool workers (HOST:PORT): the plan's GPU layers go to them
+    tensor_split: Sequence[int] = ()  # their shares of those layers (what each offers)
 
     @property
     def origin(self) -> str:
@@ -79,6 +81,8 @@ def server_argv(spec: ServerSpec) -> list[str]:
         argv += ["--chat-template", spec.chat_template]
     for stop in spec.stops:
         argv += ["--reverse-prompt", stop]
+    if spec.rpc:
+        argv += ["--rpc", ",".join(spec.rpc), "--tensor-split", ",".join(map(str, spec.tensor_split))]
     return argv
 
 

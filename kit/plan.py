@@ -25,10 +25,12 @@ from kit.errors import PlanError
 from kit.estimate import KV_PAD, MemoryEstimate, estimate_memory, sealed_ram
 from kit.ggufmeta import ModelFacts
 from kit.hardware import Gpu, Host
+from kit.poolplan import POOL_BACKEND
 from kit.settings import EngineSettings
 from kit.units import GiB, MiB, human_bytes
 
-GPU_BACKENDS = frozenset({"cuda", "rocm", "metal", "vulkan"})
+# POOL_BACKEND: a kit pool (kit.poolplan.pool_gpu), planned as one more device: the workers' memory
+GPU_BACKENDS = frozenset({"cuda", "rocm", "metal", "vulkan", POOL_BACKEND})
 DEFAULT_CTX_CAP = 8192
 MIN_CTX = 512  # the smallest context the planner chooses by itself
 PREFERRED_CTX = 2048  # a model that fits only below this is used when nothing else fits
@@ -227,14 +229,19 @@ def make_budget(host: Host, runtime_backends: frozenset[str] = frozenset()) -> B
     notes.append(Decision("memory", ram, f"{why}; keeping {human_bytes(margin)} free "
                                          f"(max of 15 % and 512 MiB): {human_bytes(ram)} usable"))
     gpu, gpu_why = _usable_gpu(host, frozenset(runtime_backends) & GPU_BACKENDS)
+    if gpu is not None and gpu.backend == POOL_BACKEND:
+        gpu_why = f"using {gpu.name} (kit pool)"
     vram_available = vram = 0
     if gpu is not None:
         vram_available = _vram_of(gpu, host.ram_total)
-        vram = max(0, vram_available - _margin(vram_available))
+        # a pool's offers are what each worker's own plan left usable: no second margin
+        vram = vram_available if gpu.backend == POOL_BACKEND else max(0, vram_available - _margin(vram_available))
         if gpu.unified_memory:
             vram = min(vram, ram)
             gpu_why += (f"; unified memory: up to {human_bytes(vram)} of the same RAM, "
                         "not counted twice")
+        elif gpu.backend == POOL_BACKEND:
+            gpu_why += f"; {human_bytes(vram)} offered by the workers (each kept its own margin)"
         else:
             gpu_why += f"; {human_bytes(vram)} of {human_bytes(vram_available)} VRAM usable"
     notes.append(Decision("gpu", gpu.name if gpu else None, gpu_why))
@@ -522,7 +529,8 @@ def _assemble(fit: _Fit, budget: Budget, ov: Overrides, cpu_variant: str | None,
                f"KV {human_bytes(est.kv_cache)}, compute {human_bytes(est.compute)}, "
                f"runtime {human_bytes(est.overhead)}")
     if est.vram:
-        mem_why += f" ({human_bytes(est.ram)} RAM + {human_bytes(est.vram)} VRAM)"
+        where = "on the pool" if gpu is not None and gpu.backend == POOL_BACKEND else "VRAM"
+        mem_why += f" ({human_bytes(est.ram)} RAM + {human_bytes(est.vram)} {where})"
     decisions = (
         *budget.notes,
         Decision("model", fit.option.id, model_why),

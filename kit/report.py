@@ -6,13 +6,14 @@ same text: one renderer, so a terminal and the chat never disagree. No textual, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from kit.hardware import Host
 from kit.integrity import VerifyReport
 from kit.kernels import KernelChoice
 from kit.manifest import BundleManifest
 from kit.plan import LaunchPlan, LoadMode
+from kit.poolplan import Worker, protocol_text
 from kit.serveplan import ServePlan
 from kit.units import human_bytes
 
@@ -46,6 +47,7 @@ class DoctorReport:
     load_mode: LoadMode | None = None  # sealed memory copy or by path, and why (kit.plan.load_mode)
     glibc: tuple[str, str] | None = None  # (the stick's runtime needs, this host has), on Linux
     serve: ServePlan | None = None  # `kit doctor --serve`: llama-server's slots, and why
+    pool: tuple[Worker, ...] = ()  # `kit doctor --pool`: the workers as the lead found them
 
     def to_dict(self) -> dict:
         data = {"stick": self.stick, "signer": self.signer, "host": self.host.to_dict(),
@@ -57,6 +59,8 @@ class DoctorReport:
                 "glibc": {"runtime_needs": self.glibc[0], "host_has": self.glibc[1]} if self.glibc else None}
         if self.serve:
             data["serve"] = self.serve.to_dict()
+        if self.pool:
+            data["pool"] = [{"endpoint": w.endpoint, **asdict(w.facts)} for w in self.pool]
         if self.error:
             data["error"] = self.error
         return data
@@ -94,6 +98,10 @@ def render_doctor(report: DoctorReport) -> str:
         out.append(render_plan(report.plan))
     if report.serve:
         out.append(render_serve_plan(report.serve))
+    for w in report.pool:
+        f = w.facts
+        out.append(f"  pool worker {w.endpoint}: offers {human_bytes(f.memory)}, {f.threads} threads, "
+                   f"kernel {f.kernel}, kit {f.kit}, RPC protocol {protocol_text(f.protocol)}")
     if report.load_mode:
         out.append(f"  load: {report.load_mode.mode}: {report.load_mode.reason}")
     if report.error:

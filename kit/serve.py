@@ -16,35 +16,32 @@ and its settings live in a private RAM folder (kit.sealed.ram_folder) for as lon
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import json
 import os
 import posixpath
-import re
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from kit import chatformat, ggml, integrity, launch, llamaserver, sealed
+from kit import chatformat, ggml, integrity, launch, llamaserver, pool, poolplan, sealed
+from kit.child import ChildProcess, check_port_free
 from kit.conversation import DEFAULT_MAX_TOKENS
 from kit.errors import KitError, ServeError
 from kit.fsutil import atomic_write
+from kit.kernels import KernelChoice
 from kit.launch import OpenStick
 from kit.manifest import ModelEntry
-from kit.paths import debug_enabled
 from kit.plan import LaunchPlan, LoadMode, Overrides
+from kit.poolplan import Worker
 from kit.serveplan import ServePlan
 
 Status = Callable[[str], None]
@@ -52,8 +49,6 @@ DISCLAIMER = "Answers can be wrong; in an emergency reach trained help."
 KEY_FILE_NAME = "serve-key"  # in the stick's state, with --keep-key
 MIN_KEY_LENGTH = 16
 READY_TIMEOUT_S = 300.0  # a large model from a slow stick; the server says "loading" meanwhile
-STOP_TIMEOUT_S = 10.0
-_PR_SET_PDEATHSIG = 1
 # The host's http_proxy must not see loopback requests, nor the key they carry.
 _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _STOP_SIGNALS = tuple(filter(None, (signal.SIGTERM, getattr(signal, "SIGHUP", None))))  # no SIGHUP on Windows
@@ -66,6 +61,8 @@ class ServeOptions:
     parallel: int | None = None
     key_file: Path | None = None
     keep_key: bool = False
+    pool: tuple[tuple[str, int], ...] = ()  # kit pool workers (HOST, PORT) to lend their memory
+    private: bool = False  # for the kit's own front end (kit.poolchat): a random key, no page
 
 
 @dataclass(frozen=True)
@@ -80,6 +77,8 @@ class Serving:
     lan: bool
     key: str | None
     urls: tuple[str, ...]  # loopback first, then each LAN address
+    pool: tuple[Worker, ...] = ()  # the workers holding some of the layers
+    kernel: KernelChoice | None = None  # the probe's verdict
 
     @property
     def share_url(self) -> str:
@@ -105,7 +104,9 @@ class ServeStatus:
 
 
 def choose_key(options: ServeOptions, state: Path | None) -> str | None:
-    """None on loopback without --key-file; --lan always gets one."""
+    """None on loopback without --key-file; --lan always gets one, a private server a random one."""
+    if options.private:
+        return secrets.token_urlsafe(18)
     if options.key_file is not None:
         return read_key_file(options.key_file)
     if not options.lan:
@@ -168,16 +169,6 @@ def _default_route_interfaces() -> set[str]:
     return {f[0] for f in (line.split() for line in lines) if len(f) > 1 and f[1] == "00000000"}
 
 
-def check_port_free(bind: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((bind, port))
-        except OSError as exc:
-            raise ServeError(f"port {port} is not free on {bind} ({exc.strerror or exc})",
-                             "choose another port with --port, or stop what uses it") from None
-
-
 def page_html(config: dict) -> str:
     """The kit's page with its settings filled in (presets, disclaimer, whether a key is needed)."""
     template = resources.files("kit").joinpath("web/index.html").read_text(encoding="utf-8")
@@ -197,50 +188,23 @@ def page_config(opened: OpenStick, model: ModelEntry, needs_key: bool, stops: li
 # ---------------------------------------------------------------- the process
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """What the child runs between fork and exec so that the server goes when the kit goes, even
-    on SIGKILL: no orphan keeps the port and the model. prctl is looked up here, in the parent
-    (dlopen after fork in a threaded process can deadlock); a parent already gone ends the child."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def in_child() -> None:  # pragma: no cover - runs in the child
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return in_child
-
-
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """A running llama-server: its log in memory, its health and status over loopback."""
+
+    name = "llama-server"
+    error = ServeError
 
     def __init__(self, argv: list[str], env: dict[str, str], *, cwd: Path, pass_fds: tuple[int, ...],
                  port: int, key: str | None):
         self.base = f"http://{llamaserver.LOOPBACK}:{port}"
         self.key = key
-        self.log: deque[str] = deque(maxlen=400)
         self.served = 0
         self._last_tokens: tuple[float, float] | None = None  # (time, tokens_predicted_total)
-        try:
-            # its own process group: a terminal's Ctrl+C reaches the kit, which stops it in order
-            self.proc = subprocess.Popen(
-                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                pass_fds=pass_fds, text=True, errors="replace", bufsize=1, process_group=0,
-                preexec_fn=_parent_death_signal())
-        except OSError as exc:
-            raise ServeError(f"llama-server could not be started: {exc.strerror or exc} ({argv[0]})",
-                             "a stick mounted noexec or copied without permissions cannot run it: "
-                             "see the stick's README.txt") from None
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
+        super().__init__(argv, env, cwd=cwd, pass_fds=pass_fds)
 
-    def _read_log(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line.rstrip("\n"))
-            if "stop processing" in line:  # llama-server's line for every finished answer
-                self.served += 1
+    def on_line(self, line: str) -> None:
+        if "stop processing" in line:  # llama-server's line for every finished answer
+            self.served += 1
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         request = urllib.request.Request(self.base + path)
@@ -278,33 +242,6 @@ class ServerProcess:
                 self._last_tokens = (now, tokens)
         return state
 
-    def death(self) -> str:
-        """One sentence for a server that stopped by itself."""
-        code = self.proc.wait()
-        self._reader.join(timeout=2)
-        text = "\n".join(self.log)
-        if re.search(r"couldn't bind|address already in use", text, re.I):
-            return "llama-server could not listen on its port (is another server using it? try --port)"
-        if debug_enabled():
-            print("\n".join(["llama-server's last lines:", *list(self.log)[-40:]]), file=sys.stderr)
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"llama-server crashed ({signal.Signals(-code).name})"
-            return f"llama-server crashed (signal {-code})"
-        lines = [ln for ln in self.log if re.search(r"error|failed|fatal", ln, re.I)] or list(self.log)[-1:]
-        last = re.sub(r"^[\d.]+ [EWI] ", "", lines[-1]).strip()[:200] if lines else "no output"
-        return f"llama-server stopped (exit {code}): {last}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=2)
-
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text: `name value` lines, comments skipped."""
@@ -324,6 +261,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 class Server:
     serving: Serving
     process: ServerProcess
+    opened: OpenStick
     _cleanup: contextlib.ExitStack = field(repr=False)
 
     def close(self) -> None:
@@ -345,9 +283,10 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     opened = launch.open_stick(stick)
     manifest = opened.manifest
     bind = llamaserver.ALL_INTERFACES if options.lan else llamaserver.LOOPBACK
-    launch.plan_for(opened, overrides)  # bad overrides fail fast, before any probe
+    workers = pool.find_pool(options.pool, on_status) if options.pool else []
+    launch.plan_for(opened, overrides, pool=workers)  # bad overrides fail fast, before any probe
     key = choose_key(options, opened.state)
-    check_port_free(bind, options.port)
+    check_port_free(bind, options.port, ServeError)
     server = ggml.tool_path("llama-server")
     if not server.is_file():
         raise ServeError(f"this runtime has no llama-server ({server})",
@@ -356,7 +295,9 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     on_status("checking the stick's smallest model and choosing the CPU kernel")
     kernel = launch.choose_kernel(opened, progress=on_progress, seal=True,
                                   on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
-    plan, serve_plan = launch.plan_serve(opened, overrides, kernel, options.parallel)
+    plan, serve_plan = launch.plan_serve(opened, overrides, kernel, options.parallel, workers)
+    if not plan.gpu_layers:
+        workers = []  # the plan put nothing on the pool
     model = manifest.model(plan.model_id)
     if model.id != launch.smallest_model(manifest).id:
         launch.release_sealed(opened.bundle, launch.smallest_model(manifest))
@@ -368,11 +309,13 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     try:
         files = _model_descriptors(cleanup, opened, model)
         names = cleanup.enter_context(sealed.shard_names(files, [posixpath.basename(p) for p in model.files]))
-        web_dir = _page_folder(cleanup, page_config(opened, model, key is not None, stops), on_status)
+        web_dir = None if options.private else _page_folder(cleanup, page_config(opened, model, key is not None,
+                                                                                   stops), on_status)
         spec = llamaserver.ServerSpec(server, names[0], model.id, serve_plan, bind, options.port, kernel.path,
-                                      web_dir=web_dir, chat_template=template, stops=stops)
+                                      web_dir=web_dir, chat_template=template, stops=stops,
+                                      rpc=[w.endpoint for w in workers], tensor_split=poolplan.tensor_split(workers))
         inherited = tuple(fd for fd in map(sealed.fd_of, map(str, files)) if fd is not None)
-        _recheck(opened, kernel.path)
+        launch.recheck_tools(kernel.path)
         on_status(f"starting llama-server: {model.name}, {serve_plan.slots} slots of {serve_plan.slot_ctx} tokens")
         process = ServerProcess(llamaserver.server_argv(spec), llamaserver.server_env(spec, key),
                                 cwd=server.parent, pass_fds=inherited, port=options.port, key=key)
@@ -383,8 +326,8 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
         raise
     lan = lan_addresses() if options.lan else []
     urls = (f"http://{llamaserver.LOOPBACK}:{options.port}/", *(f"http://{a}:{options.port}/" for a in lan))
-    serving = Serving(model, plan, serve_plan, mode, options.port, options.lan, key, urls)
-    return Server(serving, process, cleanup)
+    serving = Serving(model, plan, serve_plan, mode, options.port, options.lan, key, urls, tuple(workers), kernel)
+    return Server(serving, process, opened, cleanup)
 
 
 def _model_descriptors(cleanup: contextlib.ExitStack, opened: OpenStick, model: ModelEntry) -> list[Path]:
@@ -398,15 +341,6 @@ def _model_descriptors(cleanup: contextlib.ExitStack, opened: OpenStick, model: 
     for fd in fds:
         cleanup.callback(os.close, fd)
     return [sealed.fd_path(fd) for fd in fds]
-
-
-def _recheck(opened: OpenStick, variant: Path) -> None:
-    """Just before the exec: the server's files and the kernel are still the bytes hashed (a frozen
-    runtime on its stick; a source install's are not on the stick)."""
-    if not getattr(sys, "frozen", False):
-        return
-    for path in (*sorted(ggml.server_dir().iterdir()), variant):
-        integrity.require_verified(path)
 
 
 def _fallback_template(model: ModelEntry) -> str:
@@ -450,9 +384,17 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 def watch(server: Server, on_status: Callable[[ServeStatus], None], stop: threading.Event,
           interval: float = 1.0) -> None:
-    """Report the status every `interval` until `stop` is set; a server that dies is a ServeError."""
+    """Report the status every `interval` until `stop` is set; a server that dies is a ServeError,
+    a pool worker that stops answering a PoolLost."""
+    watcher = pool.PoolWatch(server.serving.pool) if server.serving.pool else None
     while not stop.is_set():
         if server.process.proc.poll() is not None:
+            gone = watcher.lost(force=True) if watcher else None
+            if gone:  # llama-server ends itself when a worker's connection breaks
+                raise pool.lost_error(gone)
             raise ServeError(server.process.death(), "start it again; if it keeps stopping, run `kit doctor --serve`")
+        gone = watcher.lost() if watcher else None
+        if gone:  # silent but connected (a cut cable): llama-server would wait for it forever
+            raise pool.lost_error(gone)
         on_status(server.process.status(server.serving.serve_plan.slots))
         stop.wait(interval)

@@ -26,7 +26,7 @@ from bench.serve import bare_argv, concurrent_round, percentile, request_body  #
 
 TITLES = ["## Machine", "## 1. Engine overhead", "## 2. Kernel choice", "## 3. Verification",
           "## 4. Launch to first token", "## 5. Footprint", "## 7. Chat in a real terminal", "## 8. Serving a team",
-          "## Summary"]
+          "## 9. Pooling laptops", "## Summary"]
 COMPARED = ["engine prompt", "engine generation", "engine decode only", "chat stream generation",
             "kernel: kit's choice / fastest working", "kernel with a CPU hog: kit's choice / fastest working",
             "verify+load / load alone (cold cache)", "sealed copy + load / load alone (cold cache)",

@@ -278,3 +278,46 @@ def test_serve_refuses_a_file_the_manifest_does_not_list_beside_llama_server(bui
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     assert "llama-server's folder holds libggml-cpu-x64.so, which this stick's manifest does not list" in proc.stderr
+
+
+def test_a_pool_worker_on_a_bare_host_lends_its_memory_to_a_lead(debian_root, built_stick):
+    """`START-linux.sh pool worker` in the bare root (its own mount namespace on this machine's
+    network: loopback 127.0.0.2), and the lead, `START-linux.sh ask --pool` on this host: the frozen
+    runtime's rpc-server, RPC module and llama-server --rpc, each verified on its own side."""
+    import threading
+
+    from poolkit import free_port_pair
+
+    port = free_port_pair("127.0.0.2")
+    inside = f"/media/{STICK_NAME}"
+    (debian_root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
+    script = ('set -e; mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; '
+              'mount -t sysfs sysfs "$1/sys" || true; shift 3; exec chroot "$@"')
+    worker = subprocess.Popen(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(debian_root), str(built_stick), STICK_NAME,
+         str(debian_root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
+         "/bin/sh", f"{inside}/START-linux.sh", "pool", "worker", "--bind", "127.0.0.2", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in worker.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 600
+        while not any("Ctrl+C stops the worker." in ln for ln in lines):
+            assert worker.poll() is None and time.monotonic() < deadline, "\n".join(lines[-40:])
+            time.sleep(0.5)
+        assert any("WARNING: rpc-server has no password" in ln for ln in lines)
+        lead = subprocess.run(["sh", str(built_stick / "START-linux.sh"), "ask", "--pool", f"127.0.0.2:{port}",
+                               "--temperature", "0", "--max-tokens", "16", QUESTION],
+                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        assert lead.returncode == 0, lead.stderr[-3000:]
+        assert lead.stdout.strip()
+        assert f"pool worker 127.0.0.2:{port}: kit" in lead.stderr, lead.stderr
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(10)
+    assert worker.returncode == 0, "\n".join(lines[-20:])
+    assert any("rpc-server has exited" in ln for ln in lines)

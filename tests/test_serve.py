@@ -189,7 +189,7 @@ def test_openai_client_gets_answers_streamed_and_not(served):
 
 @pytest.mark.slow
 def test_curl_streams_server_sent_events(served):
-    body = json.dumps({"model": "gemma-3-270m", "stream": True, "max_tokens": 24,
+    body = json.dumps({"model": "gemma-3-270m", "stream": True, "max_tokens": 24, "temperature": 0,
                        "messages": [{"role": "user", "content": "How do I make a fire?"}]})
     out = subprocess.run(["curl", "-sS", "-N", "--max-time", "120", "-H", "Content-Type: application/json",
                           "-d", body, served.base + "/v1/chat/completions"],

@@ -895,3 +895,28 @@ def test_session_messages_and_report_come_from_the_stick(stick, state):
     report = session.report()
     assert report.plan is session.plan and report.kernel is session.kernel
     assert [m["id"] for m in report.to_dict()["models"]] == ["tiny", "huge"]
+
+
+@pytest.mark.anyio
+async def test_a_lost_pool_worker_restarts_the_chat_without_the_pool_keeping_the_conversation(stick, state):
+    from kit.errors import PoolLost
+
+    pooled, alone = FakeStarter(stick, state), FakeStarter(stick, state)
+    pooled.engine.enqueue("Boil water first.", PoolLost("pool worker 10.0.0.2:50052 stopped answering; the "
+                                                        "answer in progress has ended"))
+    alone.engine.enqueue("Then let it cool.")
+    app = make_app(starter=pooled, alone_starter=alone)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await started(pilot)
+        await ask(pilot, "How do I purify water?")
+        await answered(pilot)
+        await ask(pilot, "And then?")
+        await wait_for(pilot, lambda: alone.calls and isinstance(app.screen, ChatScreen) and app.starter is alone,
+                       what="the chat started again without the pool")
+        chat = await started(pilot)
+        assert [m["content"] for m in chat.conversation.messages][:2] == ["How do I purify water?",
+                                                                          "Boil water first."]
+        await ask(pilot, "And then?")
+        await answered(pilot, 2)
+        assert "Then let it cool." in answers(chat)[-1]
+        assert alone.engine.prompts[0][-1] == {"role": "user", "content": "And then?"}

@@ -51,9 +51,10 @@ class KitApp(App[int]):
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit the kit")]
 
     def __init__(self, starter: Starter, overrides: Overrides | None = None, *, theme: str | None = None,
-                 settings: AnswerSettings | None = None):
+                 settings: AnswerSettings | None = None, alone_starter: Starter | None = None):
         super().__init__()
         self.starter = starter
+        self.alone_starter = alone_starter  # with --pool: how to go on without it when a worker is lost
         self.overrides = overrides or Overrides()
         self.settings = settings or AnswerSettings()
         self.session: Session | None = None
@@ -92,6 +93,16 @@ class KitApp(App[int]):
         self.overrides = overrides
         self._replace_top(StartScreen(overrides, reason=reason))
 
+    def go_on_alone(self, conversation: Conversation) -> None:
+        """A pool worker was lost: start again without the pool (the largest model this computer
+        holds alone), the conversation carried over."""
+        if self.alone_starter is None:
+            return
+        self.starter, self.alone_starter = self.alone_starter, None
+        self._carry = conversation
+        self.restart(replace(self.overrides, gpu_layers=None),
+                     reason="A pool worker stopped answering: going on with what this computer holds alone.")
+
     def switch_model(self, model_id: str, conversation: Conversation) -> None:
         self._carry = conversation
         self.restart(replace(self.overrides, model=model_id),
@@ -100,13 +111,17 @@ class KitApp(App[int]):
 
 def make_app(stick: str | Path | None = None, overrides: Overrides | None = None, *,
              starter: Starter | None = None, theme: str | None = None,
-             settings: AnswerSettings | None = None) -> KitApp:
-    return KitApp(starter or default_starter(stick), overrides, theme=theme, settings=settings)
+             settings: AnswerSettings | None = None, alone_starter: Starter | None = None) -> KitApp:
+    return KitApp(starter or default_starter(stick), overrides, theme=theme, settings=settings,
+                  alone_starter=alone_starter)
 
 
-def run(stick: str | Path | None, overrides: Overrides, settings: AnswerSettings | None = None) -> int:
-    """`kit chat`: the app in this terminal; the exit code says how it ended."""
-    app = make_app(stick, overrides, theme=pick_theme(os.environ), settings=settings)
+def run(stick: str | Path | None, overrides: Overrides, settings: AnswerSettings | None = None, *,
+        starter: Starter | None = None) -> int:
+    """`kit chat`: the app in this terminal; the exit code says how it ended. `starter`: another
+    way to start (kit chat --pool), with this stick's own as the way on when it is lost."""
+    app = make_app(stick, overrides, starter=starter, theme=pick_theme(os.environ), settings=settings,
+                   alone_starter=default_starter(stick) if starter else None)
     try:
         app.run()
     finally:

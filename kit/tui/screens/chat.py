@@ -24,6 +24,7 @@ from textual.worker import Worker
 
 from kit.conversation import LOOP_NOTE, NO_PRESET, AnswerSettings, EmptyAnswerError, default_preset
 from kit.engine import GenStats
+from kit.errors import PoolLost
 from kit.history import Conversation, HistoryStore, new_conversation
 from kit.tui.screens.hardware import HardwareScreen
 from kit.tui.screens.help import HelpScreen
@@ -258,6 +259,11 @@ class ChatScreen(Screen):
                 gen.view.append(f"\n\n**The model stopped with an error:** {what}\n\n*What to do:* {fix}")
         if gen.view.is_attached:
             gen.view.finish(note)
+        if isinstance(error, PoolLost) and gen is self.generation and self.app.alone_starter is not None:
+            self.generation = None
+            self.save(gen.conversation)
+            self.app.go_on_alone(gen.conversation)
+            return
         if gen is self.generation:
             self.generation = None
             self.last_stats = stats
