@@ -449,6 +449,7 @@ def install_llama_tools(bin_dir: Path, patchelf: str | None) -> list[str]:
             raise BaseError(f"the llama step has not built {name} in {llama_dir()}")
         shutil.copy(llama_dir() / name, bin_dir / name)
         needed[name] = _patchelf(patchelf, "--print-needed", bin_dir / name).split()
+        wanted += needed[name]
     while wanted:
         name = wanted.pop(0)
         # llama_cpp/lib's libraries and the system's (libc, libstdc++) are not copied

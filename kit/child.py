@@ -6,6 +6,7 @@ The one copy of that mechanism; kit.serve and kit.pool add what their tool needs
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -24,6 +25,11 @@ from kit.paths import debug_enabled
 
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
+# The parent-death signal fires when the *thread* that forked the child ends (prctl(2)), not the
+# process: a tool started from a short-lived thread (the chat's start screen runs in a worker
+# thread) would be killed as soon as that thread returned. Every child is forked from this one
+# thread, which lives as long as the kit.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kit-spawn")
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -52,10 +58,10 @@ class ChildProcess:
         self.log: deque[str] = deque(maxlen=400)
         try:
             # its own process group: a terminal's Ctrl+C reaches the kit, which stops it in order
-            self.proc = subprocess.Popen(
-                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                pass_fds=pass_fds, text=True, errors="replace", bufsize=1, process_group=0,
-                preexec_fn=_parent_death_signal())
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen, argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, pass_fds=pass_fds, text=True, errors="replace", bufsize=1,
+                process_group=0, preexec_fn=_parent_death_signal()).result()
         except OSError as exc:
             raise self.error(f"{self.name} could not be started: {exc.strerror or exc} ({argv[0]})",
                              "a stick mounted noexec or copied without permissions cannot run it: "

@@ -215,8 +215,8 @@ def cmd_serve(args) -> int:
                 server.process.kill()  # it may be blocked on the lost worker: SIGTERM would wait
                 # the team keeps a server: the largest model this computer holds alone, same port and key
                 print(f"kit serve: {lost}; going on without the pool", file=sys.stderr, flush=True)
-                options = replace(options, pool=())
-                overrides = replace(overrides, gpu_layers=None)
+                options = replace(options, pool=(), key=server.serving.key)  # the team's links still work
+                overrides = replace(overrides, model=None, gpu_layers=None)  # what this computer holds alone
                 continue
             finally:
                 server.close()
@@ -471,6 +471,13 @@ def _port(text: str) -> int:
     return port
 
 
+def _worker_port(text: str) -> int:
+    port = _port(text)
+    if port == 65535:
+        raise argparse.ArgumentTypeError("65535 has no next port for the worker's facts: give 1 to 65534")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kit", description="Survival Kit: a verified, offline LLM on a stick.")
     parser.add_argument("--version", action="version", version=f"kit {__version__}")
@@ -537,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stick(p)
     p.add_argument("--bind", required=True, metavar="ADDR", help="this computer's IPv4 address on the team's "
                    "network (never every interface, unless --i-trust-this-network)")
-    p.add_argument("--port", type=_port, default=50052, help="rpc-server's port (default 50052); the kit's facts "
-                   "port is the next one")
+    p.add_argument("--port", type=_worker_port, default=50052, help="rpc-server's port (default 50052); the "
+                   "kit's facts port is the next one")
     p.add_argument("--memory", type=_size, metavar="SIZE", help="at most this much (e.g. 3G; default: what "
                    "this computer can lend)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the layers this worker holds "

@@ -29,16 +29,23 @@ CONNECT_TIMEOUT_S = 3.0
 READY_TIMEOUT_S = 30.0
 CHECK_EVERY_S = 4.0  # the lead asks each worker's facts port this often while it serves
 MISSES_LOST = 2  # unanswered checks in a row before a worker counts as gone (~11 s at most)
+BUSY_RETRY_S = 1.0
 TOOL = "ggml-rpc-server"
 
 
 # ---------------------------------------------------------------- talking to a worker
 
 
-def _read_all(sock: socket.socket, limit: int) -> bytes:
+def _read(sock: socket.socket, want: int, deadline: float) -> bytes:
+    """Up to `want` bytes, or what came before EOF, by `deadline`: one bound for the whole read,
+    not per recv, so a peer that trickles a byte at a time cannot hold the lead."""
     data = b""
-    while len(data) <= limit:
-        chunk = sock.recv(limit + 1 - len(data))
+    while len(data) < want:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(left)
+        chunk = sock.recv(want - len(data))
         if not chunk:
             break
         data += chunk
@@ -48,10 +55,10 @@ def _read_all(sock: socket.socket, limit: int) -> bytes:
 def read_facts(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> WorkerFacts:
     """The facts a worker's facts port (port + 1) gives; PoolError when it gives none."""
     facts_port = port + poolplan.FACTS_PORT_OFFSET
+    deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, facts_port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            raw = _read_all(sock, poolplan.MAX_FACTS_BYTES)
+            raw = _read(sock, poolplan.MAX_FACTS_BYTES + 1, deadline)
     except OSError as exc:
         raise PoolError(f"no kit pool worker answers at {host}:{port} ({exc.strerror or exc} on its facts port "
                         f"{facts_port})", "start `kit pool worker --bind ADDR` on that computer, and check the "
@@ -63,16 +70,11 @@ def read_facts(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> Work
 
 def hello(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> tuple[int, int, int]:
     """rpc-server's protocol version, from its own greeting (nothing else is sent)."""
+    deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
             sock.sendall(poolplan.HELLO_REQUEST)
-            raw = b""
-            while len(raw) < poolplan.HELLO_ANSWER_BYTES:
-                chunk = sock.recv(poolplan.HELLO_ANSWER_BYTES - len(raw))
-                if not chunk:
-                    break
-                raw += chunk
+            raw = _read(sock, poolplan.HELLO_ANSWER_BYTES, deadline)
     except OSError as exc:
         raise PoolError(f"rpc-server at {host}:{port} did not greet ({exc.strerror or exc})") from None
     return poolplan.parse_hello_answer(raw)
@@ -82,14 +84,15 @@ def find_worker(host: str, port: int) -> Worker:
     """A worker the lead may use: its facts, then rpc-server's own HELLO; one sentence if not."""
     try:
         facts = read_facts(host, port)
+        if facts.busy:  # its last lead may have just let go (the facts follow rpc-server's log)
+            time.sleep(BUSY_RETRY_S)
+            facts = read_facts(host, port)
         why = poolplan.refusal(facts, kit_version=__version__)
         if why is None:
             spoken = hello(host, port)
             if spoken != tuple(facts.protocol):
                 why = (f"its rpc-server greets with protocol {poolplan.protocol_text(spoken)}, not the "
                        f"{poolplan.protocol_text(facts.protocol)} its facts say")
-            else:
-                why = poolplan.refusal(facts, kit_version=__version__)
     except PoolError as err:
         raise PoolError(f"worker {host}:{port}: {err}", err.hint) from None
     if why:
@@ -125,6 +128,8 @@ class PoolWatch:
         for worker in self.workers:
             try:
                 read_facts(worker.host, worker.port, timeout=CONNECT_TIMEOUT_S)
+                if force:  # llama-server has ended (only then is rpc-server free to greet): did it crash alone?
+                    hello(worker.host, worker.port, timeout=CONNECT_TIMEOUT_S)
                 self.misses[worker.endpoint] = 0
             except PoolError:
                 self.misses[worker.endpoint] = self.misses.get(worker.endpoint, 0) + 1
@@ -192,7 +197,10 @@ class RunningWorker:
             try:
                 conn, _ = self._facts_socket.accept()
             except OSError:
-                return  # closed
+                if self._closing.is_set():
+                    return  # closed
+                time.sleep(0.1)  # ECONNABORTED, EMFILE...: a healthy worker keeps answering
+                continue
             with conn:
                 with contextlib.suppress(OSError):
                     conn.settimeout(CONNECT_TIMEOUT_S)
@@ -223,17 +231,33 @@ def start_worker(stick, options: WorkerOptions, *, on_status: Status = lambda s:
     if not tool.is_file():
         raise PoolError(f"this runtime has no rpc-server ({tool})",
                         "kit pool runs on Linux, from a stick built by this kit's `kit build`")
-    for port in (options.port, options.port + poolplan.FACTS_PORT_OFFSET):
-        check_port_free(options.bind, port, PoolError)
-    launch.verify_own_tools(opened.bundle, opened.manifest, opened.host.platform, tool.parent)
-    memory, why = poolplan.offer(make_budget(opened.host).ram, options.memory)
-    on_status("choosing the CPU kernel (a short probe with the stick's smallest model)")
-    kernel = launch.choose_kernel(opened, progress=on_progress,
-                                  on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
+    check_port_free(options.bind, options.port, PoolError)
+    try:  # held from now on: nothing can take it while the kernel is probed
+        facts_socket = socket.create_server((options.bind, options.port + poolplan.FACTS_PORT_OFFSET))
+    except OSError as exc:
+        raise PoolError(f"port {options.port + poolplan.FACTS_PORT_OFFSET} is not free on {options.bind} "
+                        f"({exc.strerror or exc})",
+                        "choose another --port: the worker uses it and the next one") from None
+    try:
+        return _start_worker(opened, tool, options, facts_socket, on_status, on_progress)
+    except BaseException:
+        facts_socket.close()
+        raise
+
+
+def _start_worker(opened, tool, options: WorkerOptions, facts_socket: socket.socket, on_status: Status,
+                  on_progress) -> RunningWorker:
+    """start_worker's rest, with the facts port held."""
     threads = options.threads or max(1, opened.host.physical_cores or 1)
     most = max(opened.host.logical_cores, opened.host.physical_cores, 1)
     if not 1 <= threads <= most:
-        raise PoolError(f"--threads must be between 1 and {most} (this computer's logical cores), not {threads}")
+        raise PoolError(f"--threads must be between 1 and {most} (this computer's logical cores), not {threads}",
+                        "give a number in that range, or leave --threads out")
+    memory, why = poolplan.offer(make_budget(opened.host).ram, options.memory)
+    launch.verify_own_tools(opened.bundle, opened.manifest, opened.host.platform, tool.parent)
+    on_status("choosing the CPU kernel (a short probe with the stick's smallest model)")
+    kernel = launch.choose_kernel(opened, progress=on_progress,
+                                  on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
     # no --cache: rpc-server would keep tensors in the host's ~/.cache; no HOME for it to find one
     argv = [str(tool), "--host", options.bind, "--port", str(options.port), "--threads", str(threads)]
     env = {"GGML_BACKEND_PATH": str(kernel.path), "PATH": "/usr/bin:/bin", "LC_ALL": "C"}
@@ -241,7 +265,6 @@ def start_worker(stick, options: WorkerOptions, *, on_status: Status = lambda s:
     process = RpcServerProcess(argv, env, cwd=tool.parent)
     try:
         protocol = _wait_ready(process, options)
-        facts_socket = socket.create_server((options.bind, options.port + poolplan.FACTS_PORT_OFFSET))
     except BaseException:
         process.stop()
         raise
@@ -257,4 +280,5 @@ def _wait_ready(process: RpcServerProcess, options: WorkerOptions) -> tuple[int,
         with contextlib.suppress(PoolError):
             return hello(options.bind, options.port, timeout=1.0)
         time.sleep(0.2)
-    raise PoolError(f"rpc-server did not answer on {options.bind}:{options.port} in {READY_TIMEOUT_S:.0f} s")
+    raise PoolError(f"rpc-server did not answer on {options.bind}:{options.port} in {READY_TIMEOUT_S:.0f} s",
+                    "start the worker again; KIT_DEBUG=1 shows rpc-server's last lines")

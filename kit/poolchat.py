@@ -14,6 +14,7 @@ import queue
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from kit.plan import Overrides
 
 _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 READ_POLL_S = 1.0  # how often a silent stream looks at the pool
-ANSWER_TIMEOUT_S = 600.0  # a whole answer, at most
+SILENCE_TIMEOUT_S = 300.0  # between two pieces of an answer (a long prompt is read first), at most
 REPEAT_PENALTY = 1.1  # kit.engine.LlamaEngine's: the same answer at temperature 0
 
 
@@ -56,7 +57,8 @@ class ServerChatEngine(ChatEngine):
         stats = GenStats()
         self.last_stats = stats
         body = {"model": self.model_id, "messages": list(messages), "stream": True, "max_tokens": max_tokens,
-                "temperature": temperature, "repeat_penalty": REPEAT_PENALTY}
+                "temperature": temperature, "repeat_penalty": REPEAT_PENALTY,
+                "stream_options": {"include_usage": True}}
         lines: queue.Queue = queue.Queue()
         request = urllib.request.Request(self.server.process.base + "/v1/chat/completions",
                                          data=json.dumps(body).encode(),
@@ -64,7 +66,7 @@ class ServerChatEngine(ChatEngine):
                                                   "Authorization": f"Bearer {self.server.serving.key}"})
         cancel = threading.Event()
         reader = threading.Thread(target=_read_stream, args=(request, lines, cancel), daemon=True)
-        start = time.perf_counter()
+        start = last = time.perf_counter()
         reader.start()
         try:
             while True:
@@ -74,15 +76,21 @@ class ServerChatEngine(ChatEngine):
                 try:
                     kind, value = lines.get(timeout=READ_POLL_S)
                 except queue.Empty:
-                    self._check(start)
+                    self._check(last)
                     continue
                 if kind == "end":
                     return
+                if kind == "usage":
+                    stats.context_used = int(value.get("prompt_tokens", 0)) + int(value.get("completion_tokens", 0))
+                    continue
+                if kind == "refused":  # llama-server answered, with an error: not the pool's
+                    raise _refusal(value)
                 if kind == "error":
-                    self._check(start, force=True)
+                    self._check(last, force=True)
                     raise EngineError(f"the pooled server stopped answering: {value}",
                                       "ask again; if it keeps failing, run `kit doctor --pool ...`")
                 text = value
+                last = time.perf_counter()
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - start
                 stats.completion_tokens += 1
@@ -91,25 +99,42 @@ class ServerChatEngine(ChatEngine):
         finally:
             cancel.set()  # the reader closes its connection: llama-server stops generating
 
-    def _check(self, start: float, *, force: bool = False) -> None:
+    def _check(self, since: float, *, force: bool = False) -> None:
+        """The pool, the server, and the time since the last piece of the answer."""
         if self._watch is not None:
-            gone = self._watch.lost(force=force)
+            # a forced check greets each rpc-server, which only answers once llama-server has let go
+            gone = self._watch.lost(force=force and not self.server.process.running())
             if gone:
                 self.server.process.kill()  # blocked on the lost worker: it would never answer
                 raise pool.lost_error(gone)
         if not self.server.process.running():
             raise EngineError(f"the pooled server stopped: {self.server.process.death()}")
-        if time.perf_counter() - start > ANSWER_TIMEOUT_S:
-            raise EngineError(f"no answer in {ANSWER_TIMEOUT_S:.0f} s", "ask again, or use a smaller model")
+        if time.perf_counter() - since > SILENCE_TIMEOUT_S:
+            raise EngineError(f"the pooled server wrote nothing for {SILENCE_TIMEOUT_S:.0f} s",
+                              "ask again, or use a smaller model")
 
     def close(self) -> None:
         self.server.close()
 
 
-def _read_stream(request: urllib.request.Request, lines: queue.Queue, cancel: threading.Event) -> None:
-    """Server-sent events from llama-server: each delta's text onto `lines`, then ("end", None)."""
+def _refusal(body: str) -> EngineError:
+    """llama-server's error answer as the engine's sentence (a full context, as LlamaEngine says it)."""
     try:
-        with _LOOPBACK.open(request, timeout=ANSWER_TIMEOUT_S) as response:
+        message = str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = body.strip()[:200] or "no reason given"
+    if "context" in message.lower() or "exceed" in message.lower():
+        return EngineError(f"the conversation no longer fits the context: {message}",
+                           "start a new conversation (the context is full)")
+    return EngineError(f"the model could not answer: {message}",
+                       "start a new conversation, or choose another preset or model")
+
+
+def _read_stream(request: urllib.request.Request, lines: queue.Queue, cancel: threading.Event) -> None:
+    """Server-sent events from llama-server: each delta's text onto `lines`, then ("end", None);
+    every failure becomes one item on `lines` (never a traceback from this thread)."""
+    try:
+        with _LOOPBACK.open(request, timeout=SILENCE_TIMEOUT_S) as response:
             for raw in response:
                 if cancel.is_set():
                     return
@@ -124,8 +149,12 @@ def _read_stream(request: urllib.request.Request, lines: queue.Queue, cancel: th
                     text = (choice.get("delta") or {}).get("content")
                     if text:
                         lines.put(("text", text))
+                if chunk.get("usage"):
+                    lines.put(("usage", chunk["usage"]))
         lines.put(("end", None))
-    except (OSError, ValueError) as exc:
+    except urllib.error.HTTPError as exc:
+        lines.put(("refused", exc.read().decode("utf-8", "replace")))
+    except Exception as exc:  # noqa: BLE001 - a cut stream (IncompleteRead), a reset, a bad chunk
         lines.put(("error", getattr(exc, "reason", None) or exc))
 
 

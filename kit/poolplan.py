@@ -79,7 +79,7 @@ class WorkerFacts:
             protocol = tuple(int(v) for v in data["protocol"])
             facts = cls(str(data["kit"]), protocol, int(data["memory"]), int(data["threads"]),
                         str(data["kernel"]), bool(data["busy"]))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
             raise PoolError(f"its facts port did not answer as a kit pool worker does ({exc})") from None
         if len(facts.protocol) != 3 or facts.memory < 0 or facts.threads < 1:
             raise PoolError("its facts are out of range")

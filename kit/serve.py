@@ -63,6 +63,7 @@ class ServeOptions:
     keep_key: bool = False
     pool: tuple[tuple[str, int], ...] = ()  # kit pool workers (HOST, PORT) to lend their memory
     private: bool = False  # for the kit's own front end (kit.poolchat): a random key, no page
+    key: str | None = None  # a key already in use (a restart without the pool keeps the team's links)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class ServeStatus:
 
 def choose_key(options: ServeOptions, state: Path | None) -> str | None:
     """None on loopback without --key-file; --lan always gets one, a private server a random one."""
+    if options.key is not None:
+        return options.key
     if options.private:
         return secrets.token_urlsafe(18)
     if options.key_file is not None:
@@ -216,9 +219,11 @@ class ServerProcess(ChildProcess):
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S, check: Callable[[], None] = lambda: None) -> None:
+        """Until /health answers; `check` runs each round (a pool's workers still answer)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            check()
             if self.proc.poll() is not None:
                 raise ServeError(self.death())
             with contextlib.suppress(OSError, http.client.HTTPException):
@@ -320,7 +325,7 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
         process = ServerProcess(llamaserver.server_argv(spec), llamaserver.server_env(spec, key),
                                 cwd=server.parent, pass_fds=inherited, port=options.port, key=key)
         cleanup.callback(process.stop)
-        process.wait_ready()
+        process.wait_ready(*_pool_loading(workers, plan, process))
     except BaseException:
         cleanup.close()
         raise
@@ -328,6 +333,26 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     urls = (f"http://{llamaserver.LOOPBACK}:{options.port}/", *(f"http://{a}:{options.port}/" for a in lan))
     serving = Serving(model, plan, serve_plan, mode, options.port, options.lan, key, urls, tuple(workers), kernel)
     return Server(serving, process, opened, cleanup)
+
+
+# A pool's layers cross the network while llama-server loads: count ~5 MiB/s (a slow Wi-Fi) for them.
+POOL_LOAD_BYTES_PER_S = 5 * 1024 * 1024
+
+
+def _pool_loading(workers: list[Worker], plan: LaunchPlan, process: ServerProcess) -> tuple[float, Callable]:
+    """How long llama-server may take to load, and what to check meanwhile: with a pool, longer (its
+    layers are sent to the workers) and each worker must keep answering."""
+    if not workers:
+        return READY_TIMEOUT_S, lambda: None
+    watcher = pool.PoolWatch(workers)
+
+    def check() -> None:
+        gone = watcher.lost()
+        if gone:
+            process.kill()  # blocked sending to the lost worker
+            raise pool.lost_error(gone)
+
+    return READY_TIMEOUT_S + plan.estimate.vram / POOL_LOAD_BYTES_PER_S, check
 
 
 def _model_descriptors(cleanup: contextlib.ExitStack, opened: OpenStick, model: ModelEntry) -> list[Path]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -66,4 +67,7 @@ def memory_limit(limit: int):
         for pid in (group / "cgroup.procs").read_text().split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (group / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.05)  # killed, not yet gone: rmdir would fail with EBUSY
         group.rmdir()

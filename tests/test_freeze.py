@@ -125,8 +125,10 @@ def test_each_shared_library_is_there_once(frozen):
     assert not copies, f"libraries shipped more than once: {copies}"
     llama_named = [rel for paths in by_content.values() for rel in paths
                    if Path(rel).name.startswith(("libggml", "libllama", "ggml", "llama"))]
-    # llama_cpp/bin: the tools' own libraries (libllama-common, libllama-server-impl), no libggml
-    tools_own = [rel for rel in llama_named if rel.startswith("_internal/llama_cpp/bin/libllama-")]
+    # llama_cpp/bin: the tools' own libraries (libllama-common, libllama-server-impl) and the RPC
+    # backend module only they load; no libggml, libggml-base or CPU variant
+    tools_own = [rel for rel in llama_named
+                 if rel.startswith(("_internal/llama_cpp/bin/libllama-", "_internal/llama_cpp/bin/libggml-rpc.so"))]
     assert all(rel.startswith("_internal/llama_cpp/lib/") for rel in llama_named if rel not in tools_own), llama_named
 
 

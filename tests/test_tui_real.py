@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,24 @@ def test_kit_chat_in_a_real_terminal(demo_stick):
         assert [m["role"] for m in conv["messages"][:2]] == ["user", "assistant"]
     stopped = [c for c in saved if len(c["messages"]) > 1 and c["messages"][1].get("stopped") is True]
     assert stopped and stopped[0]["messages"][1]["content"].strip()
+
+
+def test_kit_chat_with_a_pool_in_a_real_terminal(demo_stick):
+    """`kit chat --pool` in tmux: the chat's start runs in a worker thread that returns at once;
+    the pooled llama-server it started must live on (kit.child's spawner thread), answer, and go
+    with the chat."""
+    from poolkit import read_facts, workers
+
+    with workers(demo_stick, ["127.0.0.2"]) as (worker,), Tmux(width=100, height=30) as term:
+        term.start([KIT, "chat", "--stick", demo_stick, "--pool", worker.endpoint],
+                   env={"NO_COLOR": "1", "KIT_BUNDLE": ""})
+        term.wait_for("Enter sends", timeout=START_TIMEOUT_S)
+        time.sleep(1.0)  # the start thread has ended by now
+        term.type("How do I purify water?")
+        term.keys("Enter")
+        screen = term.wait_for(lambda s: re.search(r"[\d.]+ tok/s · context \d+ of \d+ tokens", s) is not None
+                               or "stopped with an error" in s, timeout=180)
+        assert "stopped with an error" not in screen, screen
+        assert read_facts(worker)["busy"]  # the chat's llama-server holds the worker: the layers are there
+        term.keys("C-q")
+        assert term.wait_exit(timeout=60) == 0

@@ -100,7 +100,7 @@ class KitApp(App[int]):
             return
         self.starter, self.alone_starter = self.alone_starter, None
         self._carry = conversation
-        self.restart(replace(self.overrides, gpu_layers=None),
+        self.restart(replace(self.overrides, model=None, gpu_layers=None),
                      reason="A pool worker stopped answering: going on with what this computer holds alone.")
 
     def switch_model(self, model_id: str, conversation: Conversation) -> None:
