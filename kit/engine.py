@@ -25,6 +25,7 @@ import functools
 import inspect
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -230,10 +231,11 @@ class LlamaEngine(ChatEngine):
                     text = chunk["choices"][0]["delta"].get("content")
                     if not text:
                         continue
+                    now = time.perf_counter() - start
                     if stats.first_token_s is None:
-                        stats.first_token_s = time.perf_counter() - start
+                        stats.first_token_s = now
                     stats.completion_tokens += 1
-                    stats.seconds = time.perf_counter() - start
+                    stats.seconds = now
                     yield text
             except ValueError as exc:
                 # "Requested tokens ... exceed context window" (llama-cpp-python's words); any
@@ -300,7 +302,35 @@ def _streaming_llama(llama_cpp):
                         inspect.signature(llama_cpp.Llama._init_sampler).parameters.items()
                         if param.default is not inspect.Parameter.empty}
 
+    lowlevel = llama_cpp.llama_cpp  # the module llama-cpp-python's own internals call
+
     class StreamingLlama(llama_cpp.Llama):
+        _one_token = None  # (the LlamaBatch, its fields) for eval's one-token path
+        _pieces: dict | None = None  # token -> detokenize([token]), filled as tokens are generated
+
+        def eval(self, tokens):
+            """Llama.eval, without its Python per-token batch loop for one token (each generated
+            token): the same KV-cache trim, batch, decode and bookkeeping."""
+            memory = self._ctx.memory
+            if len(tokens) != 1 or self._logits_all or memory is None:
+                return super().eval(tokens)
+            fields = self._one_token
+            if fields is None or fields[0] is not self._batch:
+                b = self._batch.batch
+                fields = self._one_token = (self._batch, b, b.token, b.pos, b.seq_id[0], b.n_seq_id, b.logits)
+            _, batch, token, pos, seq_id, n_seq_id, logits = fields
+            n_past = self.n_tokens
+            lowlevel.llama_memory_seq_rm(memory, 0, n_past, -1)  # kv_cache_seq_rm(-1, n_past, -1)
+            batch.n_tokens = 1
+            token[0] = tokens[0]
+            pos[0], seq_id[0], n_seq_id[0], logits[0] = n_past, 0, 1, True
+            return_code = lowlevel.llama_decode(self._ctx.ctx, batch)
+            if return_code != 0:
+                raise RuntimeError(f"llama_decode returned {return_code}")
+            self.input_ids[n_past] = tokens[0]
+            self.n_tokens += 1
+            self._requires_eval = False
+
         def _init_sampler(self, **params):
             """llama-cpp-python's chain, once per answer (generate() calls this, then samples
             with it each token); run on the candidates alone when they provably suffice."""
@@ -341,13 +371,20 @@ def _streaming_llama(llama_cpp):
                 presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                 mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, stopping_criteria=stopping_criteria,
                 logits_processor=logits_processor, grammar=grammar)
+            is_eog, vocab, decode = llama_cpp.llama_vocab_is_eog, self._model.vocab, decoder.decode
+            if self._pieces is None:
+                self._pieces = {}
+            pieces = self._pieces
             try:
                 for token in tokens:
-                    if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+                    if is_eog(vocab, token):
                         finish = "stop"
                         break
                     generated += 1
-                    text, found = stops.feed(decoder.decode(self.detokenize([token])))
+                    piece = pieces.get(token)
+                    if piece is None:
+                        piece = pieces[token] = self.detokenize([token])
+                    text, found = stops.feed(decode(piece))
                     if text:
                         yield chunk(text, None)
                     if found:
@@ -414,8 +451,30 @@ class _CandidateSampler:
         self._dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
         if self._dtype.itemsize != ctypes.sizeof(llama_cpp.llama_token_data):
             raise RuntimeError("llama_token_data is not the layout this sampler was written for")
-        self._data = np.zeros(0, self._dtype)
+        # Each token runs right after a decode has swept the caches, so what costs here is every
+        # Python call, numpy call and new object, far more than the arithmetic: everything that
+        # can be made once is made here, and the token array, the mask and the column maxima are
+        # written in place.
         self._array = llama_cpp.llama_token_data_array()
+        self._array_p = ctypes.pointer(self._array)
+        self._grow(1024)
+        self._best = np.empty(n_vocab // rows, np.single)
+        self._mask = np.empty(n_vocab, np.bool_)
+        self._cut = len(self._best) - keep
+        self._kth = (self._cut, len(self._best) - 1)  # the last: the largest, NaN if there is one
+        # llama_get_logits_ith returning the address as an int, not a new ctypes pointer each time
+        lib = llama_cpp.llama_cpp._lib
+        self._logits_ith = type(lib.llama_get_logits_ith)(("llama_get_logits_ith", lib))
+        self._logits_ith.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
+        self._logits_ith.restype = ctypes.c_void_p
+        self._address = None  # of the logits the views below read: llama.cpp's output buffer
+        self._logits = self._folded = None
+
+    def _grow(self, n: int) -> None:
+        np = self._np
+        self._data = np.zeros(n, self._dtype)
+        self._ids, self._values, self._p = self._data["id"], self._data["logit"], self._data["p"]
+        self._array.data = self._data.ctypes.data_as(self._llama_cpp.llama_token_data_p)
 
     @staticmethod
     def rows_for(n_vocab: int, keep: int) -> int | None:
@@ -423,38 +482,50 @@ class _CandidateSampler:
         candidate, so at least `keep` columns are needed), or None when no fold fits."""
         return next((r for r in (128, 64, 32, 16, 8, 4, 2) if n_vocab % r == 0 and n_vocab // r > keep), None)
 
+    def _view(self, address: int):
+        """numpy views of the logits at `address`, made again only when llama.cpp moves them."""
+        np = self._np
+        self._logits = np.frombuffer((ctypes.c_float * self.n_vocab).from_address(address), np.single)
+        self._folded = self._logits.reshape(self.rows, -1)
+        self._address = address
+        return self._logits
+
     def sample(self, ctx, idx: int = -1) -> int:
         """What LlamaSampler.sample (llama_sampler_sample) does, on the candidates."""
-        llama_cpp, np = self._llama_cpp, self._np
-        pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
-        if not pointer:
+        address = self._logits_ith(ctx.ctx, idx)
+        if not address:
             raise RuntimeError(f"llama.cpp has no logits for output {idx}")
-        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))  # a view: nothing copied
+        logits = self._logits if address == self._address else self._view(address)
         ids = self._candidates(logits)
         n = len(ids)
         if n > len(self._data):
-            self._data = np.zeros(max(n, 1024), self._dtype)
-            self._array.data = self._data.ctypes.data_as(llama_cpp.llama_token_data_p)
-        data = self._data[:n]
-        data["id"], data["logit"], data["p"] = ids, logits[ids], 0.0
-        self._array.size, self._array.selected, self._array.sorted = n, -1, False
-        llama_cpp.llama_sampler_apply(self.chain.sampler, ctypes.byref(self._array))
-        chosen = self._array.selected
-        if not 0 <= chosen < self._array.size:
+            self._grow(max(n, 1024))
+        self._ids[:n] = ids
+        self._values[:n] = logits[ids]
+        self._p[:n] = 0.0
+        array = self._array
+        array.size, array.selected, array.sorted = n, -1, False
+        llama_cpp = self._llama_cpp
+        sampler = self.chain.sampler
+        llama_cpp.llama_sampler_apply(sampler, self._array_p)
+        chosen = array.selected
+        if not 0 <= chosen < array.size:
             raise RuntimeError("llama.cpp's sampler chain chose no token")
-        token = int(self._data["id"][chosen])
-        llama_cpp.llama_sampler_accept(self.chain.sampler, token)  # the penalties' history
+        token = int(self._ids[chosen])
+        llama_cpp.llama_sampler_accept(sampler, token)  # the penalties' history
         return token
 
     def _candidates(self, logits):
         """Token ids, ascending, of every logit >= a threshold that at least `keep` logits reach:
         the keep-th highest of the columns' highest logits (each of those columns holds one)."""
         np = self._np
-        best = logits.reshape(self.rows, -1).max(axis=0)
-        if np.isnan(best).any():
-            return np.arange(self.n_vocab)  # NaN logits: all of them, as llama.cpp itself would
-        cut = len(best) - self.keep
-        return np.flatnonzero(logits >= np.partition(best, cut)[cut])
+        folded = self._folded if logits is self._logits else logits.reshape(self.rows, -1)
+        best = folded.max(axis=0, out=self._best)
+        best = np.partition(best, self._kth)
+        if best[-1] != best[-1]:  # NaN logits (partition puts them last): all of them, as llama.cpp itself would
+            return np.arange(self.n_vocab)
+        mask = np.greater_equal(logits, best[self._cut], out=self._mask)
+        return mask.nonzero()[0]
 
     def close(self) -> None:
         self.chain.close()
@@ -467,9 +538,14 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.held = ""
         self.found = False
+        # a piece with no stop string's first character, and nothing held, is shown whole
+        firsts = "".join(sorted({s[0] for s in self.stops}))
+        self._first = re.compile("[" + re.escape(firsts) + "]").search if firsts else None
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to show, whether a stop string was found: nothing after it is shown)."""
+        if not self.held and (self._first is None or self._first(text) is None):
+            return text, False
         held = self.held + text
         hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
         if hits:
