@@ -28,7 +28,7 @@ Status = Callable[[str], None]
 CONNECT_TIMEOUT_S = 3.0
 READY_TIMEOUT_S = 30.0
 CHECK_EVERY_S = 4.0  # the lead asks each worker's facts port this often while it serves
-MISSES_LOST = 2  # unanswered checks in a row before a worker counts as gone (~11 s at most)
+MISSES_LOST = 2  # unanswered checks in a row before a worker counts as gone (~15 s at most)
 BUSY_RETRY_S = 1.0
 TOOL = "ggml-rpc-server"
 
