@@ -22,6 +22,16 @@ CACHE = ROOT / "build" / ".bench"  # llama.cpp sources and build, the bench stic
 CHILD = [sys.executable, str(ROOT / "bench" / "child.py")]
 
 
+def tests_module(name: str):
+    """One of tests/' helpers that drive the kit as a user would (servekit, poolkit)."""
+    import importlib
+
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module(name)
+
+
 def ensure_cache() -> Path:
     """The cache folder, ignored by git whatever the root .gitignore says (like .pytest_cache)."""
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, Section, fmt, median, say, spread
+from bench.common import Section, fmt, median, say, spread, tests_module
 from bench.context import QUICK, Context
 from bench.serve import request_body, stream_one
 
@@ -47,13 +46,6 @@ FULL_SIZES = PoolSizes(rounds=2, runs=3, max_tokens=64)
 QUICK_SIZES = PoolSizes(rounds=1, runs=1, max_tokens=16)
 
 
-def _tests_module(name: str):
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    return __import__(name)
-
-
 # ---------------------------------------------------------------- the delaying relay
 
 
@@ -63,7 +55,7 @@ class DelayRelay:
     def __init__(self, target: str, target_port: int, one_way: float):
         self.one_way = one_way
         self.listeners = []
-        self.port = _tests_module("poolkit").free_port_pair()
+        self.port = tests_module("poolkit").free_port_pair()
         for offset in (0, 1):
             listener = socket.create_server(("127.0.0.1", self.port + offset))
             self.listeners.append(listener)
@@ -136,7 +128,7 @@ class DelayRelay:
 
 @contextlib.contextmanager
 def _served(stick: Path, pool: str | None) -> Iterator[object]:
-    servekit = _tests_module("servekit")
+    servekit = tests_module("servekit")
     served = servekit.start_serve(stick, "--parallel", "1", *(("--pool", pool) if pool else ()))
     try:
         yield served
@@ -147,7 +139,7 @@ def _served(stick: Path, pool: str | None) -> Iterator[object]:
 def run(ctx: Context) -> Section:
     sizes = QUICK_SIZES if ctx.sizes == QUICK else FULL_SIZES
     stick = ctx.stick
-    poolkit = _tests_module("poolkit")
+    poolkit = tests_module("poolkit")
     body, warm = request_body(sizes.max_tokens), request_body(4)
     sides = ["alone", "pool, direct", *(f"pool via relay +{d} ms" for d in DELAYS_MS)]
     tps: dict[str, list[float]] = {s: [] for s in sides}

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,7 +34,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import ROOT, Section, compare, fmt, median, say, spread
+from bench.common import Section, compare, fmt, median, say, spread, tests_module
 from bench.context import QUICK, Context
 
 SCALING_TARGET = 2.0  # 4 streams' aggregate rate over one stream's, on this 2-core machine
@@ -236,18 +235,9 @@ def bare_server(command: ServerCommand, port: int, log: Path):
                 proc.wait(10)
 
 
-def _servekit():
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import servekit
-
-    return servekit
-
-
 @contextlib.contextmanager
 def kit_server(stick: Path, port: int):
-    servekit = _servekit()
+    servekit = tests_module("servekit")
     served = servekit.start_serve(stick, "--parallel", str(SLOTS), port=port)
     try:
         pids = served.server_pids()
@@ -283,7 +273,7 @@ def _arg(argv: list[str], name: str) -> str:
 def run(ctx: Context) -> Section:
     sizes = QUICK_SIZES if ctx.sizes == QUICK else FULL_SIZES
     stick = ctx.stick
-    port = _servekit().free_port()
+    port = tests_module("servekit").free_port()
     body = request_body(sizes.max_tokens)
     warm_body = request_body(8)
     say(f"serve: {sizes.alternations} x (kit serve, bare llama-server), {sizes.passes} passes of "

@@ -128,7 +128,6 @@ def _print_probe(result) -> None:
 
 
 def cmd_ask(args) -> int:
-
     question = " ".join(args.question).strip()
     if not question:
         raise KitError("the question is empty", 'write it after ask: kit ask "How do I purify water?"')
@@ -163,20 +162,27 @@ def _starter(args):
     import functools
 
     if getattr(args, "pool", None):
-        from kit import poolchat, poolplan
+        from kit import poolchat
 
-        return functools.partial(poolchat.start_pooled, args.stick, poolplan.parse_pool(args.pool))
+        return functools.partial(poolchat.start_pooled, args.stick, _pool_endpoints(args))
     from kit import launch
 
     return functools.partial(launch.start, args.stick)
 
 
-def _find_pool(args, *, quiet: bool = False) -> list:
+def _pool_endpoints(args) -> tuple[tuple[str, int], ...]:
+    """--pool HOST:PORT,... as (host, port) pairs; () without it."""
     if not getattr(args, "pool", None):
-        return []
-    from kit import pool, poolplan
+        return ()
+    from kit import poolplan
 
-    return pool.find_pool(poolplan.parse_pool(args.pool),
+    return tuple(poolplan.parse_pool(args.pool))
+
+
+def _find_pool(args, *, quiet: bool = False) -> list:
+    from kit import pool
+
+    return pool.find_pool(_pool_endpoints(args),
                           on_status=(lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr)))
 
 
@@ -191,12 +197,11 @@ def cmd_serve(args) -> int:
 
     if args.keep_key and not args.lan:
         raise KitError("--keep-key keeps the key of --lan", "add --lan, or leave --keep-key out")
-    from kit import poolplan
     from kit.errors import PoolLost
 
     options = serve.ServeOptions(port=args.port, lan=args.lan, parallel=args.parallel,
                                  key_file=Path(args.key_file) if args.key_file else None, keep_key=args.keep_key,
-                                 pool=tuple(poolplan.parse_pool(args.pool)) if args.pool else ())
+                                 pool=_pool_endpoints(args))
     overrides = _overrides(args)
     with serve.stop_on_signals() as stop:
         while True:
@@ -211,8 +216,7 @@ def cmd_serve(args) -> int:
                     pass
                 finally:
                     line.end()  # an error's sentence goes on a line of its own
-            except PoolLost as lost:
-                server.process.kill()  # it may be blocked on the lost worker: SIGTERM would wait
+            except PoolLost as lost:  # llama-server is killed already (kit.pool.PoolWatch.check)
                 # the team keeps a server: the largest model this computer holds alone, same port and key
                 print(f"kit serve: {lost}; going on without the pool", file=sys.stderr, flush=True)
                 options = replace(options, pool=(), key=server.serving.key)  # the team's links still work

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kit import __version__, ggml, launch, poolplan
 from kit.child import ChildProcess, check_port_free
@@ -137,10 +137,16 @@ class PoolWatch:
                     return worker
         return None
 
-
-def lost_error(worker: Worker) -> PoolLost:
-    return PoolLost(f"pool worker {worker.endpoint} stopped answering; the answer in progress has ended",
-                    "start the worker again, or go on without the pool")
+    def check(self, server: ChildProcess, *, force: bool = False) -> None:
+        """PoolLost when a worker is gone, `server` (llama-server) killed first: it may be blocked
+        on that worker and would never finish. `force` (something went wrong) asks every worker
+        now, and greets each rpc-server when `server` has ended (only then is rpc-server free)."""
+        gone = self.lost(force=force and not server.running())
+        if gone is None:
+            return
+        server.kill()
+        raise PoolLost(f"pool worker {gone.endpoint} stopped answering; the answer in progress has ended",
+                       "start the worker again, or go on without the pool")
 
 
 # ---------------------------------------------------------------- the worker
@@ -189,8 +195,7 @@ class RunningWorker:
         return f"{self.options.bind}:{self.options.port}"
 
     def current_facts(self) -> WorkerFacts:
-        return WorkerFacts(self.facts.kit, self.facts.protocol, self.facts.memory, self.facts.threads,
-                           self.facts.kernel, self.process.busy)
+        return replace(self.facts, busy=self.process.busy)
 
     def _serve_facts(self) -> None:
         while not self._closing.is_set():

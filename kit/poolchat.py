@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +25,6 @@ from kit.errors import EngineError
 from kit.launch import Session
 from kit.plan import Overrides
 
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 READ_POLL_S = 1.0  # how often a silent stream looks at the pool
 SILENCE_TIMEOUT_S = 300.0  # between two pieces of an answer (a long prompt is read first), at most
 REPEAT_PENALTY = 1.1  # kit.engine.LlamaEngine's: the same answer at temperature 0
@@ -60,12 +58,8 @@ class ServerChatEngine(ChatEngine):
                 "temperature": temperature, "repeat_penalty": REPEAT_PENALTY,
                 "stream_options": {"include_usage": True}}
         lines: queue.Queue = queue.Queue()
-        request = urllib.request.Request(self.server.process.base + "/v1/chat/completions",
-                                         data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json",
-                                                  "Authorization": f"Bearer {self.server.serving.key}"})
         cancel = threading.Event()
-        reader = threading.Thread(target=_read_stream, args=(request, lines, cancel), daemon=True)
+        reader = threading.Thread(target=_read_stream, args=(self.server.process, body, lines, cancel), daemon=True)
         start = last = time.perf_counter()
         reader.start()
         try:
@@ -102,11 +96,7 @@ class ServerChatEngine(ChatEngine):
     def _check(self, since: float, *, force: bool = False) -> None:
         """The pool, the server, and the time since the last piece of the answer."""
         if self._watch is not None:
-            # a forced check greets each rpc-server, which only answers once llama-server has let go
-            gone = self._watch.lost(force=force and not self.server.process.running())
-            if gone:
-                self.server.process.kill()  # blocked on the lost worker: it would never answer
-                raise pool.lost_error(gone)
+            self._watch.check(self.server.process, force=force)
         if not self.server.process.running():
             raise EngineError(f"the pooled server stopped: {self.server.process.death()}")
         if time.perf_counter() - since > SILENCE_TIMEOUT_S:
@@ -130,11 +120,11 @@ def _refusal(body: str) -> EngineError:
                        "start a new conversation, or choose another preset or model")
 
 
-def _read_stream(request: urllib.request.Request, lines: queue.Queue, cancel: threading.Event) -> None:
+def _read_stream(server: serve.ServerProcess, body: dict, lines: queue.Queue, cancel: threading.Event) -> None:
     """Server-sent events from llama-server: each delta's text onto `lines`, then ("end", None);
     every failure becomes one item on `lines` (never a traceback from this thread)."""
     try:
-        with _LOOPBACK.open(request, timeout=SILENCE_TIMEOUT_S) as response:
+        with server.open("/v1/chat/completions", body, timeout=SILENCE_TIMEOUT_S) as response:
             for raw in response:
                 if cancel.is_set():
                     return

@@ -209,12 +209,19 @@ class ServerProcess(ChildProcess):
         if "stop processing" in line:  # llama-server's line for every finished answer
             self.served += 1
 
-    def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-        request = urllib.request.Request(self.base + path)
+    def open(self, path: str, body: dict | None = None, timeout: float = 2.0):
+        """A request to the server over loopback, with its key (never through the host's proxy);
+        a JSON body makes it a POST. The response, to read and close; HTTPError for an error code."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data,
+                                         headers={"Content-Type": "application/json"} if data else {})
         if self.key:
             request.add_header("Authorization", f"Bearer {self.key}")
+        return _LOOPBACK.open(request, timeout=timeout)
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         try:
-            with _LOOPBACK.open(request, timeout=timeout) as response:
+            with self.open(path, timeout=timeout) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -345,14 +352,7 @@ def _pool_loading(workers: list[Worker], plan: LaunchPlan, process: ServerProces
     if not workers:
         return READY_TIMEOUT_S, lambda: None
     watcher = pool.PoolWatch(workers)
-
-    def check() -> None:
-        gone = watcher.lost()
-        if gone:
-            process.kill()  # blocked sending to the lost worker
-            raise pool.lost_error(gone)
-
-    return READY_TIMEOUT_S + plan.estimate.vram / POOL_LOAD_BYTES_PER_S, check
+    return READY_TIMEOUT_S + plan.estimate.vram / POOL_LOAD_BYTES_PER_S, lambda: watcher.check(process)
 
 
 def _model_descriptors(cleanup: contextlib.ExitStack, opened: OpenStick, model: ModelEntry) -> list[Path]:
@@ -414,12 +414,10 @@ def watch(server: Server, on_status: Callable[[ServeStatus], None], stop: thread
     watcher = pool.PoolWatch(server.serving.pool) if server.serving.pool else None
     while not stop.is_set():
         if server.process.proc.poll() is not None:
-            gone = watcher.lost(force=True) if watcher else None
-            if gone:  # llama-server ends itself when a worker's connection breaks
-                raise pool.lost_error(gone)
+            if watcher:  # llama-server ends itself when a worker's connection breaks
+                watcher.check(server.process, force=True)
             raise ServeError(server.process.death(), "start it again; if it keeps stopping, run `kit doctor --serve`")
-        gone = watcher.lost() if watcher else None
-        if gone:  # silent but connected (a cut cable): llama-server would wait for it forever
-            raise pool.lost_error(gone)
+        if watcher:  # silent but connected (a cut cable): llama-server would wait for it forever
+            watcher.check(server.process)
         on_status(server.process.status(server.serving.serve_plan.slots))
         stop.wait(interval)

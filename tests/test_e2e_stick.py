@@ -8,12 +8,15 @@ run downloads it); the stick is bind-mounted into it and the launcher runs under
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,15 +93,51 @@ def built_stick(tmp_path_factory) -> Path:
     return target
 
 
+def bare_host_argv(root: Path, stick: Path, *args: str, network: str = "none") -> list[str]:
+    """START-linux.sh ARGS inside the Debian root, the stick bind-mounted at /media/<name>, a clean
+    environment. network: "none" (a namespace of its own, loopback down), "loopback" (its own,
+    with loopback up and a RAM /dev/shm, as a laptop without Wi-Fi has) or "host" (this machine's)."""
+    (root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
+    mounts = 'mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; mount -t sysfs sysfs "$1/sys" || true; '
+    if network == "loopback":
+        mounts += ('mount -t tmpfs tmpfs "$1/dev/shm" || true; '
+                   'python3 -c "import socket, fcntl, struct; s = socket.socket(); '
+                   "fcntl.ioctl(s, 0x8914, struct.pack('16sh22x', b'lo', 1 | 0x40))\"; ")  # SIOCSIFFLAGS: lo up
+    script = f'set -e; {mounts}shift 3; exec chroot "$@"'
+    namespaces = ["--mount"] if network == "host" else ["--mount", "--net"]
+    return ["unshare", *namespaces, "sh", "-c", script, "sh", str(root), str(stick), STICK_NAME,
+            str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
+            "LANG=C.UTF-8", "/bin/sh", f"/media/{STICK_NAME}/START-linux.sh", *args]
+
+
+@contextlib.contextmanager
+def running_on_bare_host(argv: list[str], ready: str,
+                         timeout: float = 600) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """A long-running launcher command (bare_host_argv): started, its output collected, awaited until
+    a line holds `ready`; then SIGTERM (the unshare's sh has exec'd chroot -> sh -> the runtime, so
+    it reaches the kit) and, if it lingers, SIGKILL. The caller checks the exit code after."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not any(ready in ln for ln in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "\n".join(lines[-40:])
+            time.sleep(0.5)
+        yield proc, lines
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def run_on_bare_host(root: Path, stick: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """START-linux.sh ARGS inside the Debian root, the stick bind-mounted at /media/<name>, no network."""
-    inside = f"/media/{STICK_NAME}"
-    (root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
-    script = ('set -e; mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; '
-              'mount -t sysfs sysfs "$1/sys" || true; shift 3; exec chroot "$@"')
-    command = ["unshare", "--mount", "--net", "sh", "-c", script, "sh", str(root), str(stick), STICK_NAME,
-               str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
-               "LANG=C.UTF-8", "/bin/sh", f"{inside}/START-linux.sh", *args]
+    command = bare_host_argv(root, stick, *args)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -210,27 +249,8 @@ def test_serve_answers_offline_on_a_bare_host(debian_root, built_stick):
 
     apt_install("nsenter", "curl")
     port = free_port()
-    inside = f"/media/{STICK_NAME}"
-    (debian_root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
-    script = ('set -e; mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; '
-              'mount -t sysfs sysfs "$1/sys" || true; mount -t tmpfs tmpfs "$1/dev/shm" || true; '
-              'python3 -c "import socket, fcntl, struct; s = socket.socket(); '
-              "fcntl.ioctl(s, 0x8914, struct.pack('16sh22x', b'lo', 1 | 0x40))\"; "  # SIOCSIFFLAGS: lo up
-              'shift 3; exec chroot "$@"')
-    proc = subprocess.Popen(
-        ["unshare", "--mount", "--net", "sh", "-c", script, "sh", str(debian_root), str(built_stick), STICK_NAME,
-         str(debian_root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8",
-         "/bin/sh", f"{inside}/START-linux.sh", "serve", "--port", str(port), "--parallel", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    lines: list[str] = []
-    import threading
-
-    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in proc.stdout), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 600
-        while not any("Ctrl+C stops the server" in ln for ln in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "\n".join(lines[-40:])
-            time.sleep(0.5)
+    argv = bare_host_argv(debian_root, built_stick, "serve", "--port", str(port), "--parallel", "2", network="loopback")
+    with running_on_bare_host(argv, "Ctrl+C stops the server") as (proc, lines):
         body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32})
         answer = subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "curl", "-sS", "--max-time", "120",
                                  "-H", "Content-Type: application/json", "-d", body,
@@ -239,13 +259,6 @@ def test_serve_answers_offline_on_a_bare_host(debian_root, built_stick):
         assert answer.returncode == 0, answer.stderr
         assert json.loads(answer.stdout)["choices"][0]["message"]["content"].strip()
         assert any(ln.startswith("Serving Gemma 3 270M") and ln.endswith("sealed") for ln in lines), lines
-    finally:
-        proc.terminate()  # the unshare's sh has exec'd chroot -> sh -> the runtime: SIGTERM reaches kit serve
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     assert proc.returncode == 0, "\n".join(lines[-20:])
     assert any("llama-server has exited" in ln for ln in lines)
 
@@ -284,27 +297,12 @@ def test_a_pool_worker_on_a_bare_host_lends_its_memory_to_a_lead(debian_root, bu
     """`START-linux.sh pool worker` in the bare root (its own mount namespace on this machine's
     network: loopback 127.0.0.2), and the lead, `START-linux.sh ask --pool` on this host: the frozen
     runtime's rpc-server, RPC module and llama-server --rpc, each verified on its own side."""
-    import threading
-
     from poolkit import free_port_pair
 
     port = free_port_pair("127.0.0.2")
-    inside = f"/media/{STICK_NAME}"
-    (debian_root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
-    script = ('set -e; mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; '
-              'mount -t sysfs sysfs "$1/sys" || true; shift 3; exec chroot "$@"')
-    worker = subprocess.Popen(
-        ["unshare", "--mount", "sh", "-c", script, "sh", str(debian_root), str(built_stick), STICK_NAME,
-         str(debian_root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-         "/bin/sh", f"{inside}/START-linux.sh", "pool", "worker", "--bind", "127.0.0.2", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in worker.stdout), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 600
-        while not any("Ctrl+C stops the worker." in ln for ln in lines):
-            assert worker.poll() is None and time.monotonic() < deadline, "\n".join(lines[-40:])
-            time.sleep(0.5)
+    argv = bare_host_argv(debian_root, built_stick, "pool", "worker", "--bind", "127.0.0.2", "--port", str(port),
+                          network="host")
+    with running_on_bare_host(argv, "Ctrl+C stops the worker.") as (worker, lines):
         assert any("WARNING: rpc-server has no password" in ln for ln in lines)
         lead = subprocess.run(["sh", str(built_stick / "START-linux.sh"), "ask", "--pool", f"127.0.0.2:{port}",
                                "--temperature", "0", "--max-tokens", "16", QUESTION],
@@ -312,12 +310,5 @@ def test_a_pool_worker_on_a_bare_host_lends_its_memory_to_a_lead(debian_root, bu
         assert lead.returncode == 0, lead.stderr[-3000:]
         assert lead.stdout.strip()
         assert f"pool worker 127.0.0.2:{port}: kit" in lead.stderr, lead.stderr
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
     assert worker.returncode == 0, "\n".join(lines[-20:])
     assert any("rpc-server has exited" in ln for ln in lines)

@@ -179,37 +179,34 @@ class _FakeWorker:
         self.rpc = socket.create_server((self.host, self.port))
         self.facts = socket.create_server((self.host, self.port + 1))
         self.protocol, self.facts_bytes = protocol, (json.dumps(facts) + "\n").encode()
-        threading.Thread(target=self._serve_facts, daemon=True).start()
-        threading.Thread(target=self._serve_rpc, daemon=True).start()
+        threading.Thread(target=self._serve, args=(self.facts, self._answer_facts), daemon=True).start()
+        threading.Thread(target=self._serve, args=(self.rpc, self._answer_rpc), daemon=True).start()
 
-    def _serve_facts(self):
+    @staticmethod
+    def _serve(listener: socket.socket, answer) -> None:
+        """Each connection in turn, until the listener is closed."""
         while True:
             try:
-                conn, _ = self.facts.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(self.facts_bytes)
-
-    def _serve_rpc(self):
-        while True:
-            try:
-                conn, _ = self.rpc.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
             with conn:
                 conn.settimeout(2)
-                try:
-                    while len(self.received) < len(poolplan.HELLO_REQUEST):
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        self.received += chunk
-                    conn.sendall(struct.pack("<Q", 28) + bytes(self.protocol) + bytes(25))
-                    while chunk := conn.recv(4096):  # anything after HELLO would be a tensor command
-                        self.received += chunk
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    answer(conn)
+
+    def _answer_facts(self, conn: socket.socket) -> None:
+        conn.sendall(self.facts_bytes)
+
+    def _answer_rpc(self, conn: socket.socket) -> None:
+        while len(self.received) < len(poolplan.HELLO_REQUEST):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            self.received += chunk
+        conn.sendall(struct.pack("<Q", 28) + bytes(self.protocol) + bytes(25))
+        while chunk := conn.recv(4096):  # anything after HELLO would be a tensor command
+            self.received += chunk
 
     def close(self):
         self.rpc.close()
