@@ -559,6 +559,9 @@ def freeze(work: Path, python: str) -> None:
     with open(work / "pyinstaller.log", "wb") as log:
         if root_ready():
             py, out, src = f"{IN_ROOT_VENV}/bin/python", "/out", "/src"
+            # the root's llama_cpp laid out as this checkout lays it out (a kit updated since the
+            # root was made, e.g. the RPC module moved to llama_cpp/bin); a no-op when it is current
+            install_llama_cpp(py, inside_root=True)
             in_root(f"{py} -m PyInstaller --noconfirm --distpath {out}/dist --workpath {out}/work {src}/build/kit.spec"
                     f" && {py} {src}/build/notices.py {out}/dist/kit {out}/work/kit",
                     binds=((ROOT, "/src", True), (work, "/out", False)), log=log)
