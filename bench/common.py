@@ -137,6 +137,14 @@ def compare(name: str, mine: Sequence[float], theirs: Sequence[float], target: f
             Ratio(f"{name}, best runs", best_ratio, target, at_most=times)]
 
 
+def compare_paired(name: str, mine: Sequence[float], theirs: Sequence[float], target: float) -> Ratio:
+    """The median of the ratios of samples taken as pairs, seconds apart (mine[i] with theirs[i]):
+    a busy moment on the host hurts both sides of a pair, where the ratio of two medians lets it
+    land on one side only."""
+    pairs = [m / t for m, t in zip(mine, theirs, strict=True) if m == m and t == t and t]
+    return Ratio(f"{name}, median of pairs", median(pairs) if pairs else None, target)
+
+
 @dataclass
 class Section:
     title: str

@@ -18,11 +18,11 @@ from kit import ggml, hardware, integrity, kernels
 class Sizes:
     """How much to measure. Full: enough repeats for stable medians on a noisy 2-core machine."""
 
-    overhead_rounds: int = 7
+    overhead_rounds: int = 11  # 7 left the best runs to chance on this noisy host (docs/BENCHMARKS.md §1)
     prompt_tokens: int = 128
-    gen_tokens: int = 32
+    gen_tokens: int = 64  # 32 (0.4 s) left one busy moment a whole sample
     repeats: int = 3  # inside one process: the kit's benchmark and llama-bench both keep the best
-    chat_tokens: int = 48
+    chat_tokens: int = 64
     kernel_rounds: int = 3
     verify_rounds: int = 5
     first_token_rounds: int = 5

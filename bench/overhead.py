@@ -4,7 +4,7 @@ kernel and libraries, interleaved (kit, llama-bench, kit, llama-bench, ...), med
 from __future__ import annotations
 
 from bench import llamacpp
-from bench.common import Section, compare, fmt, interleave, median, run_child, say, spread
+from bench.common import Section, compare, compare_paired, fmt, interleave, median, run_child, say, spread
 from bench.context import Context
 
 TARGET = 0.97
@@ -45,12 +45,15 @@ def run(ctx: Context) -> Section:
         section.rows.append([label, fmt(median(mine)), fmt(median(theirs)), fmt(ratio, 3),
                              spread(mine), spread(theirs)])
         section.ratios += compare(ratio_name, mine, theirs, TARGET)
+        # round i of each side ran back to back (interleave): a pair
+        section.ratios.append(compare_paired(ratio_name, mine, theirs, TARGET))
     backend = cpp_runs[0].backend
     section.notes += [
         f"kernel {variant.name} on both sides; llama-bench loaded {backend} (checked on every run)",
         f"libllama for llama-bench: {llamacpp.linked_libllama(folder, ctx.kit_lib)} (the kit's own file)",
         f"{ctx.threads} threads, flash attention off, best of {s.repeats} repetitions per process, "
-        f"median of {s.overhead_rounds} interleaved rounds",
+        f"median of {s.overhead_rounds} interleaved rounds; 'median of pairs': of the ratios of round i "
+        "of each side, run back to back",
         "llama-bench generation runs at depth = prompt tokens (-d), as the kit generates after its prompt; "
         "it never samples: engine.benchmark samples greedily, the chat stream samples (temperature 0.3, "
         "repeat penalty 1.1) and detokenises; 'decode only' feeds tokens like llama-bench",

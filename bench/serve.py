@@ -8,19 +8,23 @@
   server sends in its last chunk; a round's aggregate rate is every stream's completion tokens
   over the round's wall time (first request sent to last stream ended). Time to first token is
   from a request sent to its first chunk with content.
-- Interleaved: each server start runs `passes` passes of 1, 2, 4 streams (1, 2, 4, 1, 2, 4, ...);
-  kit serve and the bare server take turns (kit, bare, kit, bare, ...): only one runs at a time,
-  as the 2 cores cannot be shared fairly.
-- Bare: llama-server with exactly the argv and environment kit serve gave its own child (read
-  from /proc/PID/cmdline and /environ: GGML_BACKEND_PATH, the kernel, is the same), except that
-  the model is the stick's file instead of the sealed copy's /proc/self/fd/N and the page folder is
-  a copy of kit serve's (which goes when it stops). Same port, so --cors-origins is the same too.
-  What differs is the kit around it: its status loop reads /metrics every second.
+- Three servers up at once, one asked at a time (an idle llama-server uses no CPU): kit serve;
+  **bare**, llama-server with exactly the argv and environment kit serve gave its own child (read
+  from /proc/PID/cmdline and /environ: GGML_BACKEND_PATH, the kernel, is the same) on a sealed
+  memfd copy of the model made here the same way, so that what differs is only the kit around it
+  (its status loop's /metrics request every second, its process); and **bare on the file**, the
+  same but the stick's model file in place of the sealed copy, to show what the sealed copy's
+  memory costs on this host. Each bare server gets its own port (and the CORS origin naming it)
+  and a copy of kit serve's page folder (which goes when it stops).
+- Paired: for each of 1, 2, 4 streams the three sides run one round each, seconds apart (their
+  order rotated every pass), `passes` times per start. Ratios are medians of those pairs as well
+  as of the medians, so a busy minute on this shared host hurts every side of a pair alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -34,7 +38,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import Section, compare, fmt, median, say, spread, tests_module
+from bench.common import Section, compare, compare_paired, fmt, median, say, spread, tests_module
 from bench.context import QUICK, Context
 
 SCALING_TARGET = 2.0  # 4 streams' aggregate rate over one stream's, on this 2-core machine
@@ -48,13 +52,14 @@ REQUEST_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class ServeSizes:
-    alternations: int  # server starts per side (kit, bare, kit, bare, ...)
-    passes: int  # passes of 1, 2, 4 streams per start
+    alternations: int  # starts of the two servers
+    passes: int  # passes of 1, 2, 4 streams (kit and bare each) per start
     max_tokens: int
 
 
-FULL_SIZES = ServeSizes(alternations=4, passes=2, max_tokens=128)
+FULL_SIZES = ServeSizes(alternations=2, passes=6, max_tokens=128)
 QUICK_SIZES = ServeSizes(alternations=1, passes=1, max_tokens=32)
+SETTLE_S = 0.3  # between rounds: the last server's threads stop polling for work (ggml: ~0.1 s)
 
 
 @dataclass
@@ -176,6 +181,7 @@ def percentile(values: list[float], q: float) -> float:
 class ServerCommand:
     argv: list[str]
     env: dict[str, str]
+    pass_fds: tuple[int, ...] = ()  # the sealed copy's descriptor, for /proc/self/fd/N
 
 
 def read_command(pid: int) -> ServerCommand:
@@ -186,15 +192,20 @@ def read_command(pid: int) -> ServerCommand:
     return ServerCommand(argv, env)
 
 
-def bare_argv(argv: list[str], model_file: Path, page_dir: Path | None) -> list[str]:
-    """kit serve's llama-server argv with the stick's model file for the sealed copy's
-    /proc/self/fd/N and `page_dir` for its page folder; everything else as it was."""
+def bare_argv(argv: list[str], model_file: Path, page_dir: Path | None, port: int) -> list[str]:
+    """kit serve's llama-server argv with `model_file` for kit serve's sealed copy
+    (/proc/self/fd/N), `page_dir` for its page folder and `port` for its port; the rest as it was."""
     out = list(argv)
+    kit_port = out[out.index("--port") + 1]
     for i, arg in enumerate(out[:-1]):
         if arg == "--model" and out[i + 1].startswith("/proc/self/fd/"):
             out[i + 1] = str(model_file)
         elif arg == "--path" and page_dir is not None:
             out[i + 1] = str(page_dir)
+        elif arg == "--port":
+            out[i + 1] = str(port)
+        elif arg == "--cors-origins":
+            out[i + 1] = out[i + 1].replace(f":{kit_port}", f":{port}")
     if "--host" not in out or out[out.index("--host") + 1] != "127.0.0.1":
         raise RuntimeError("kit serve's llama-server is not on loopback: the bench only serves on 127.0.0.1")
     return out
@@ -217,7 +228,8 @@ def wait_health(port: int, proc: subprocess.Popen, timeout: float = READY_S) -> 
 def bare_server(command: ServerCommand, port: int, log: Path):
     with open(log, "ab") as out:
         proc = subprocess.Popen(command.argv, env=command.env, cwd=Path(command.argv[0]).parent,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                                pass_fds=command.pass_fds, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
         try:
             wait_health(port, proc)
@@ -270,46 +282,69 @@ def _arg(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1] if name in argv else "?"
 
 
+SIDES = ("kit", "bare", "file")  # kit serve; bare llama-server on a sealed copy; bare on the model file
+
+
+def sealed_copy(model_file: Path) -> int:
+    """A sealed memfd holding the model, as kit serve hands llama-server its verified bytes
+    (kit.integrity), for the bare server: its descriptor, inheritable."""
+    fd = os.memfd_create("kit-bench-model", os.MFD_ALLOW_SEALING)
+    with open(model_file, "rb") as source:
+        while chunk := source.read(1 << 20):
+            os.write(fd, chunk)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    os.set_inheritable(fd, True)
+    return fd
+
+
 def run(ctx: Context) -> Section:
     sizes = QUICK_SIZES if ctx.sizes == QUICK else FULL_SIZES
     stick = ctx.stick
-    port = tests_module("servekit").free_port()
+    servekit = tests_module("servekit")
+    ports = {side: servekit.free_port() for side in SIDES}
     body = request_body(sizes.max_tokens)
     warm_body = request_body(8)
-    say(f"serve: {sizes.alternations} x (kit serve, bare llama-server), {sizes.passes} passes of "
-        f"{', '.join(map(str, STREAMS))} streams each, {sizes.max_tokens} tokens a stream, port {port}")
-    rounds: dict[str, dict[int, list[Round]]] = {side: {n: [] for n in STREAMS} for side in ("kit", "bare")}
-    command: ServerCommand | None = None
+    say(f"serve: {sizes.alternations} starts of kit serve, bare llama-server on a sealed copy and on the file "
+        f"(ports {', '.join(map(str, ports.values()))}), {sizes.passes} passes of "
+        f"{', '.join(map(str, STREAMS))} streams on each, paired, {sizes.max_tokens} tokens a stream")
+    rounds: dict[str, dict[int, list[Round]]] = {side: {n: [] for n in STREAMS} for side in SIDES}
+    commands: dict[str, ServerCommand] = {}
     banner = ""
     loads: list[list[float]] = []
 
-    def passes(side: str, key: str | None) -> None:
-        concurrent_round(port, SLOTS, warm_body, key)  # untimed: every slot has run once
-        for _ in range(sizes.passes):
-            for n in STREAMS:
-                rounds[side][n].append(concurrent_round(port, n, body, key))
-        loads.append([round(x, 1) for x in os.getloadavg()])
-
-    with tempfile.TemporaryDirectory(prefix="kit-bench-serve-") as tmp:
-        page_copy, log = Path(tmp) / "page", Path(tmp) / "bare-llama-server.log"
+    with tempfile.TemporaryDirectory(prefix="kit-bench-serve-") as tmp, contextlib.ExitStack() as held:
+        page_copy = Path(tmp) / "page"
         for i in range(sizes.alternations):
-            say(f"serve: round {i + 1}/{sizes.alternations}, kit serve")
-            with kit_server(stick, port) as (served, pid):
-                if command is None:
+            say(f"serve: start {i + 1}/{sizes.alternations}")
+            with kit_server(stick, ports["kit"]) as (served, pid), contextlib.ExitStack() as servers:
+                if not commands:
                     found = read_command(pid)
                     page = _arg(found.argv, "--path")
                     if page != "?":
                         shutil.copytree(page, page_copy)
+                    pages = page_copy if page != "?" else None
                     model_file = stick_model_file(stick, _arg(found.argv, "--alias"))
-                    command = ServerCommand(bare_argv(found.argv, model_file, page_copy if page != "?" else None),
-                                            found.env)
+                    fd = sealed_copy(model_file)
+                    held.callback(os.close, fd)
+                    commands["bare"] = ServerCommand(bare_argv(found.argv, Path(f"/proc/self/fd/{fd}"), pages,
+                                                               ports["bare"]), found.env, (fd,))
+                    commands["file"] = ServerCommand(bare_argv(found.argv, model_file, pages, ports["file"]),
+                                                     found.env)
                     banner = banner_line(served)
-                passes("kit", served.key)
-            say(f"serve: round {i + 1}/{sizes.alternations}, bare llama-server")
-            with bare_server(command, port, log):
-                passes("bare", None)
+                for side in ("bare", "file"):
+                    servers.enter_context(bare_server(commands[side], ports[side], Path(tmp) / f"{side}.log"))
+                keys = {"kit": served.key, "bare": None, "file": None}
+                for side in SIDES:
+                    concurrent_round(ports[side], SLOTS, warm_body, keys[side])  # untimed: every slot has run once
+                for p in range(sizes.passes):
+                    order = SIDES[p % 3:] + SIDES[:p % 3]
+                    for n in STREAMS:
+                        for side in order:
+                            time.sleep(SETTLE_S)
+                            rounds[side][n].append(concurrent_round(ports[side], n, body, keys[side]))
+                    loads.append([round(x, 1) for x in os.getloadavg()])
 
-    return _section(sizes, rounds, command, banner, loads)
+    return _section(sizes, rounds, commands["bare"], banner, loads)
 
 
 def _section(sizes: ServeSizes, rounds: dict[str, dict[int, list[Round]]], command: ServerCommand,
@@ -319,37 +354,52 @@ def _section(sizes: ServeSizes, rounds: dict[str, dict[int, list[Round]]], comma
             for side, by_n in rounds.items()}
     short = sorted({s.tokens for by_n in rounds.values() for rs in by_n.values() for r in rs for s in r.results
                     if s.tokens != sizes.max_tokens})
+
+    def pairs(mine: list[float], theirs: list[float]) -> float:
+        return compare_paired("", mine, theirs, BARE_TARGET).value
+
+    def ttfts(side: str, n: int) -> str:
+        return f"{fmt(percentile(ttft[side][n], 50), 2)} / {fmt(percentile(ttft[side][n], 95), 2)}"
+
     section = Section("8. Serving a team: kit serve --parallel 4 vs bare llama-server",
-                      ["streams", "kit serve tok/s", "kit range", "bare tok/s", "bare range", "kit / bare",
-                       "vs 1 stream (kit)", "TTFT p50 / p95, s (kit)", "TTFT p50 / p95, s (bare)"])
+                      ["streams", "kit serve tok/s", "kit range", "bare tok/s", "bare range", "kit / bare (pairs)",
+                       "bare on the file tok/s", "sealed copy / file (pairs)", "vs 1 stream (kit)",
+                       "TTFT p50 / p95, s (kit)", "TTFT p50 / p95, s (bare)"])
     one = median(tps["kit"][1])
     for n in STREAMS:
         kit_n, bare_n = median(tps["kit"][n]), median(tps["bare"][n])
         section.rows.append([str(n), fmt(kit_n), spread(tps["kit"][n]), fmt(bare_n), spread(tps["bare"][n]),
-                             fmt(kit_n / bare_n, 3), fmt(kit_n / one, 2),
-                             f"{fmt(percentile(ttft['kit'][n], 50), 2)} / {fmt(percentile(ttft['kit'][n], 95), 2)}",
-                             f"{fmt(percentile(ttft['bare'][n], 50), 2)} / "
-                             f"{fmt(percentile(ttft['bare'][n], 95), 2)}"])
-    section.ratios += compare("serve: 4 streams / 1 stream, kit serve", tps["kit"][4], tps["kit"][1],
-                              SCALING_TARGET)
+                             fmt(pairs(tps["kit"][n], tps["bare"][n]), 3), fmt(median(tps["file"][n])),
+                             fmt(pairs(tps["bare"][n], tps["file"][n]), 3), fmt(kit_n / one, 2),
+                             ttfts("kit", n), ttfts("bare", n)])
+    scaling = "serve: 4 streams / 1 stream, kit serve"
+    section.ratios += compare(scaling, tps["kit"][4], tps["kit"][1], SCALING_TARGET)
+    section.ratios.append(compare_paired(scaling, tps["kit"][4], tps["kit"][1], SCALING_TARGET))
+    # llama-server's own batching here, with no kit around it: what 4:1 can be on this host
+    section.ratios.append(compare_paired("serve: 4 streams / 1 stream, bare llama-server", tps["bare"][4],
+                                         tps["bare"][1], SCALING_TARGET))
     for n in (1, 4):
-        section.ratios += compare(f"serve: kit serve / bare llama-server, {n} stream{'s' if n > 1 else ''}",
-                                  tps["kit"][n], tps["bare"][n], BARE_TARGET)
+        name = f"serve: kit serve / bare llama-server, {n} stream{'s' if n > 1 else ''}"
+        section.ratios += compare(name, tps["kit"][n], tps["bare"][n], BARE_TARGET)
+        section.ratios.append(compare_paired(name, tps["kit"][n], tps["bare"][n], BARE_TARGET))
     server_tps = [s.server_tps for r in rounds["kit"][1] for s in r.results if s.server_tps]
     argv = command.argv
     section.notes += [
         banner or "kit serve's banner not read",
         f"llama-server --parallel {_arg(argv, '--parallel')} --ctx-size {_arg(argv, '--ctx-size')} "
         f"--threads {_arg(argv, '--threads')} --flash-attn {_arg(argv, '--flash-attn')}, "
-        f"GGML_BACKEND_PATH {Path(command.env.get('GGML_BACKEND_PATH', '?')).name} on both sides; bare: the same "
-        "argv and environment with the stick's model file for the sealed copy",
+        f"GGML_BACKEND_PATH {Path(command.env.get('GGML_BACKEND_PATH', '?')).name} on every side; bare: the same "
+        "argv and environment on a sealed copy made by the bench; bare on the file: the stick's model file",
         f"{sizes.max_tokens} tokens a stream (ignore_eos, temperature 0, cache_prompt off); aggregate = "
         f"completion tokens / the round's wall time; median of {sizes.alternations * sizes.passes} rounds per "
-        f"cell ({sizes.alternations} starts x {sizes.passes} passes, interleaved 1, 2, 4 and kit, bare)",
+        f"cell ({sizes.alternations} starts x {sizes.passes} passes; the three servers up, one asked at a time, "
+        "paired per number of streams)",
         "every stream wrote exactly max_tokens" if not short else f"some streams stopped short: {short} tokens",
         f"one stream, the server's own generation rate (timings): median {fmt(median(server_tps))} tok/s",
+        "sealed copy / file: the memfd's 4 KiB shmem pages against the file's page cache, which on this "
+        "host's ext4 holds large folios that llama-server maps as 2 MiB pages (FilePmdMapped)",
         f"TTFT: request sent to its first content chunk, over every stream of the round; load average after "
-        f"each start's passes {loads}",
+        f"each pass {loads}",
     ]
     env = {k: v for k, v in command.env.items() if k != "LLAMA_API_KEY"}  # a result file holds no key
     section.data = {"sizes": asdict(sizes), "argv_bare": argv, "env": env, "loads": loads,

@@ -304,9 +304,25 @@ def _streaming_llama(llama_cpp):
 
     lowlevel = llama_cpp.llama_cpp  # the module llama-cpp-python's own internals call
 
+    attach = lowlevel._lib.llama_attach_threadpool
+    attach.restype, attach.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+
     class StreamingLlama(llama_cpp.Llama):
         _one_token = None  # (the LlamaBatch, its fields) for eval's one-token path
         _pieces: dict | None = None  # token -> detokenize([token]), filled as tokens are generated
+        _threadpool: ggml.Threadpool | None = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # one threadpool for prompt and generation (llama-bench's way: the batch one is the same)
+            self._threadpool = ggml.new_threadpool(self.context_params.n_threads)
+            if self._threadpool is not None:
+                attach(self._ctx.ctx, self._threadpool.handle, None)
+
+        def close(self) -> None:
+            super().close()  # frees the context first: it no longer uses the pool
+            if self._threadpool is not None:
+                self._threadpool.free()
 
         def eval(self, tokens):
             """Llama.eval, without its Python per-token batch loop for one token (each generated

@@ -150,3 +150,65 @@ def backend_score(path: Path) -> int:
     score.restype = ctypes.c_int
     score.argtypes = []
     return int(score())
+
+
+# ggml.h's struct ggml_threadpool_params (GGML_MAX_N_THREADS 512), checked against the pinned
+# source by tests/test_engine.py; ggml_threadpool_params_init fills in the defaults.
+class _ThreadpoolParams(ctypes.Structure):
+    _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
+                ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
+
+
+# llama.cpp's own default polling level (common's cpuparams, llama-bench --poll): a worker spins
+# briefly for the next graph before it sleeps, bounded (~0.1 s), so an idle chat costs nothing.
+THREADPOOL_POLL = 50
+_CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
+
+
+@dataclass
+class Threadpool:
+    """A ggml CPU threadpool: `handle` goes to llama_attach_threadpool; free it after the context."""
+
+    handle: int
+    _free: object
+
+    def free(self) -> None:
+        if self.handle:
+            self._free(self.handle)
+            self.handle = 0
+
+
+def new_threadpool(n_threads: int, poll: int = THREADPOOL_POLL) -> Threadpool | None:
+    """ggml's CPU threadpool for one model's life, as llama.cpp's tools keep one (llama-bench, and
+    llama-server through common). Without one, ggml makes and joins new threads for every graph,
+    that is every generated token, and none of them waits for the next: docs/BENCHMARKS.md §1.
+    None when no CPU backend is registered yet (then ggml's per-graph threads are used)."""
+    names = _LIB_NAMES[os_key()]
+    mode = getattr(ctypes, "RTLD_GLOBAL", 0)
+    ggml = ctypes.CDLL(str(lib_dir() / names[2]), mode=mode)  # the registry libllama uses (load_variant)
+    base = ctypes.CDLL(str(lib_dir() / names[3]), mode=mode)
+    for name, restype, argtypes in (("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
+                                    ("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
+                                    ("ggml_backend_reg_get_proc_address", ctypes.c_void_p,
+                                     [ctypes.c_void_p, ctypes.c_char_p])):
+        getattr(ggml, name).restype, getattr(ggml, name).argtypes = restype, argtypes
+    base.ggml_threadpool_params_init.restype = None
+    base.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_ThreadpoolParams), ctypes.c_int]
+    device = ggml.ggml_backend_dev_by_type(_CPU_DEVICE)
+    if not device:
+        return None
+    reg = ggml.ggml_backend_dev_backend_reg(device)
+    # the CPU backend is a loaded module: its functions come from its registry, as llama-bench gets them
+    new_address = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_new")
+    free_address = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_free")
+    if not (new_address and free_address):
+        return None
+    new = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ThreadpoolParams))(new_address)
+    free = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(free_address)
+    params = _ThreadpoolParams()
+    base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+    params.poll = poll
+    handle = new(ctypes.byref(params))
+    if not handle:
+        raise KernelError(f"ggml could not start a threadpool of {n_threads} threads")
+    return Threadpool(handle, free)

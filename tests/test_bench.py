@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import run as bench_run  # noqa: E402
 from bench.chat_terminal import QUICK_WINDOW  # noqa: E402
-from bench.common import Ratio, compare, interleave, median, table  # noqa: E402
+from bench.common import Ratio, compare, compare_paired, interleave, median, table  # noqa: E402
 from bench.kernel_choice import ggml_pick, share_of_fastest  # noqa: E402
 from bench.serve import bare_argv, concurrent_round, percentile, request_body  # noqa: E402
 
@@ -35,7 +35,11 @@ COMPARED = ["engine prompt", "engine generation", "engine decode only", "chat st
             f"chat: last {QUICK_WINDOW} / first {QUICK_WINDOW} tokens", f"chat last {QUICK_WINDOW} tokens / kit ask",
             "serve: 4 streams / 1 stream, kit serve", "serve: kit serve / bare llama-server, 1 stream",
             "serve: kit serve / bare llama-server, 4 streams"]
-RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED}  # medians, and the least disturbed runs
+PAIRED = ["engine prompt", "engine generation", "engine decode only", "chat stream generation",
+          "serve: 4 streams / 1 stream, kit serve", "serve: 4 streams / 1 stream, bare llama-server",
+          "serve: kit serve / bare llama-server, 1 stream", "serve: kit serve / bare llama-server, 4 streams"]
+# medians, the least disturbed runs, and (where the samples are pairs) the median of the pairs
+RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED} | {f"{name}, median of pairs" for name in PAIRED}
 RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)
 
 
@@ -91,13 +95,22 @@ def test_percentile_interpolates_between_ranks_and_skips_missing_values():
     assert math.isnan(percentile([], 50))
 
 
-def test_bare_argv_swaps_only_the_sealed_model_and_the_page_folder():
+def test_bare_argv_swaps_only_the_sealed_model_the_page_folder_and_the_port():
     argv = ["/x/llama-server", "--model", "/proc/self/fd/3", "--host", "127.0.0.1", "--port", "8080",
-            "--path", "/dev/shm/kit-page-1", "--parallel", "4"]
-    bare = bare_argv(argv, Path("/stick/KIT/models/m.gguf"), Path("/tmp/page"))
-    assert bare == [*argv[:2], "/stick/KIT/models/m.gguf", *argv[3:7], "--path", "/tmp/page", *argv[-2:]]
+            "--path", "/dev/shm/kit-page-1", "--parallel", "4", "--cors-origins", "http://127.0.0.1:8080"]
+    bare = bare_argv(argv, Path("/stick/KIT/models/m.gguf"), Path("/tmp/page"), 8081)
+    assert bare == [*argv[:2], "/stick/KIT/models/m.gguf", *argv[3:6], "8081", "--path", "/tmp/page",
+                    "--parallel", "4", "--cors-origins", "http://127.0.0.1:8081"]
     with pytest.raises(RuntimeError, match="loopback"):
-        bare_argv([*argv[:3], "--host", "0.0.0.0"], Path("m.gguf"), None)
+        bare_argv([*argv[:3], "--host", "0.0.0.0", "--port", "8080"], Path("m.gguf"), None, 8081)
+
+
+def test_paired_ratio_is_the_median_of_the_pairs_not_of_the_medians():
+    mine, theirs = [50.0, 100.0, 60.0], [100.0, 100.0, 50.0]
+    assert compare_paired("x", mine, theirs, 0.97).value == pytest.approx(1.0)  # 0.5, 1.0, 1.2
+    assert median(mine) / median(theirs) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        compare_paired("x", mine, theirs[:2], 0.97)
 
 
 class _FakeServer(BaseHTTPRequestHandler):

@@ -4,6 +4,7 @@ the loop guard on a real loop; and its stop-string scanner, which needs no model
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -63,6 +64,13 @@ CHILD = textwrap.dedent("""
     maps = pathlib.Path("/proc/self/maps").read_text().splitlines()
     out["ggml"] = sorted({l.split()[-1] for l in maps if "/libggml.so" in l})
     out["cpu"] = sorted({l.split()[-1].rsplit("/", 1)[-1] for l in maps if "libggml-cpu-" in l})
+    # ggml's threadpool lives as long as the model: its worker is there between tokens, not remade for each
+    import os
+    tasks = lambda: len(os.listdir("/proc/self/task"))
+    out["threads_open"] = tasks()
+    out["threads_between_tokens"] = sorted({tasks() for _ in eng.stream(msgs, max_tokens=8, temperature=0.0)})
+    eng.close()
+    out["threads_closed"] = tasks()
     print(json.dumps(out))
 """)
 
@@ -124,6 +132,29 @@ def test_a_real_loop_is_stopped_and_the_start_kept(child_result):
 def test_one_libggml_instance_and_the_chosen_kernel(child_result):
     assert len(child_result["ggml"]) == 1 and child_result["ggml"][0].endswith("libggml.so.0")
     assert child_result["cpu"] == ["libggml-cpu-haswell.so"]
+
+
+@pytest.mark.slow
+def test_one_threadpool_for_the_model_s_life(child_result):
+    """2 threads: ggml's pool keeps one worker beside the caller from load to close (without a pool,
+    ggml makes and joins a thread for every token: none is there between two tokens)."""
+    assert child_result["threads_between_tokens"] == [child_result["threads_open"]]
+    assert child_result["threads_closed"] == child_result["threads_open"] - 1
+
+
+def test_threadpool_params_match_the_pinned_ggml_header():
+    sys.path.insert(0, str(ROOT / "build"))
+    import base
+
+    from kit import ggml
+
+    header = (base.llama_sources() / "ggml" / "include" / "ggml.h").read_text()
+    struct = re.search(r"struct ggml_threadpool_params \{(.*?)\};", header, re.S).group(1)
+    fields = re.findall(r"^\s*(?:enum\s+)?(\w+)\s+(\w+)(?:\[(\w+)\])?;", struct, re.M)
+    assert [name for _, name, _ in fields] == [name for name, _ in ggml._ThreadpoolParams._fields_]
+    assert fields[0][2] == "GGML_MAX_N_THREADS"
+    assert int(re.search(r"#define GGML_MAX_N_THREADS\s+(\d+)", header).group(1)) == 512
+    assert [t for t, _, _ in fields] == ["bool", "int", "ggml_sched_priority", "uint32_t", "bool", "bool"]
 
 
 @pytest.mark.slow
