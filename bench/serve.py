@@ -397,7 +397,7 @@ def _section(sizes: ServeSizes, rounds: dict[str, dict[int, list[Round]]], comma
         "every stream wrote exactly max_tokens" if not short else f"some streams stopped short: {short} tokens",
         f"one stream, the server's own generation rate (timings): median {fmt(median(server_tps))} tok/s",
         "sealed copy / file: the memfd's 4 KiB shmem pages against the file's page cache, which on this "
-        "host's ext4 holds large folios that llama-server maps as 2 MiB pages (FilePmdMapped)",
+        "host's ext4 holds in large folios that llama.cpp's mmap maps as 2 MiB pages (FilePmdMapped)",
         f"TTFT: request sent to its first content chunk, over every stream of the round; load average after "
         f"each pass {loads}",
     ]
