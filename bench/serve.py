@@ -11,7 +11,7 @@
 - Three servers up at once, one asked at a time (an idle llama-server uses no CPU): kit serve;
   **bare**, llama-server with exactly the argv and environment kit serve gave its own child (read
   from /proc/PID/cmdline and /environ: GGML_BACKEND_PATH, the kernel, is the same) on a sealed
-  memfd copy of the model made here the same way, so that what differs is only the kit around it
+  memfd copy of the model made by the kit's own call, so that what differs is only the kit around it
   (its status loop's /metrics request every second, its process); and **bare on the file**, the
   same but the stick's model file in place of the sealed copy, to show what the sealed copy's
   memory costs on this host. Each bare server gets its own port (and the CORS origin naming it)
@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import json
 import os
@@ -52,14 +51,14 @@ REQUEST_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class ServeSizes:
-    alternations: int  # starts of the two servers
-    passes: int  # passes of 1, 2, 4 streams (kit and bare each) per start
+    alternations: int  # starts of the three servers
+    passes: int  # passes of 1, 2, 4 streams (each side once, order rotated) per start: a multiple of 3
     max_tokens: int
 
 
 FULL_SIZES = ServeSizes(alternations=2, passes=6, max_tokens=128)
 QUICK_SIZES = ServeSizes(alternations=1, passes=1, max_tokens=32)
-SETTLE_S = 0.3  # between rounds: the last server's threads stop polling for work (ggml: ~0.1 s)
+SETTLE_S = 0.5  # between rounds: the last server's workers stop polling for work (6.5 M pause loops)
 
 
 @dataclass
@@ -285,16 +284,19 @@ def _arg(argv: list[str], name: str) -> str:
 SIDES = ("kit", "bare", "file")  # kit serve; bare llama-server on a sealed copy; bare on the model file
 
 
-def sealed_copy(model_file: Path) -> int:
-    """A sealed memfd holding the model, as kit serve hands llama-server its verified bytes
-    (kit.integrity), for the bare server: its descriptor, inheritable."""
-    fd = os.memfd_create("kit-bench-model", os.MFD_ALLOW_SEALING)
-    with open(model_file, "rb") as source:
-        while chunk := source.read(1 << 20):
-            os.write(fd, chunk)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-    os.set_inheritable(fd, True)
-    return fd
+def sealed_copy(stick: Path, model_file: Path) -> int:
+    """A sealed memfd of the stick's model made by the kit's own call (kit.integrity.seal_entry,
+    as kit serve makes its copy), for the bare server: its descriptor, for pass_fds."""
+    from kit import integrity, signing
+    from kit.paths import find_bundle
+
+    bundle = find_bundle(stick)
+    relpath = model_file.relative_to(bundle.kit).as_posix()
+    entry = next(f for f in signing.check_stick(bundle).manifest.files if f.path == relpath)
+    status, copy = integrity.seal_entry(bundle.kit, entry)
+    if copy is None:
+        raise RuntimeError(f"the bench could not make a sealed copy of {relpath}: {status.state} {status.detail}")
+    return copy.fd
 
 
 def run(ctx: Context) -> Section:
@@ -324,7 +326,7 @@ def run(ctx: Context) -> Section:
                         shutil.copytree(page, page_copy)
                     pages = page_copy if page != "?" else None
                     model_file = stick_model_file(stick, _arg(found.argv, "--alias"))
-                    fd = sealed_copy(model_file)
+                    fd = sealed_copy(stick, model_file)
                     held.callback(os.close, fd)
                     commands["bare"] = ServerCommand(bare_argv(found.argv, Path(f"/proc/self/fd/{fd}"), pages,
                                                                ports["bare"]), found.env, (fd,))

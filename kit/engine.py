@@ -310,19 +310,23 @@ def _streaming_llama(llama_cpp):
     class StreamingLlama(llama_cpp.Llama):
         _one_token = None  # (the LlamaBatch, its fields) for eval's one-token path
         _pieces: dict | None = None  # token -> detokenize([token]), filled as tokens are generated
-        _threadpool: ggml.Threadpool | None = None
+        _threadpools: tuple[ggml.Threadpool, ...] = ()
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            # one threadpool for prompt and generation (llama-bench's way: the batch one is the same)
-            self._threadpool = ggml.new_threadpool(self.context_params.n_threads)
-            if self._threadpool is not None:
-                attach(self._ctx.ctx, self._threadpool.handle, None)
+            # prompt graphs run n_threads_batch threads: a pool of their own when the counts differ
+            # (llama.cpp's common does the same); NULL = the generation pool (the kit's case)
+            params = self.context_params
+            pool = ggml.new_threadpool(params.n_threads)
+            batch = ggml.new_threadpool(params.n_threads_batch) if params.n_threads_batch != params.n_threads else None
+            self._threadpools = tuple(p for p in (pool, batch) if p is not None)
+            if pool is not None:
+                attach(self._ctx.ctx, pool.handle, batch.handle if batch is not None else None)
 
         def close(self) -> None:
-            super().close()  # frees the context first: it no longer uses the pool
-            if self._threadpool is not None:
-                self._threadpool.free()
+            super().close()  # frees the context first: it no longer uses the pools
+            for pool in self._threadpools:
+                pool.free()
 
         def eval(self, tokens):
             """Llama.eval, without its Python per-token batch loop for one token (each generated

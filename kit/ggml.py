@@ -159,8 +159,9 @@ class _ThreadpoolParams(ctypes.Structure):
                 ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
 
 
-# llama.cpp's own default polling level (common's cpuparams, llama-bench --poll): a worker spins
-# briefly for the next graph before it sleeps, bounded (~0.1 s), so an idle chat costs nothing.
+# llama.cpp's own default polling level (common's cpuparams, llama-bench --poll): after a graph a
+# worker spins 1024 * 128 * poll pause loops for the next one (ggml-cpu.c; tens of ms to ~0.3 s
+# by CPU), then sleeps, so an idle chat costs nothing.
 THREADPOOL_POLL = 50
 _CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
 
@@ -182,11 +183,15 @@ def new_threadpool(n_threads: int, poll: int = THREADPOOL_POLL) -> Threadpool | 
     """ggml's CPU threadpool for one model's life, as llama.cpp's tools keep one (llama-bench, and
     llama-server through common). Without one, ggml makes and joins new threads for every graph,
     that is every generated token, and none of them waits for the next: docs/BENCHMARKS.md §1.
-    None when no CPU backend is registered yet (then ggml's per-graph threads are used)."""
+    None when no CPU backend is registered or its libraries cannot be opened: then ggml's
+    per-graph threads are used, slower but the same answers."""
     names = _LIB_NAMES[os_key()]
     mode = getattr(ctypes, "RTLD_GLOBAL", 0)
-    ggml = ctypes.CDLL(str(lib_dir() / names[2]), mode=mode)  # the registry libllama uses (load_variant)
-    base = ctypes.CDLL(str(lib_dir() / names[3]), mode=mode)
+    try:
+        ggml = ctypes.CDLL(str(lib_dir() / names[2]), mode=mode)  # the registry libllama uses (load_variant)
+        base = ctypes.CDLL(str(lib_dir() / names[3]), mode=mode)
+    except OSError:
+        return None
     for name, restype, argtypes in (("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
                                     ("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
                                     ("ggml_backend_reg_get_proc_address", ctypes.c_void_p,
@@ -208,7 +213,5 @@ def new_threadpool(n_threads: int, poll: int = THREADPOOL_POLL) -> Threadpool | 
     params = _ThreadpoolParams()
     base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
     params.poll = poll
-    handle = new(ctypes.byref(params))
-    if not handle:
-        raise KernelError(f"ggml could not start a threadpool of {n_threads} threads")
-    return Threadpool(handle, free)
+    handle = new(ctypes.byref(params))  # ggml aborts rather than return NULL; kept as a guard
+    return Threadpool(handle, free) if handle else None

@@ -285,12 +285,20 @@ def _sealed_copy(path: Path, blake3_hex: str, on_block: Callable[[int], None] | 
     try:
         hasher = Hasher()
         with open(path, "rb", buffering=0) as fh:
+            try:
+                # the pages up front, at the size seen now (a later change fails the hash)
+                sealed.reserve(fd, os.fstat(fh.fileno()).st_size)
+            except OSError as exc:
+                raise SealFailed(exc.errno, exc.strerror) from exc
             for chunk in hashed_blocks(fh, hasher, on_block):
                 try:
                     sealed.write_all(fd, chunk)
                 except OSError as exc:
                     raise SealFailed(exc.errno, exc.strerror) from exc
+            copied = fh.tell()
         try:
+            if os.fstat(fd).st_size != copied:  # the file shrank after it was measured: the copy is what was read
+                os.ftruncate(fd, copied)
             sealed.seal(fd)
         except OSError as exc:
             raise SealFailed(exc.errno, exc.strerror) from exc

@@ -3,6 +3,7 @@ the loop guard on a real loop; and its stop-string scanner, which needs no model
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import subprocess
@@ -136,8 +137,8 @@ def test_one_libggml_instance_and_the_chosen_kernel(child_result):
 
 @pytest.mark.slow
 def test_one_threadpool_for_the_model_s_life(child_result):
-    """2 threads: ggml's pool keeps one worker beside the caller from load to close (without a pool,
-    ggml makes and joins a thread for every token: none is there between two tokens)."""
+    """2 threads: ggml's pool keeps one worker beside the caller from load to close, and close ends
+    it (without a pool, ggml makes and joins a thread for every token, and close ends none)."""
     assert child_result["threads_between_tokens"] == [child_result["threads_open"]]
     assert child_result["threads_closed"] == child_result["threads_open"] - 1
 
@@ -155,6 +156,9 @@ def test_threadpool_params_match_the_pinned_ggml_header():
     assert fields[0][2] == "GGML_MAX_N_THREADS"
     assert int(re.search(r"#define GGML_MAX_N_THREADS\s+(\d+)", header).group(1)) == 512
     assert [t for t, _, _ in fields] == ["bool", "int", "ggml_sched_priority", "uint32_t", "bool", "bool"]
+    assert [ctype for _, ctype in ggml._ThreadpoolParams._fields_] == [
+        ctypes.c_bool * 512, ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_bool, ctypes.c_bool]
+    assert ctypes.sizeof(ggml._ThreadpoolParams) == 528  # 512 + 4 + 4 + 4 + 1 + 1, padded to 4
 
 
 @pytest.mark.slow
