@@ -266,15 +266,17 @@ def banner_line(served) -> str:
 # ---------------------------------------------------------------- the section
 
 
-def stick_model_file(stick: Path, alias: str) -> Path:
+def stick_model(stick: Path, alias: str):
+    """The stick's bundle paths and the manifest entry of its model `alias` (one file)."""
     from kit import signing
     from kit.paths import find_bundle
 
     bundle = find_bundle(stick)
-    model = signing.check_stick(bundle).manifest.model(alias)
+    manifest = signing.check_stick(bundle).manifest
+    model = manifest.model(alias)
     if len(model.files) != 1:
         raise RuntimeError(f"{model.id} is split into {len(model.files)} files: the bench serves one-file models")
-    return bundle.resolve(model.files[0])
+    return bundle, next(f for f in manifest.files if f.path == model.files[0])
 
 
 def _arg(argv: list[str], name: str) -> str:
@@ -284,18 +286,14 @@ def _arg(argv: list[str], name: str) -> str:
 SIDES = ("kit", "bare", "file")  # kit serve; bare llama-server on a sealed copy; bare on the model file
 
 
-def sealed_copy(stick: Path, model_file: Path) -> int:
+def sealed_copy(kit_dir: Path, entry) -> int:
     """A sealed memfd of the stick's model made by the kit's own call (kit.integrity.seal_entry,
     as kit serve makes its copy), for the bare server: its descriptor, for pass_fds."""
-    from kit import integrity, signing
-    from kit.paths import find_bundle
+    from kit import integrity
 
-    bundle = find_bundle(stick)
-    relpath = model_file.relative_to(bundle.kit).as_posix()
-    entry = next(f for f in signing.check_stick(bundle).manifest.files if f.path == relpath)
-    status, copy = integrity.seal_entry(bundle.kit, entry)
+    status, copy = integrity.seal_entry(kit_dir, entry)
     if copy is None:
-        raise RuntimeError(f"the bench could not make a sealed copy of {relpath}: {status.state} {status.detail}")
+        raise RuntimeError(f"the bench could not make a sealed copy of {entry.path}: {status.state} {status.detail}")
     return copy.fd
 
 
@@ -325,8 +323,9 @@ def run(ctx: Context) -> Section:
                     if page != "?":
                         shutil.copytree(page, page_copy)
                     pages = page_copy if page != "?" else None
-                    model_file = stick_model_file(stick, _arg(found.argv, "--alias"))
-                    fd = sealed_copy(stick, model_file)
+                    bundle, entry = stick_model(stick, _arg(found.argv, "--alias"))
+                    model_file = bundle.resolve(entry.path)
+                    fd = sealed_copy(bundle.kit, entry)
                     held.callback(os.close, fd)
                     commands["bare"] = ServerCommand(bare_argv(found.argv, Path(f"/proc/self/fd/{fd}"), pages,
                                                                ports["bare"]), found.env, (fd,))

@@ -124,13 +124,19 @@ def runtime_backends() -> frozenset[str]:
         return frozenset()
 
 
+def _runtime_lib(which: int) -> ctypes.CDLL:
+    """This runtime's libggml (2: the file libllama links) or libggml-base (3), by _LIB_NAMES index,
+    opened global so that a backend module loaded next resolves against them."""
+    return ctypes.CDLL(str(lib_dir() / _LIB_NAMES[os_key()][which]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+
+
 def load_variant(path: Path) -> None:
     """Register a backend module with the libggml that libllama uses (docs/ARCHITECTURE.md, trap 2).
 
     libllama links libggml by soname (libggml.so.0 on Linux); opening that exact file gives the
     same instance. llama_cpp._ggml opens libggml.so, a second copy, which llama never sees.
     """
-    ggml = ctypes.CDLL(str(lib_dir() / _LIB_NAMES[os_key()][2]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+    ggml = _runtime_lib(2)
     ggml.ggml_backend_load.restype = ctypes.c_void_p
     ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
     if not ggml.ggml_backend_load(os.fsencode(path)):
@@ -143,7 +149,7 @@ def backend_score(path: Path) -> int:
     die on this CPU: call it only in a probe child (kit.kernels), never in the kit's own process.
     """
     # its dependency first, from this runtime: a variant copied elsewhere still finds it
-    ctypes.CDLL(str(lib_dir() / _LIB_NAMES[os_key()][3]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+    _runtime_lib(3)
     score = getattr(ctypes.CDLL(str(path)), "ggml_backend_score", None)
     if score is None:
         raise KernelError(f"{path.name} is not a ggml CPU backend (it exports no ggml_backend_score)")
@@ -185,11 +191,8 @@ def new_threadpool(n_threads: int, poll: int = THREADPOOL_POLL) -> Threadpool | 
     that is every generated token, and none of them waits for the next: docs/BENCHMARKS.md §1.
     None when no CPU backend is registered or its libraries cannot be opened: then ggml's
     per-graph threads are used, slower but the same answers."""
-    names = _LIB_NAMES[os_key()]
-    mode = getattr(ctypes, "RTLD_GLOBAL", 0)
     try:
-        ggml = ctypes.CDLL(str(lib_dir() / names[2]), mode=mode)  # the registry libllama uses (load_variant)
-        base = ctypes.CDLL(str(lib_dir() / names[3]), mode=mode)
+        ggml, base = _runtime_lib(2), _runtime_lib(3)  # the registry libllama uses (load_variant)
     except OSError:
         return None
     for name, restype, argtypes in (("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
