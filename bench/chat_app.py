@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stick", required=True)
     parser.add_argument("--max-tokens", type=int, default=AnswerSettings.max_tokens)
     parser.add_argument("--temperature", type=float, default=AnswerSettings.temperature)
+    parser.add_argument("--no-knowledge", action="store_true", help="as kit chat --no-knowledge")
     args = parser.parse_args(argv)
-    return run(args.stick, Overrides(), AnswerSettings(args.max_tokens, args.temperature))
+    return run(args.stick, Overrides(), AnswerSettings(args.max_tokens, args.temperature),
+               use_knowledge=not args.no_knowledge)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ question on the same stick (same default preset, temperature and seed: a fresh p
 the same terminal under the same screen polling, and its own statistics line gives its rate; and
 the engine alone (ChatEngine.answer in a process of its own, each piece timed) gives its rate over
 the same two windows: llama.cpp itself slows down as the context fills, and this shows by how much.
-The answers are compared: the same text means the same work was timed.
+The answers are compared: the same text means the same work was timed. Knowledge is off on every
+side (`--no-knowledge`): this measures the screen, and the engine alone has no sources.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run_chat(stick: Path, tokens: int) -> dict:
     env = {"KIT_BUNDLE": "", "KIT_DEBUG": ""}
     with Tmux(width=100, height=30) as term:
         term.start([sys.executable, APP, "--stick", stick, "--max-tokens", tokens,
-                    "--temperature", TEMPERATURE], env=env)
+                    "--temperature", TEMPERATURE, "--no-knowledge"], env=env)
         term.wait_for("Enter sends", timeout=START_TIMEOUT_S)
         before = set((stick / "KIT" / "state" / "history").glob("*.json"))
         term.type(QUESTION)
@@ -112,7 +113,8 @@ def _saved_answer(stick: Path, before: set[Path], timeout: float = 15) -> str:
 def run_ask(stick: Path, tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp, Tmux(width=100, height=30) as term:
         out, err = Path(tmp) / "out.txt", Path(tmp) / "err.txt"
-        kit = f"{sys.executable} -m kit ask --stick {stick} --max-tokens {tokens} --temperature {TEMPERATURE}"
+        kit = (f"{sys.executable} -m kit ask --stick {stick} --max-tokens {tokens} --temperature {TEMPERATURE}"
+               " --no-knowledge")
         term.start(["sh", "-c", f"{kit} '{QUESTION}' 2>{err} | tee {out}"], env={"KIT_BUNDLE": "", "KIT_DEBUG": ""})
         term.wait_for(lambda s: term.exit_code(s) is not None, timeout=START_TIMEOUT_S + tokens,
                       interval=POLL_S)  # the same polling as the chat's side

@@ -8,7 +8,9 @@ Sections: overhead (kit vs llama-bench), kernels (every CPU variant, kit's and g
 verify (hashing cost), first-token (stick launcher vs llama.cpp CLI), footprint (frozen runtime),
 chat (the chat's rate on screen in a real terminal, first vs last tokens and vs kit ask),
 serve (kit serve with 1, 2 and 4 streaming clients, and vs the same llama-server started bare),
-pool (kit serve --pool over two kit pool workers vs alone, on loopback and behind 2 and 20 ms more delay).
+pool (kit serve --pool over two kit pool workers vs alone, on loopback and behind 2 and 20 ms more delay),
+knowledge (retrieval recall on the demo pack's question set, search latency at 10,000 passages, first token
+with sources vs without).
 A missed target is reported, never an error: the exit code is 1 only when a section could not run.
 """
 
@@ -29,13 +31,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import chat_terminal, first_token, footprint, kernel_choice, overhead, pool, serve, verification  # noqa: E402
+from bench import (  # noqa: E402
+    chat_terminal,
+    first_token,
+    footprint,
+    kernel_choice,
+    knowledge,
+    overhead,
+    pool,
+    serve,
+    verification,
+)
 from bench.common import Ratio, Section, say, table  # noqa: E402
 from bench.context import QUICK, Context, Sizes  # noqa: E402
 
 SECTIONS = {"overhead": overhead.run, "kernels": kernel_choice.run, "verify": verification.run,
             "first-token": first_token.run, "footprint": footprint.run, "chat": chat_terminal.run,
-            "serve": serve.run, "pool": pool.run}
+            "serve": serve.run, "pool": pool.run, "knowledge": knowledge.run}
 
 
 def cpu_model() -> str:

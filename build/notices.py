@@ -43,6 +43,9 @@ class Component:
         return "\n\n".join(p.read_text(errors="replace").strip() for p in self.licence_files)
 
 
+STRIPPED_MAP = "stripped.json"  # {stripped copy: original}, written by build/kit.spec
+
+
 def read_toc(path: Path) -> list[tuple]:
     """A PyInstaller .toc file: a Python literal, optionally after a header line."""
     text = path.read_text()
@@ -133,10 +136,13 @@ def debian_package(path: str) -> str | None:
 def main(dist_dir: Path, work_dir: Path) -> int:
     tracer = Tracer(work_dir / "licences")
     missing = []
+    # build/kit.spec bundles stripped copies of some libraries: each is traced as its original
+    stripped = work_dir / STRIPPED_MAP
+    originals = json.loads(stripped.read_text()) if stripped.is_file() else {}
     for dest, source, typecode in read_toc(work_dir / "COLLECT-00.toc"):
         if typecode in ("SYMLINK", "DEPENDENCY") or not source:
             continue
-        found = tracer.trace(source, typecode)
+        found = tracer.trace(originals.get(source, source), typecode)
         if found is None or not all(p.is_file() for p in found.licence_files):
             missing.append(f"{dest} (from {source})")
         else:

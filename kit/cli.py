@@ -136,18 +136,50 @@ def cmd_ask(args) -> int:
     try:
         return _answer(args, session, question)
     finally:
+        session.knowledge.close()
         if args.pool:
             session.engine.close()  # the pool's llama-server
 
 
+def _check_knowledge(library, *, quiet: bool = False) -> None:
+    """Verify the stick's knowledge before it is searched, one line a source (and its progress on a
+    terminal); a source that fails is named and left out."""
+    if library.empty:
+        return
+    tty = sys.stderr.isatty() and not quiet
+
+    def show(state) -> None:
+        if state.state == "checking" and not tty:
+            return
+        if not quiet:
+            sys.stderr.write(("\r" if tty else "") + state.line() + ("\x1b[K" if tty else "")
+                             + ("" if state.state == "checking" else "\n"))
+            sys.stderr.flush()
+
+    library.check_all(on_change=show)
+
+
 def _answer(args, session, question: str) -> int:
     from kit.conversation import LOOP_NOTE
+    from kit.grounding import NOTHING_FOUND, cited, render_sources
 
-    messages = session.messages(question, preset=args.preset)  # the same first messages as the chat
-    for piece in session.engine.answer(messages, max_tokens=args.max_tokens, temperature=args.temperature):
+    use_knowledge = not args.no_knowledge
+    if use_knowledge:
+        _check_knowledge(session.knowledge)
+    grounded = session.grounded(question, preset=args.preset, use_knowledge=use_knowledge,
+                                max_tokens=args.max_tokens)  # the same first messages as the chat
+    if grounded.nothing_found:
+        print(NOTHING_FOUND, file=sys.stderr)
+    answer = []
+    for piece in session.engine.answer(grounded.messages, max_tokens=args.max_tokens, temperature=args.temperature):
+        answer.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if grounded.sources:
+        used = cited("".join(answer), len(grounded.sources))
+        print(f"\nSources:\n{render_sources(grounded.sources, used)}")
+    sys.stdout.flush()  # before the statistics on stderr
     stats = session.engine.last_stats
     if stats and stats.looped:
         print(LOOP_NOTE, file=sys.stderr)
@@ -155,6 +187,43 @@ def _answer(args, session, question: str) -> int:
         print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, model "
               f"{session.plan.model_id}, kernel {session.plan.cpu_variant}]", file=sys.stderr)
     return 0
+
+
+def cmd_search(args) -> int:
+    from kit import launch
+    from kit.errors import KnowledgeError
+    from kit.knowledge import Library
+    from kit.report import render_search
+
+    query = " ".join(args.query).strip()
+    if not query:
+        raise KitError("the search is empty", 'write what to look for: kit search "purify water"')
+    if args.limit < 1:
+        raise KitError(f"--limit {args.limit} finds nothing", "give a number of passages, 1 or more")
+    opened = launch.open_stick(args.stick)
+    library = Library(opened.bundle, opened.manifest)
+    if library.empty:
+        raise KitError("this stick carries no knowledge to search",
+                       "add [[knowledge]] to its profile and build it again")
+    try:
+        _check_knowledge(library, quiet=args.json)
+        states = library.states()
+        if not library.usable:
+            failed = next(s for s in states if s.detail)
+            raise KnowledgeError(f"no knowledge on this stick can be used: {failed.name}: {failed.detail}")
+        hits = library.search(query, args.limit)
+    finally:
+        library.close()
+    if args.json:
+        _print_json({"query": query, "stick": str(opened.bundle.root),
+                     "results": [{"rank": i, "citation": h.passage.citation(), "source": h.passage.source,
+                                  "path": h.passage.path, "title": h.passage.title, "section": h.passage.section,
+                                  "text": h.passage.text, "relevant": h.relevant}
+                                 for i, h in enumerate(hits, 1)],
+                     "knowledge": [s.to_dict() for s in states]})
+    else:
+        print(render_search(query, hits, states))
+    return 0 if hits else 1
 
 
 def _starter(args):
@@ -189,7 +258,8 @@ def _find_pool(args, *, quiet: bool = False) -> list:
 def cmd_chat(args) -> int:
     from kit.tui.app import run
 
-    return run(args.stick, _overrides(args), starter=_starter(args) if args.pool else None)
+    return run(args.stick, _overrides(args), starter=_starter(args) if args.pool else None,
+               use_knowledge=not args.no_knowledge)
 
 
 def cmd_serve(args) -> int:
@@ -461,6 +531,11 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (0 = CPU only)")
 
 
+def _add_no_knowledge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-knowledge", action="store_true",
+                   help="answer from the model alone, without the stick's documents and archives as sources")
+
+
 def _add_pool(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--pool", metavar="HOST:PORT,...", help=what)
 
@@ -515,14 +590,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help="0 = always the most likely word (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no statistics line")
+    _add_no_knowledge(p)
     _add_pool(p, "run the model across these pool workers (kit pool worker)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="open the chat")
     _add_stick(p)
     _add_overrides(p)
+    _add_no_knowledge(p)
     _add_pool(p, "run the model across these pool workers (kit pool worker)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("search", help="search the stick's knowledge: ranked passages with their sources "
+                       "(no model needed)")
+    p.add_argument("query", nargs="+")
+    _add_stick(p)
+    p.add_argument("--limit", type=int, default=5, help="how many passages (default 5)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="serve the model to a team: browser page and OpenAI-compatible API",
                        description="Starts llama.cpp's llama-server on the verified model. Loopback only unless "
@@ -560,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a stick from a profile")
     p.add_argument("--profile", required=True, help="manifests/<name>.toml")
     p.add_argument("--target", required=True, help="folder to build the stick in (e.g. a mounted stick)")
-    p.add_argument("--max-file-size", type=int, help="split models into GGUF shards above this many bytes")
+    p.add_argument("--max-file-size", type=int, help="split models into GGUF shards and Kiwix archives into "
+                   ".zimaa/.zimab parts above this many bytes")
     p.add_argument("--runtime", action="append", default=[], metavar="PATH",
                    help="import a runtime built on another OS/arch (folder or archive); repeatable")
     p.add_argument("--no-freeze", action="store_true", help="do not freeze a runtime for this host")

@@ -108,6 +108,12 @@ class PoolLost(PoolError):
     hint = "start the worker again (kit pool worker), or go on without the pool"
 
 
+class KnowledgeError(KitError):
+    """A knowledge source on the stick cannot be used (damaged, unreadable, or not what it claims)."""
+
+    hint = "run `kit verify` to see what is damaged; answers still work without it (--no-knowledge)"
+
+
 class SourceError(KitError):
     """A model source in a profile could not be fetched or did not match its pin."""
 

@@ -26,6 +26,11 @@ EXPORTS_DIRNAME = "exports"
 TITLE_LENGTH = 60
 _ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 ROLES = ("user", "assistant")
+# An answer's sources (kit.grounding numbered them from 1 in this order): what a citation needs to be
+# shown and opened again, never the passage's text. The key is absent when no search was made
+# (knowledge off, none on the stick); an empty list says the search found nothing.
+SOURCE_KEYS = ("source", "path", "title", "section")
+MAX_SOURCES = 20
 
 # Upgrade steps from an older schema_version to the next: {old_version: function(dict) -> dict}.
 UPGRADES: dict[int, object] = {}
@@ -53,7 +58,7 @@ class Conversation:
     id: str
     created: str
     updated: str
-    messages: list[dict] = field(default_factory=list)  # {"role", "content"[, "stopped"]}; no system
+    messages: list[dict] = field(default_factory=list)  # {"role", "content"[, "stopped", "sources"]}; no system
     model_id: str | None = None
     preset_id: str | None = None
 
@@ -67,10 +72,12 @@ class Conversation:
     def empty(self) -> bool:
         return not self.messages
 
-    def add(self, role: str, content: str, *, stopped: bool = False) -> None:
+    def add(self, role: str, content: str, *, stopped: bool = False, sources: list[dict] | None = None) -> None:
         message = {"role": role, "content": content}
         if stopped:
             message["stopped"] = True
+        if sources is not None:
+            message["sources"] = [{k: s[k] for k in SOURCE_KEYS} for s in sources]
         self.messages.append(message)
         self.updated = _stamp(_now())
 
@@ -112,7 +119,19 @@ class Conversation:
 
 def _valid_message(m: object) -> bool:
     return (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            and isinstance(m.get("stopped", False), bool))
+            and isinstance(m.get("stopped", False), bool) and _valid_sources(m.get("sources", [])))
+
+
+def _valid_sources(sources: object) -> bool:
+    return isinstance(sources, list) and len(sources) <= MAX_SOURCES and all(
+        isinstance(s, dict) and all(isinstance(s.get(k), str) for k in SOURCE_KEYS) for s in sources)
+
+
+def source_citation(source: dict) -> str:
+    """A stored source as it is cited under an answer (kit.passages.Passage.citation's form)."""
+    title, section = source["title"], source["section"]
+    where = f"{title} — {section}" if section and section != title else title
+    return f"{where} ({source['source']}: {source['path']})"
 
 
 def new_conversation(model_id: str | None = None, preset_id: str | None = None) -> Conversation:
@@ -147,6 +166,8 @@ def to_markdown(conv: Conversation, *, assistant: str = "Assistant", preset: str
         lines += ["", f"## {who}", "", m["content"].strip()]
         if m.get("stopped"):
             lines += ["", "*(stopped before the end)*"]
+        if m.get("sources"):
+            lines += ["", "Sources:", "", *(f"- [{i}] {source_citation(s)}" for i, s in enumerate(m["sources"], 1))]
     return "\n".join(lines) + "\n"
 
 

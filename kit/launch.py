@@ -25,10 +25,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kit import ggml, integrity, kernels, offline, rollback, sealed, signing
-from kit.conversation import choose_preset, first_messages
+from kit.conversation import DEFAULT_MAX_TOKENS, choose_preset, first_messages
 from kit.engine import ChatEngine
 from kit.errors import ChatTemplateError, EngineError, IntegrityError, KernelError, PlanError
+from kit.grounding import Grounded, ground, search_text, source_budget
 from kit.hardware import Host, detect
+from kit.knowledge import Library
 from kit.manifest import BundleManifest, FileEntry, ModelEntry
 from kit.paths import BundlePaths, find_bundle, launcher_name, runtime_glibc, state_dir
 from kit.plan import (
@@ -80,10 +82,28 @@ class Session:
     steps: list[str] = field(default_factory=list)  # fallback steps taken, in words
     signer: str = "unsigned"  # the signer's fingerprint (kit.signing), or "unsigned"
     load_mode: LoadMode | None = None  # how the loaded model reached llama.cpp, and why
+    knowledge: Library | None = None  # the stick's documents and archives, opened once verified
+
+    def __post_init__(self) -> None:
+        if self.knowledge is None:
+            self.knowledge = Library(self.bundle, self.manifest)
 
     @property
     def model(self) -> ModelEntry:
         return self.manifest.model(self.plan.model_id)
+
+    def grounded(self, question: str, *, preset: str | None = None, history: Sequence[dict] = (),
+                 use_knowledge: bool = True, max_tokens: int = DEFAULT_MAX_TOKENS) -> Grounded:
+        """The first messages of a question with the stick's best passages for it as numbered
+        sources (kit.grounding), within what the context leaves after the answer's room. Without
+        knowledge (turned off, none on the stick, none verified yet) the messages are `messages()`'s."""
+        messages = self.messages(question, preset=preset, history=history)
+        library = self.knowledge
+        if not use_knowledge or library is None or not library.usable:  # off, none, or none verified (yet)
+            return ground(messages, (), 0, searched=False)
+        hits = library.search(search_text(question, history), relevant_only=True)
+        budget = source_budget(self.plan.n_ctx, max_tokens, messages)
+        return ground(messages, [h.passage for h in hits], budget)
 
     def messages(self, question: str, *, preset: str | None = None,
                  history: Sequence[dict] = ()) -> list[dict]:
@@ -95,7 +115,8 @@ class Session:
         """What `kit doctor` would show, from what start() already found (nothing re-probed)."""
         return DoctorReport(str(self.bundle.root), self.signer, self.host, ModelSummary.all_of(self.manifest),
                             tuple(sorted(ggml.runtime_backends())), self.kernel, self.plan,
-                            fallback_steps=tuple(self.steps), load_mode=self.load_mode)
+                            fallback_steps=tuple(self.steps), load_mode=self.load_mode,
+                            knowledge=tuple(self.knowledge.states()) if self.knowledge else ())
 
 
 def open_stick(stick: str | Path | None) -> OpenStick:
@@ -369,9 +390,14 @@ def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None,
     plan of `kit serve` (its slots, with their reasons) instead of the chat's; `pool`: with the
     workers' memory (kit.pool found them)."""
     opened = open_stick(stick)
+    library = Library(opened.bundle, opened.manifest)
+    try:
+        knowledge = tuple(library.check_all())
+    finally:
+        library.close()
     report = DoctorReport(str(opened.bundle.root), opened.trust.signer_label, opened.host,
                           ModelSummary.all_of(opened.manifest), tuple(sorted(ggml.runtime_backends())),
-                          glibc=glibc_fit(opened), pool=tuple(pool))
+                          glibc=glibc_fit(opened), pool=tuple(pool), knowledge=knowledge)
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
         if serve or pool:

@@ -160,6 +160,54 @@ class ProfileModel:
     chat_format: str | None = None
 
 
+KNOWLEDGE_KINDS = ("docs", "zim")
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+@dataclass(frozen=True)
+class ProfileKnowledge:
+    """A `[[knowledge]]` entry: a folder of documents (`docs`, indexed at build time) or a Kiwix
+    archive (`zim`, from a local `path` or a `url` pinned by `sha256`; `kit lock` pins it)."""
+
+    id: str
+    name: str
+    kind: str
+    licence: str
+    language: str
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> ProfileKnowledge:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: must be a table")
+        _no_unknown(data, {"id", "name", "kind", "licence", "language", "path", "url", "sha256"}, where)
+        kind = _req(data, "kind", str, where)
+        if kind not in KNOWLEDGE_KINDS:
+            raise ManifestError(f"{where}: kind {kind!r} is not one of {', '.join(KNOWLEDGE_KINDS)}")
+        entry = cls(id=_check_id(_req(data, "id", str, where), where), name=_req(data, "name", str, where),
+                    kind=kind, licence=_req(data, "licence", str, where),
+                    language=_check_language(_req(data, "language", str, where), where),
+                    path=_opt(data, "path", str, where), url=_opt(data, "url", str, where),
+                    sha256=_opt(data, "sha256", str, where))
+        if (entry.path is None) == (entry.url is None):
+            raise ManifestError(f"{where}: give exactly one of 'path' and 'url'")
+        if kind == "docs" and entry.url is not None:
+            raise ManifestError(f"{where}: a docs source is a local folder: use 'path'")
+        if entry.url is not None and not entry.url.startswith(("https://", "http://")):
+            raise ManifestError(f"{where}: url {entry.url!r} must start with https://")
+        if entry.sha256 is not None and not _HEX64.match(entry.sha256):
+            raise ManifestError(f"{where}: sha256 must be 64 lowercase hex digits")
+        return entry
+
+
+def _check_language(value: str, where: str) -> str:
+    if not _LANGUAGE.match(value):
+        raise ManifestError(f"{where}: language {value!r} must be a language code such as 'en' or 'fr'")
+    return value
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -167,6 +215,7 @@ class Profile:
     models: tuple[ProfileModel, ...]
     presets: tuple[Preset, ...]
     path: Path
+    knowledge: tuple[ProfileKnowledge, ...] = ()
 
 
 def load_profile(path: Path) -> Profile:
@@ -177,7 +226,7 @@ def load_profile(path: Path) -> Profile:
         raise ManifestError(f"profile {path} does not exist", "pass one of manifests/*.toml") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{where} is not valid TOML: {exc}") from None
-    _no_unknown(data, {"schema_version", "name", "description", "models", "presets"}, where)
+    _no_unknown(data, {"schema_version", "name", "description", "models", "presets", "knowledge"}, where)
     version = _req(data, "schema_version", int, where)
     if version != SCHEMA_VERSION:
         raise ManifestError(f"{where}: schema_version {version} is not supported (this kit reads {SCHEMA_VERSION})")
@@ -195,9 +244,12 @@ def load_profile(path: Path) -> Profile:
             licence=_req(m, "licence", str, mw), source=dict(_req(m, "source", dict, mw)),
             chat_format=_opt(m, "chat_format", str, mw)))
     _refuse_duplicates([m.id for m in models], f"{where}: model id")
+    knowledge_raw = _opt(data, "knowledge", list, where, [])
+    knowledge = tuple(ProfileKnowledge.parse(k, f"{where} knowledge {i + 1}") for i, k in enumerate(knowledge_raw))
+    _refuse_duplicates([k.id for k in knowledge], f"{where}: knowledge id")
     return Profile(name=_req(data, "name", str, where), description=_opt(data, "description", str, where, ""),
                    models=tuple(models), presets=_parse_presets(data.get("presets", []), where),
-                   path=Path(path))
+                   path=Path(path), knowledge=knowledge)
 
 
 # ---------------------------------------------------------------- bundle.json
@@ -274,6 +326,52 @@ def _parse_facts(data: dict, where: str) -> dict:
 
 
 @dataclass(frozen=True)
+class KnowledgeEntry:
+    """Knowledge on the stick: `docs` (files: the passage index, then licence texts) or `zim`
+    (files: the archive, or its parts in order, `name.zimaa`, `name.zimab`... as libzim reads
+    them, then licence texts). Every file sits under knowledge/<id>/."""
+
+    id: str
+    name: str
+    kind: str
+    licence: str
+    language: str
+    files: tuple[str, ...]  # the first (docs) or the parts (zim) are what is opened
+    # docs: {"passages": N, "documents": N}; zim: {"articles": N, "fulltext": bool, "parts": N}
+    facts: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def opened(self) -> tuple[str, ...]:
+        """The files that are parsed: the index, or every part of the archive (not the licences)."""
+        if self.kind == "docs":
+            return self.files[:1]
+        return self.files[: int(self.facts.get("parts", 1))]
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> KnowledgeEntry:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: must be an object")
+        _no_unknown(data, {f.name for f in fields(cls)}, where)
+        entry_id = _check_id(_req(data, "id", str, where), where)
+        kind = _req(data, "kind", str, where)
+        if kind not in KNOWLEDGE_KINDS:
+            raise ManifestError(f"{where}: kind {kind!r} is not one of {', '.join(KNOWLEDGE_KINDS)}")
+        files = tuple(check_relpath(f, f"{where} file") for f in _req(data, "files", list, where))
+        if not files:
+            raise ManifestError(f"{where}: lists no files")
+        outside = next((f for f in files if not f.startswith(f"knowledge/{entry_id}/")), None)
+        if outside:
+            raise ManifestError(f"{where}: file {outside!r} is outside knowledge/{entry_id}/")
+        facts = _req(data, "facts", dict, where)
+        parts = facts.get("parts", 1)
+        if not isinstance(parts, int) or isinstance(parts, bool) or not 1 <= parts <= len(files):
+            raise ManifestError(f"{where}: facts.parts must be a count of its files")
+        return cls(id=entry_id, name=_req(data, "name", str, where), kind=kind,
+                   licence=_req(data, "licence", str, where),
+                   language=_check_language(_req(data, "language", str, where), where), files=files, facts=facts)
+
+
+@dataclass(frozen=True)
 class RuntimeEntry:
     platform: str  # linux-x86_64, macos-arm64, windows-x86_64, linux-arm64
     entry: str  # the executable, relative to KIT/
@@ -306,6 +404,7 @@ class BundleManifest:
     files: tuple[FileEntry, ...]
     presets: tuple[Preset, ...] = ()
     root_files: tuple[FileEntry, ...] = ()  # beside KIT/, names from ROOT_FILE_NAMES
+    knowledge: tuple[KnowledgeEntry, ...] = ()
     schema_version: int = SCHEMA_VERSION
     _by_path: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -325,6 +424,16 @@ class BundleManifest:
     def model_size(self, model: ModelEntry) -> int:
         return sum(self.file(p).size for p in model.files)
 
+    def knowledge_source(self, knowledge_id: str) -> KnowledgeEntry:
+        for k in self.knowledge:
+            if k.id == knowledge_id:
+                return k
+        raise ManifestError(f"this stick has no knowledge {knowledge_id!r}",
+                            f"knowledge on it: {', '.join(k.id for k in self.knowledge) or 'none'}")
+
+    def knowledge_size(self, entry: KnowledgeEntry) -> int:
+        return sum(self.file(p).size for p in entry.files)
+
     def runtime_files(self, platform: str) -> tuple[FileEntry, ...]:
         prefix = f"runtimes/{platform}/"
         return tuple(f for f in self.files if f.path.startswith(prefix))
@@ -342,6 +451,8 @@ class BundleManifest:
         }
         if self.root_files:  # absent when empty: a bundle.json from before root_files keeps its bytes
             data["root_files"] = [asdict(f) for f in sorted(self.root_files, key=lambda f: f.path)]
+        if self.knowledge:  # likewise: a stick without knowledge keeps the bytes it had
+            data["knowledge"] = [asdict(k) | {"files": list(k.files)} for k in self.knowledge]
         return data
 
     def to_json(self) -> bytes:
@@ -379,7 +490,7 @@ def parse_bundle_manifest(raw: bytes) -> BundleManifest:
         data = UPGRADES[version](data)
         version = data["schema_version"]
     allowed = {"schema_version", "kit_version", "created", "profile", "models", "runtimes", "presets", "files",
-               "root_files"}
+               "root_files", "knowledge"}
     _no_unknown(data, allowed, where)
     entries = _req(data, "files", list, where)
     if len(entries) > MAX_ENTRIES:
@@ -396,14 +507,21 @@ def parse_bundle_manifest(raw: bytes) -> BundleManifest:
     runtimes_raw = _req(data, "runtimes", list, where)
     runtimes = tuple(RuntimeEntry.parse(r, f"{where} runtime {i + 1}") for i, r in enumerate(runtimes_raw))
     _refuse_duplicates([r.platform for r in runtimes], f"{where}: runtime platform")
+    knowledge_raw = _opt(data, "knowledge", list, where, [])
+    knowledge = tuple(KnowledgeEntry.parse(k, f"{where} knowledge {i + 1}") for i, k in enumerate(knowledge_raw))
+    _refuse_duplicates([k.id for k in knowledge], f"{where}: knowledge id")
     manifest = BundleManifest(
         kit_version=_req(data, "kit_version", str, where), created=_req(data, "created", str, where),
         profile=_req(data, "profile", str, where), models=models, runtimes=runtimes, files=files,
-        presets=_parse_presets(data.get("presets", []), where), root_files=root_files)
+        presets=_parse_presets(data.get("presets", []), where), root_files=root_files, knowledge=knowledge)
     for m in models:
         for p in m.files:
             if p not in manifest._by_path:
                 raise ManifestError(f"{where}: model {m.id} names {p}, which the file list does not")
+    for k in knowledge:
+        for p in k.files:
+            if p not in manifest._by_path:
+                raise ManifestError(f"{where}: knowledge {k.id} names {p}, which the file list does not")
     for r in runtimes:
         if r.entry not in manifest._by_path:
             raise ManifestError(f"{where}: runtime {r.platform} entry {r.entry} is not in the file list")

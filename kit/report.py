@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from kit.ftsindex import Hit
 from kit.hardware import Host
 from kit.integrity import VerifyReport
 from kit.kernels import KernelChoice
+from kit.knowledge import SourceState
 from kit.manifest import BundleManifest
 from kit.plan import LaunchPlan, LoadMode
 from kit.poolplan import Worker, protocol_text
@@ -48,6 +50,7 @@ class DoctorReport:
     glibc: tuple[str, str] | None = None  # (the stick's runtime needs, this host has), on Linux
     serve: ServePlan | None = None  # `kit doctor --serve`: llama-server's slots, and why
     pool: tuple[Worker, ...] = ()  # `kit doctor --pool`: the workers as the lead found them
+    knowledge: tuple[SourceState, ...] = ()  # the stick's documents and archives, checked or not
 
     def to_dict(self) -> dict:
         data = {"stick": self.stick, "signer": self.signer, "host": self.host.to_dict(),
@@ -61,6 +64,7 @@ class DoctorReport:
             data["serve"] = self.serve.to_dict()
         if self.pool:
             data["pool"] = [{"endpoint": w.endpoint, **asdict(w.facts)} for w in self.pool]
+        data["knowledge"] = [s.to_dict() for s in self.knowledge]
         if self.error:
             data["error"] = self.error
         return data
@@ -106,7 +110,27 @@ def render_doctor(report: DoctorReport) -> str:
         out.append(f"  load: {report.load_mode.mode}: {report.load_mode.reason}")
     if report.error:
         out.append(f"No plan: {report.error}")
+    if report.knowledge:
+        out += ["", "Knowledge:", *(render_source_state(s) for s in report.knowledge)]
     return "\n".join(out)
+
+
+def render_source_state(s: SourceState) -> str:
+    unit = "passages" if s.kind == "docs" else "articles"
+    state = f"{s.state}: {s.detail}" if s.detail else s.state
+    return f"  {s.id:16} {s.name} ({s.kind}, {s.count} {unit}, {human_bytes(s.size)}): {state}"
+
+
+def render_search(query: str, hits: list[Hit], states: list[SourceState]) -> str:
+    """`kit search`: each passage with its citation, then any source that could not be used."""
+    out = []
+    for i, hit in enumerate(hits, 1):
+        text = hit.passage.text if len(hit.passage.text) <= 600 else hit.passage.text[:600].rsplit(" ", 1)[0] + " …"
+        out += [f"[{i}] {hit.passage.citation()}", *("    " + line for line in text.splitlines()), ""]
+    if not hits:
+        out.append(f"Nothing on this stick matches {query!r}.")
+    out += [s.line() for s in states if s.state != "verified"]
+    return "\n".join(out).rstrip()
 
 
 def render_serve_plan(plan: ServePlan) -> str:

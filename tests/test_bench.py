@@ -26,7 +26,7 @@ from bench.serve import bare_argv, concurrent_round, percentile, request_body  #
 
 TITLES = ["## Machine", "## 1. Engine overhead", "## 2. Kernel choice", "## 3. Verification",
           "## 4. Launch to first token", "## 5. Footprint", "## 7. Chat in a real terminal", "## 8. Serving a team",
-          "## 9. Pooling laptops", "## Summary"]
+          "## 9. Pooling laptops", "## 10. Knowledge", "## Summary"]
 COMPARED = ["engine prompt", "engine generation", "engine decode only", "chat stream generation",
             "kernel: kit's choice / fastest working", "kernel with a CPU hog: kit's choice / fastest working",
             "verify+load / load alone (cold cache)", "sealed copy + load / load alone (cold cache)",
@@ -39,7 +39,9 @@ PAIRED = ["engine prompt", "engine generation", "engine decode only", "chat stre
           "serve: 4 streams / 1 stream, kit serve", "serve: 4 streams / 1 stream, bare llama-server",
           "serve: kit serve / bare llama-server, 1 stream", "serve: kit serve / bare llama-server, 4 streams"]
 # medians, the least disturbed runs, and (where the samples are pairs) the median of the pairs
-RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED} | {f"{name}, median of pairs" for name in PAIRED}
+KNOWLEDGE = ["retrieval recall@5 on the demo pack", "search latency p95 over 10000+ passages, ms"]
+RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED} | {f"{name}, median of pairs" for name in PAIRED} \
+    | set(KNOWLEDGE)
 RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)
 
 

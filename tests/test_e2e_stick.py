@@ -93,6 +93,33 @@ def built_stick(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def zim_stick(tmp_path_factory) -> Path:
+    """The demo profile plus a real Kiwix archive (python-libzim's Creator, full-text index), frozen
+    runtime and all: libzim runs from the stick, not from this host's Python."""
+    from knowledgekit import make_zim
+
+    folder = tmp_path_factory.mktemp("zim-profile")
+    archive = make_zim(folder / "first-aid.zim")
+    manifests = Path(__file__).resolve().parents[1] / "manifests"
+    demo = (manifests / "demo.toml").read_text().replace('path = "knowledge/demo"',
+                                                          f'path = "{manifests}/knowledge/demo"')
+    profile = folder / "with-zim.toml"
+    profile.write_text(demo + f"""
+[[knowledge]]
+id = "first-aid"
+name = "First aid archive (test)"
+kind = "zim"
+licence = "CC0-1.0"
+language = "en"
+path = "{archive}"
+""")
+    target = tmp_path_factory.mktemp("e2e-zim") / STICK_NAME
+    proc = run_kit("build", "--profile", str(profile), "--target", str(target), timeout=1800)
+    assert proc.returncode == 0, f"kit build failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return target
+
+
 def bare_host_argv(root: Path, stick: Path, *args: str, network: str = "none") -> list[str]:
     """START-linux.sh ARGS inside the Debian root, the stick bind-mounted at /media/<name>, a clean
     environment. network: "none" (a namespace of its own, loopback down), "loopback" (its own,
@@ -190,6 +217,20 @@ def test_ask_answers_offline_on_a_bare_host(debian_root, built_stick):
     assert int(stats.group(1)) > 0 and stats.group(2) in probed_ok, diagnostics
     assert len(proc.stdout.strip()) >= 10 and re.search(r"[A-Za-z]{3}", proc.stdout), diagnostics
     assert (built_stick / "KIT" / "state" / "kernel-probe.json").is_file()  # the verdict is kept on the stick
+
+
+def test_knowledge_is_verified_and_searched_offline_on_a_bare_host(debian_root, zim_stick):
+    """Both kinds from the frozen runtime on an old and a new glibc: the demo pack's FTS5 index (the
+    runtime's own sqlite) and a ZIM archive through the runtime's own libzim, stripped on the way."""
+    proc = run_on_bare_host(debian_root, zim_stick, "search", "rewarming blankets hypothermia", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert [s["state"] for s in data["knowledge"]] == ["verified", "verified"], data["knowledge"]
+    found = [(r["source"], r["path"], r["section"]) for r in data["results"]]
+    assert ("first-aid", "Hypothermia", "Rewarming") in found, found
+    water = json.loads(run_on_bare_host(debian_root, zim_stick, "search", "purify water", "--json").stdout)
+    assert {r["source"] for r in water["results"]} == {"survival-demo", "first-aid"}
+    assert all("PWNED" not in r["text"] for r in water["results"])  # the archive's script is never text
 
 
 def _mapped_paths(pid: int) -> set[str]:

@@ -133,6 +133,36 @@ def test_markdown_export(tmp_path):
     assert path == tmp_path / "exports" / f"{conv.id}.md" and path.read_text() == md
 
 
+WATER = {"source": "survival-demo", "path": "water.md", "title": "Water", "section": "Boiling"}
+
+
+def test_an_answer_keeps_its_sources_and_an_export_lists_them(tmp_path):
+    store = HistoryStore(tmp_path)
+    conv = new_conversation("gemma-3-270m", "general")
+    conv.add("user", "How do I purify water?")
+    conv.add("assistant", "Boil it [1].", sources=[WATER | {"text": "not kept: the stick has it"}])
+    conv.add("user", "The capital of Mongolia?")
+    conv.add("assistant", "Ulaanbaatar.", sources=[])  # searched, nothing found
+    conv.add("user", "Thanks")
+    conv.add("assistant", "You are welcome.")  # no search made: no key
+    store.save(conv)
+    loaded = store.load(conv.id)
+    assert loaded == conv
+    assert [m.get("sources") for m in loaded.messages[1::2]] == [[WATER], [], None]
+    assert all(set(m) == {"role", "content"} for m in loaded.prompt_history())
+    md = to_markdown(loaded)
+    assert "Boil it [1].\n\nSources:\n\n- [1] Water — Boiling (survival-demo: water.md)" in md
+    assert md.count("Sources:") == 1
+
+
+def test_malformed_sources_are_refused():
+    base = chat("q").to_dict()
+    for bad in ("water.md", [WATER | {"path": 3}], [{"source": "x"}], [WATER] * 50):
+        data = {**base, "messages": [base["messages"][0], {**base["messages"][1], "sources": bad}]}
+        with pytest.raises(ValueError, match="malformed"):
+            Conversation.from_dict(data)
+
+
 def test_prompt_history_drops_extra_fields():
     conv = chat("q", "a")
     conv.messages[-1]["stopped"] = True

@@ -22,11 +22,15 @@ from textual.app import App
 from kit import integrity, launch, signing
 from kit.conversation import LOOP_NOTE, EmptyAnswerError
 from kit.errors import EngineError, IntegrityError, PlanError
+from kit.ftsindex import write_index
 from kit.ggufmeta import ModelFacts
+from kit.grounding import NOTHING_FOUND
 from kit.hardware import Host
 from kit.history import HistoryStore, new_conversation
 from kit.kernels import KernelChoice, ProbeResult
-from kit.manifest import BundleManifest, FileEntry, ModelEntry, Preset
+from kit.knowledge import Library
+from kit.manifest import BundleManifest, FileEntry, KnowledgeEntry, ModelEntry, Preset
+from kit.passages import cut_markdown
 from kit.paths import find_bundle
 from kit.plan import Overrides, make_plan
 from kit.tui.app import make_app, pick_theme
@@ -68,10 +72,38 @@ def anyio_backend():
 
 # ---------------------------------------------------------------- a real tiny stick
 
+# A knowledge source's documents: real Markdown, cut and indexed as `kit build` does (kit.passages,
+# kit.ftsindex), so the chat's search, check and full text run on a real index.
+KNOWLEDGE_ID, KNOWLEDGE_NAME = "survival-demo", "Survival demo"
+KNOWLEDGE_DOCS = {
+    "water.md": "# Water\n\n## Boiling\n\nBoiling is the surest way to purify water: bring it to a rolling boil "
+                "for one minute, then let it cool, covered.\n\n## Chemical disinfection\n\nWhen you cannot boil "
+                "it, use chlorine tablets as the label says.\n\n[bold]Shown as typed[/bold], never as markup.\n",
+    "burns.md": "# Burns\n\n## Cooling a burn\n\nCool a burn under cool running water for twenty minutes. "
+                "Do not use ice, butter or toothpaste.\n",
+}
+
+
+def add_knowledge(kit_dir: Path, docs: dict[str, str], files: list) -> KnowledgeEntry:
+    """A `docs` knowledge source under KIT/knowledge/<id>/: the passage index and a licence text."""
+    folder = kit_dir / "knowledge" / KNOWLEDGE_ID
+    folder.mkdir(parents=True, exist_ok=True)
+    passages = [p for name, text in docs.items() for p in cut_markdown(text, name, KNOWLEDGE_ID)]
+    count = write_index(folder / "passages.sqlite", passages, {"source": KNOWLEDGE_ID})
+    (folder / "LICENSE.txt").write_text("CC0-1.0: written for the tests.\n")
+    rels = (f"knowledge/{KNOWLEDGE_ID}/passages.sqlite", f"knowledge/{KNOWLEDGE_ID}/LICENSE.txt")
+    for rel in rels:
+        digest = integrity.hash_file(kit_dir / rel, sha256=True)
+        files.append(FileEntry(rel, digest.size, digest.blake3, digest.sha256))
+    return KnowledgeEntry(KNOWLEDGE_ID, KNOWLEDGE_NAME, "docs", "CC0-1.0", "en", rels,
+                          {"passages": count, "documents": len(docs)})
+
+
 def write_stick(root: Path, *, models=(("tiny", "Tiny Gemma", GEMMA, 3_000_000),
                                        ("huge", "Huge Llama", HUGE, 1000)),
-                presets=PRESETS) -> Path:
-    """A stick with real files and a real bundle.json (each model file filled with its id)."""
+                presets=PRESETS, knowledge: dict[str, str] | None = None) -> Path:
+    """A stick with real files and a real bundle.json (each model file filled with its id);
+    `knowledge`: documents (name -> Markdown) it carries as a `docs` source."""
     kit_dir = root / "KIT"
     files, entries = [], []
     for model_id, name, facts, size in models:
@@ -83,8 +115,9 @@ def write_stick(root: Path, *, models=(("tiny", "Tiny Gemma", GEMMA, 3_000_000),
         files.append(FileEntry(rel, digest.size, digest.blake3, digest.sha256))
         entries.append(ModelEntry(model_id, name, (rel,), facts.quant, facts.n_params, facts.n_ctx_train,
                                   "test licence", "gemma", facts.to_dict()))
+    sources = (add_knowledge(kit_dir, knowledge, files),) if knowledge else ()
     manifest = BundleManifest("0.1.0", "2025-01-01T00:00:00Z", "test", tuple(entries), (), tuple(files),
-                              tuple(presets))
+                              tuple(presets), knowledge=sources)
     (kit_dir / "bundle.json").write_bytes(manifest.to_json())
     return root
 
@@ -130,6 +163,11 @@ class FakeStarter:
 @pytest.fixture
 def stick(tmp_path) -> Path:
     return write_stick(tmp_path / "stick")
+
+
+@pytest.fixture
+def knowledge_stick(tmp_path) -> Path:
+    return write_stick(tmp_path / "kstick", knowledge=KNOWLEDGE_DOCS)
 
 
 @pytest.fixture
@@ -920,3 +958,199 @@ async def test_a_lost_pool_worker_restarts_the_chat_without_the_pool_keeping_the
         await answered(pilot, 2)
         assert "Then let it cool." in answers(chat)[-1]
         assert alone.engine.prompts[0][-1] == {"role": "user", "content": "And then?"}
+
+
+# ---------------------------------------------------------------- knowledge
+
+def words(app) -> str:
+    """The screen's words in one line: wrapped lines joined, borders dropped."""
+    return " ".join(screen_text(app).translate({ord(c): " " for c in "│║"}).split())
+
+
+def has_sources_block(prompt: list[dict]) -> bool:
+    return prompt[-1]["content"].startswith("Sources:")
+
+
+async def knowledge_ready(pilot) -> ChatScreen:
+    chat = await started(pilot)
+    await wait_for(pilot, lambda: "knowledge: on (1 source)" in screen_text(pilot.app), what="the check")
+    return chat
+
+
+@pytest.mark.anyio
+async def test_an_answer_shows_its_sources_and_the_sources_key_opens_one(knowledge_stick, state):
+    starter = FakeStarter(knowledge_stick, state)
+    starter.engine.enqueue("Bring it to a rolling boil for one minute [1].")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await knowledge_ready(pilot)
+        await wait_for(pilot, lambda: "F8 or Ctrl+E" in screen_text(app), what="the welcome saying how")
+        await ask(pilot, "How do I purify water by boiling?")
+        await answered(pilot)
+        # the model was given the passage, numbered; the question's message carries it
+        prompt = starter.engine.prompts[0]
+        assert has_sources_block(prompt) and "[1] Water — Boiling\nBoiling is the surest way" in prompt[-1]["content"]
+        assert prompt[-1]["content"].endswith("Question: How do I purify water by boiling?")
+        text = screen_text(app)
+        assert "Sources (* = cited in the answer; F8 opens one):" in text
+        assert "* [1] Water — Boiling (survival-demo: water.md)" in text
+        view = chat.query(AnswerMessage).last()
+        assert view.cited == {1} and view.sources[0].section == "Boiling"
+        # kept with the conversation (what a citation needs), never sent to the model again
+        assert chat.conversation.messages[-1]["sources"][0] == {
+            "source": "survival-demo", "path": "water.md", "title": "Water", "section": "Boiling"}
+        assert chat.conversation.prompt_history()[-1] == {"role": "assistant", "content": answers(chat)[0]}
+        # F8: the sources, then the whole document, as plain text
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: "The last answer's sources" in screen_text(app), what="the picker")
+        assert "* [1] Water — Boiling (survival-demo: water.md)" in screen_text(app)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "Chemical disinfection" in screen_text(app), what="the document")
+        assert "[bold]Shown as typed[/bold], never as markup." in screen_text(app)  # markup untouched
+        text = words(app)
+        assert "From survival-demo: water.md" in text
+        assert "Boiling is the surest way" in text and "Chemical disinfection" in text
+        await pilot.press("ctrl+s")  # saved as a source, beside the answers one copies
+        await wait_for(pilot, lambda: list((state / "exports").glob("*-source.md")), what="the saved source")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), what="the chat")
+        await pilot.press("ctrl+e", "escape")  # the other key; Esc closes the picker
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), what="the chat")
+        # a copied answer takes its sources along: its [1] means something where it is pasted
+        await pilot.press("f7")
+        await wait_for(pilot, lambda: "The last answer" in screen_text(app), what="the copy")
+        assert app.screen.text == ("Bring it to a rolling boil for one minute [1].\n\nSources:\n"
+                                   "[1] Water — Boiling (survival-demo: water.md)")
+        library = chat.session.knowledge
+    assert library.search("boiling water") == []  # the app's end closed the library
+
+
+@pytest.mark.anyio
+async def test_the_toggle_turns_knowledge_off_and_nothing_found_is_said(knowledge_stick, state):
+    starter = FakeStarter(knowledge_stick, state)
+    starter.engine.enqueue("Boil it.", "Ulaanbaatar [1].", "Boil it again.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await knowledge_ready(pilot)
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: "knowledge: off" in screen_text(app), what="the top bar")
+        assert "Knowledge off: answers come from the model alone" in screen_text(app)
+        await ask(pilot, "How do I purify water by boiling?")
+        await answered(pilot)
+        assert starter.engine.prompts[0][-1] == {"role": "user", "content": "How do I purify water by boiling?"}
+        assert "Sources (" not in screen_text(app) and NOTHING_FOUND[:20] not in words(app)
+        assert "sources" not in chat.conversation.messages[-1]  # no search was made
+        await pilot.press("f8")  # the last answer has none to open
+        await wait_for(pilot, lambda: "The last answer has no sources to open." in screen_text(app), what="note")
+        # on again, in a new conversation: a question no document covers
+        await pilot.press("ctrl+k", "ctrl+n")
+        await wait_for(pilot, lambda: "knowledge: on (1 source)" in screen_text(app), what="the top bar")
+        await ask(pilot, "What is the capital of Mongolia?")
+        await answered(pilot)
+        assert not has_sources_block(starter.engine.prompts[1])
+        assert starter.engine.prompts[1][-1]["content"].startswith("No source on this stick covers this question.")
+        text = words(app)
+        assert NOTHING_FOUND in text and "Sources (" not in text  # "[1]" in the answer points at nothing
+        assert chat.conversation.messages[-1]["sources"] == []
+        # and on: the next question is grounded again
+        await ask(pilot, "And boiling water?")
+        await answered(pilot, 2)
+        assert has_sources_block(starter.engine.prompts[2])
+
+
+@pytest.mark.anyio
+async def test_no_knowledge_starts_off_and_checks_nothing_until_turned_on(knowledge_stick, state):
+    starter = FakeStarter(knowledge_stick, state)
+    starter.engine.enqueue("Boil it.")
+    app = make_app(starter=starter, use_knowledge=False)  # kit chat --no-knowledge
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await started(pilot)
+        assert "knowledge: off" in screen_text(app)
+        await pilot.pause(0.2)
+        assert [s.state for s in chat.session.knowledge.states()] == ["waiting"]  # nothing hashed
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: "knowledge: on (1 source)" in screen_text(app), what="the check")
+        await ask(pilot, "How do I purify water by boiling?")
+        await answered(pilot)
+        assert has_sources_block(starter.engine.prompts[0])
+
+
+@pytest.mark.anyio
+async def test_the_check_shows_its_progress_and_a_model_switch_keeps_the_checked_library(
+        knowledge_stick, state, monkeypatch):
+    gate = threading.Event()
+    real_open = Library._open_docs
+
+    def slow_open(self, entry, on_block):  # the hash of a large source takes a while
+        gate.wait(30)
+        return real_open(self, entry, on_block)
+
+    monkeypatch.setattr(Library, "_open_docs", slow_open)
+    starter = FakeStarter(knowledge_stick, state)
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await started(pilot)
+        await wait_for(pilot, lambda: "knowledge: checking Survival demo, 0 %" in screen_text(app),
+                       what="the progress in the top bar")
+        library = chat.session.knowledge
+        await ask(pilot, "How do I purify water by boiling?")  # before the check ends: said so
+        await answered(pilot)
+        assert ("Not searched yet, still being checked: Survival demo. The answer below is the model's alone"
+                in words(app))
+        assert not has_sources_block(starter.engine.prompts[0])
+        gate.set()
+        await wait_for(pilot, lambda: "knowledge: on (1 source)" in screen_text(app), what="the end of the check")
+        # another model (which does not fit), then the kit's choice: the same stick's library goes on
+        await pilot.press("f3", "down", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, FailureScreen), what="the failure screen")
+        await pilot.press("a")
+        await wait_for(pilot, lambda: len(starter.calls) == 3 and isinstance(app.screen, ChatScreen)
+                       and app.screen is not chat, what="the restart")
+        await wait_for(pilot, lambda: "knowledge: on (1 source)" in screen_text(app), what="the top bar")
+        assert app.session.knowledge is library and library.states()[0].state == "verified"
+
+
+@pytest.mark.anyio
+async def test_a_damaged_source_is_notified_once_and_left_out(knowledge_stick, state):
+    index = knowledge_stick / "KIT" / "knowledge" / KNOWLEDGE_ID / "passages.sqlite"
+    data = bytearray(index.read_bytes())
+    data[-100] ^= 0xFF
+    index.write_bytes(bytes(data))
+    starter = FakeStarter(knowledge_stick, state)
+    starter.engine.enqueue("Boil it.")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await started(pilot)
+        await wait_for(pilot, lambda: "knowledge: none usable" in screen_text(app), what="the top bar")
+        # (run_test draws no toasts: the app's notifications are read instead)
+        notices = [n for n in app._notifications if "Survival demo is not used" in n.message]
+        assert len(notices) == 1 and notices[0].severity == "error"
+        assert "knowledge/survival-demo/passages.sqlite is corrupt" in notices[0].message
+        await ask(pilot, "How do I purify water by boiling?")
+        await answered(pilot)
+        assert not has_sources_block(starter.engine.prompts[0])
+        assert chat.session.knowledge.states()[0].state == "damaged"
+
+
+@pytest.mark.anyio
+async def test_a_reopened_conversation_shows_its_sources_and_opens_them(knowledge_stick, state):
+    starter = FakeStarter(knowledge_stick, state)
+    starter.engine.enqueue("Cool it under running water [1].")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await knowledge_ready(pilot)
+        await ask(pilot, "How do I cool a burn?")
+        await answered(pilot)
+        conv_id = chat.conversation.id
+        await wait_for(pilot, lambda: HistoryStore(state).list().conversations, what="the save")
+        saved = HistoryStore(state).load(conv_id)
+        assert saved.messages[-1]["sources"][0]["path"] == "burns.md"
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: "Cooling a burn" not in screen_text(app), what="a new conversation")
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: "How do I cool a burn?" in screen_text(app), what="the list")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "* [1] Burns — Cooling a burn (survival-demo: burns.md)" in screen_text(app),
+                       what="the sources of the reopened answer")
+        await pilot.press("f8", "enter")
+        await wait_for(pilot, lambda: "Do not use ice, butter or toothpaste." in words(app), what="the text")

@@ -68,7 +68,8 @@ async def test_real_model_answers_through_the_ui(demo_stick, monkeypatch):
 async def test_the_chat_stops_a_real_loop_and_keeps_its_start(demo_stick, monkeypatch):
     """Gemma 3 270M, greedy, asked for a poem or a story, writes one line over and over until the token limit."""
     monkeypatch.delenv("KIT_STATE_DIR", raising=False)
-    app = make_app(demo_stick, Overrides(), settings=AnswerSettings(max_tokens=400, temperature=0.0))
+    app = make_app(demo_stick, Overrides(), settings=AnswerSettings(max_tokens=400, temperature=0.0),
+                   use_knowledge=False)  # the model alone: sources in the prompt change what it writes
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), timeout=START_TIMEOUT_S,
                        what="the model to load")
@@ -92,7 +93,8 @@ async def test_the_chat_says_so_when_the_real_model_gives_no_answer(demo_stick, 
     """Gemma 3 270M, greedy, with no preset, ends this answer before its first word (as `kit ask
     --preset none` does: tests/test_conversation.py)."""
     monkeypatch.delenv("KIT_STATE_DIR", raising=False)
-    app = make_app(demo_stick, Overrides(), settings=AnswerSettings(temperature=0.0))
+    app = make_app(demo_stick, Overrides(), settings=AnswerSettings(temperature=0.0),
+                   use_knowledge=False)  # the model alone: sources in the prompt change what it writes
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), timeout=START_TIMEOUT_S,
                        what="the model to load")
@@ -170,5 +172,40 @@ def test_kit_chat_with_a_pool_in_a_real_terminal(demo_stick):
                                or "stopped with an error" in s, timeout=180)
         assert "stopped with an error" not in screen, screen
         assert read_facts(worker)["busy"]  # the chat's llama-server holds the worker: the layers are there
+        term.keys("C-q")
+        assert term.wait_exit(timeout=60) == 0
+
+
+DEMO_PACK = Path(__file__).resolve().parents[1] / "manifests" / "knowledge" / "demo"
+
+
+def test_kit_chat_cites_the_demo_pack_and_opens_a_source(demo_stick):
+    """The demo stick carries a knowledge pack: the answer's sources show under it, and the
+    Sources key opens the first one's document, whose text is then on screen."""
+    from kit.passages import cut_markdown
+
+    with Tmux(width=100, height=30) as term:
+        term.start([KIT, "chat", "--stick", demo_stick], env={"NO_COLOR": "1", "KIT_BUNDLE": ""})
+        term.wait_for("Enter sends", timeout=START_TIMEOUT_S)
+        term.wait_for("knowledge: on (1 source)", timeout=120)
+        term.type("How do I purify water?")
+        term.keys("Enter")
+        screen = term.wait_for(lambda s: (re.search(r"[\d.]+ tok/s · context \d+", s) is not None
+                                          and "Answering" not in s) or "stopped with an error" in s, timeout=300)
+        assert "stopped with an error" not in screen, screen  # ended (the stats line may be cut at 80 columns)
+        first = re.search(r"^\W*(?:\* )?\[1\] (.+?) \(survival-demo: ([^)\s]+)\)", screen, re.M)
+        heading = re.search(r"Sources \((\* = cited in the answer; )?F8 opens one\):", screen)
+        assert first is not None and heading is not None, screen
+        path = first.group(2)
+        assert (DEMO_PACK / path).is_file()  # a document of the demo pack
+        document = cut_markdown((DEMO_PACK / path).read_text(encoding="utf-8"), path, "survival-demo")
+        term.keys("F8")
+        term.wait_for("The last answer's sources", timeout=30)
+        term.keys("Home", "Enter")  # the first source
+        opened = term.wait_for("From survival-demo: " + path, timeout=30)
+        assert document[0].title in opened
+        assert document[0].text.split("\n")[0][:40] in opened  # the document's own text, from its start
+        term.keys("Escape")
+        term.wait_for(lambda s: "From survival-demo" not in s and "Enter sends" in s, timeout=30)
         term.keys("C-q")
         assert term.wait_exit(timeout=60) == 0

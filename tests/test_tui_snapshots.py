@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeEngine
-from test_tui import FakeStarter, screen_text, started, wait_for, write_stick
+from test_tui import KNOWLEDGE_DOCS, FakeStarter, screen_text, started, wait_for, write_stick
 
 from kit.errors import IntegrityError
 from kit.history import Conversation, HistoryStore
@@ -31,6 +31,7 @@ SNAPSHOTS = Path(__file__).parent / "snapshots" / "tui"
 SIZES = [(80, 24), (120, 40)]
 UPDATE = os.environ.get("TUI_SNAPSHOT_UPDATE", "") not in ("", "0")
 
+KNOWLEDGE_ANSWER = "Bring it to a rolling boil for one minute [1], then let it cool, covered."
 ANSWER = ("To make water safe:\n\n1. **Boil** it for one full minute.\n2. Let it cool, covered.\n\n"
           "If you cannot boil it, use `purification tablets` as the pack says.")
 
@@ -163,3 +164,29 @@ async def test_read_only_snapshot(size, tmp_path):
         await started(pilot)
         await keys_shown(pilot, app)
         compare(f"chat-read-only-{size[0]}x{size[1]}", screen_text(app), tmp_path)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+async def test_sources_snapshots(size, tmp_path):
+    """A stick with knowledge: its state in the top bar, an answer's sources under it, the picker."""
+    state = tmp_path / "state"
+    state.mkdir()
+    starter = FakeStarter(write_stick(tmp_path / "stick", knowledge=KNOWLEDGE_DOCS), state, engine=SteadyEngine())
+    starter.engine.enqueue(KNOWLEDGE_ANSWER)
+    app = make_app(starter=starter)
+    tag = f"{size[0]}x{size[1]}"
+    async with app.run_test(size=size) as pilot:
+        chat = await started(pilot)
+        await keys_shown(pilot, app)
+        await wait_for(pilot, lambda: "knowledge: on (1 source)" in screen_text(app), what="the check")
+        chat.query_one("#question").text = "How do I purify water by boiling?"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.generation is None and "cited in the answer" in screen_text(app),
+                       what="the answer and its sources")
+        await pilot.pause(0.2)
+        compare(f"chat-sources-{tag}", screen_text(app), tmp_path)
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: "The last answer's sources" in screen_text(app), what="the picker")
+        await pilot.pause(0.1)
+        compare(f"sources-{tag}", screen_text(app), tmp_path)

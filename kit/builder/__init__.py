@@ -1,5 +1,6 @@
 """`kit build`: profile → a complete stick, or one that says it is incomplete.
 
+Models, then knowledge (kit.builder.knowledge: document indexes and Kiwix archives), then runtimes.
 Order matters for crash safety: INCOMPLETE marker first, then files (each atomic and resumable),
 then README.txt and the launchers (hashed into bundle.json's root_files), the hand-check sums,
 bundle.json and (when signing) bundle.json.sig + signer.pub, and only then the marker goes
@@ -20,7 +21,7 @@ from kit.builder import stage
 from kit.builder.cache import default_cache_dir, sources_cache
 from kit.errors import BuildError
 from kit.integrity import ByteMeter, ProgressFn, hash_file
-from kit.manifest import BundleManifest, FileEntry, ModelEntry, RuntimeEntry, load_profile
+from kit.manifest import BundleManifest, FileEntry, KnowledgeEntry, ModelEntry, RuntimeEntry, load_profile
 from kit.paths import KIT_DIRNAME, BundlePaths
 from kit.units import human_bytes
 
@@ -46,6 +47,7 @@ class BuildResult:
                 "seconds": round(self.seconds, 2), "warnings": self.warnings,
                 "signer": self.signer or "unsigned",
                 "models": [m.id for m in self.manifest.models],
+                "knowledge": [k.id for k in self.manifest.knowledge],
                 "runtimes": [r.platform for r in self.manifest.runtimes]}
 
     def summary(self) -> str:
@@ -53,9 +55,15 @@ class BuildResult:
                  f"{human_bytes(self.total_bytes())} ({self.copied} copied, {self.kept} already there) "
                  f"in {self.seconds:.1f} s",
                  f"models: {', '.join(m.id for m in self.manifest.models)}",
+                 *self._knowledge_line(),
                  f"runtimes: {', '.join(r.platform for r in self.manifest.runtimes) or 'none'}",
                  f"signed by: {self.signer}" if self.signer else "unsigned (sign with --sign KEY)"]
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+    def _knowledge_line(self) -> list[str]:
+        """One line naming the knowledge sources; none for a stick without (its summary reads as before)."""
+        ids = [k.id for k in self.manifest.knowledge]
+        return [f"knowledge: {', '.join(ids)}"] if ids else []
 
 
 def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
@@ -64,6 +72,7 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
           progress: ProgressFn | None = None) -> BuildResult:
     from kit import signing
     from kit.builder import sources
+    from kit.builder.knowledge import check_knowledge, stage_knowledge
     from kit.builder.sticktext import write_stick_texts
 
     start = time.monotonic()
@@ -73,6 +82,8 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         private_key = signing.load_private_key(sign_key)
     profile = load_profile(profile_path)
     parsed = [(m, sources.parse_source(m.source, profile_dir=profile_path.parent)) for m in profile.models]
+    for k in profile.knowledge:  # an unpinned url or a missing folder fails before the stick is touched
+        check_knowledge(k, profile_path.parent)
     stick = BundlePaths(target, target / KIT_DIRNAME)
     kit_dir = stick.kit
     result_warnings: list[str] = []
@@ -100,6 +111,16 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         files += shards + extras
         models.append(_model_entry(model, [e.path for e in shards], kit_dir))
 
+    knowledge: list[KnowledgeEntry] = []
+    for source in profile.knowledge:
+        report(f"knowledge {source.id}: preparing {source.name}")
+        entry, entries, n_copied = stage_knowledge(source, profile_path.parent, kit_dir, cache, max_file_size,
+                                                   report, progress)
+        copied += n_copied
+        kept += len(entries) - n_copied
+        files += entries
+        knowledge.append(entry)
+
     runtime_entries: list[RuntimeEntry] = []
     runtime_dirs = _runtimes(runtimes, freeze, cache, report)
     for rt in runtime_dirs:
@@ -110,12 +131,12 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         runtime_entries.append(RuntimeEntry(rt.platform, f"runtimes/{rt.platform}/{rt.entry}"))
 
     keep = {f.path for f in files}
-    for under in ("models", "runtimes"):
+    for under in ("models", "knowledge", "runtimes"):
         stage.remove_stale(kit_dir, keep, under)
 
     manifest = BundleManifest(kit_version=__version__, created=medium.utc_now(), profile=profile.name,
                               models=tuple(models), runtimes=tuple(runtime_entries), files=tuple(files),
-                              presets=profile.presets)
+                              presets=profile.presets, knowledge=tuple(knowledge))
     write_stick_texts(target, manifest)
     # README.txt says nothing of root_files, so listing it after writing it is no circle
     manifest = dataclasses.replace(manifest, root_files=_root_entries(target))

@@ -1,8 +1,9 @@
 """The builder's cache folder: one function chooses it, for `kit build` and `kit lock` alike.
 
 Inside it, sources/ holds what model sources download or assemble (sources/hf, sources/pypi):
-`kit lock` hashes a file there and `kit build` then finds it instead of fetching it again. The
-build keeps its own work beside it (freeze/, imported/, shards/).
+`kit lock` hashes a file there and `kit build` then finds it instead of fetching it again. Likewise
+knowledge/ holds Kiwix archives by SHA-256 (`<sha256>.zim`), their parts and the passage indexes.
+The build keeps its own work beside them (freeze/, imported/, shards/).
 """
 
 from __future__ import annotations
@@ -23,3 +24,8 @@ def default_cache_dir() -> Path:
 def sources_cache(cache_dir: Path) -> Path:
     """Where kit.builder.sources.fetch and compute_pin keep their files, in the cache `cache_dir`."""
     return Path(cache_dir) / "sources"
+
+
+def knowledge_cache(cache_dir: Path) -> Path:
+    """Where knowledge sources are downloaded, split and indexed (kit.builder.knowledge, kit lock)."""
+    return Path(cache_dir) / "knowledge"

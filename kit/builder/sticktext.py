@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from kit.errors import BuildError
-from kit.manifest import BundleManifest
+from kit.manifest import BundleManifest, KnowledgeEntry
 from kit.medium import LAUNCHERS, README_NAME, write_root_file
 from kit.paths import KIT_DIRNAME, runtime_glibc
 from kit.units import human_bytes
@@ -53,7 +53,10 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 def readme_text(manifest: BundleManifest, glibc: str | None = None) -> str:
     sections = [_header(manifest), _how_to_start(manifest, glibc), _troubleshooting(),
-                _check_by_hand(), _models(manifest), _footer(manifest)]
+                _check_by_hand(), _models(manifest)]
+    if manifest.knowledge:
+        sections.append(_knowledge(manifest))
+    sections.append(_footer(manifest))
     return "\n\n".join(sections) + "\n"
 
 
@@ -156,6 +159,52 @@ def _models(manifest: BundleManifest) -> str:
         lines.append(f"  {model.name} (id {model.id}): {params} parameters, {model.quant}, {size}")
         lines.append(f"    licence: {model.licence}")
     return "\n".join(lines)
+
+
+KNOWLEDGE_KINDS = {"docs": "documents, indexed for search", "zim": "Kiwix archive (ZIM)"}
+
+
+def _knowledge(manifest: BundleManifest) -> str:
+    lines = [_title("KNOWLEDGE ON THIS STICK"),
+             _para("Sources the assistant searches and cites in its answers. Each has its own licence; "
+                   "a source is only as good as its authors, so check anything that matters."), ""]
+    for entry in manifest.knowledge:
+        size = human_bytes(manifest.knowledge_size(entry))
+        lines += [_hanging(f"{entry.name} (id {entry.id})", "  "),
+                  _hanging(f"{KNOWLEDGE_KINDS[entry.kind]}: {_knowledge_facts(entry)}, {size}"),
+                  _hanging(f"licence: {entry.licence}"),
+                  f"    language: {entry.language}",
+                  _hanging(f"files: {_knowledge_files(entry)}")]
+    if any(e.kind == "zim" for e in manifest.knowledge):
+        lines += ["", _para("A Kiwix archive (.zim) also opens in a Kiwix reader (kiwix.org). One cut into "
+                            "parts (.zimaa, .zimab, ...) for FAT32 is whole again once they are joined in "
+                            "order, for example on Linux or macOS: cat NAME.zim?? > NAME.zim")]
+    return "\n".join(lines)
+
+
+def _hanging(text: str, indent: str = "    ") -> str:
+    """`text` wrapped at `indent`, its following lines two spaces further in."""
+    return textwrap.fill(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ")
+
+
+def _knowledge_facts(entry: KnowledgeEntry) -> str:
+    facts = entry.facts
+    if entry.kind == "docs":
+        return f"{facts.get('passages', 0):,} passages from {facts.get('documents', 0):,} documents"
+    parts = int(facts.get("parts", 1))
+    return f"{facts.get('articles', 0):,} articles" + (f" in {parts} parts" if parts > 1 else "")
+
+
+def _knowledge_files(entry: KnowledgeEntry) -> str:
+    """Its folder under KIT/ and the files in it (a long run of archive parts as first to last)."""
+    folder = f"knowledge/{entry.id}/"
+    names = [f.removeprefix(folder) for f in entry.files]
+    opened, others = names[: len(entry.opened)], names[len(entry.opened):]
+    if entry.kind == "docs":
+        opened = [f"{opened[0]} (the search index)"]
+    elif len(opened) > 3:
+        opened = [f"{opened[0]} to {opened[-1]}"]
+    return f"in {KIT_DIRNAME}/{folder}: " + ", ".join(opened + others)
 
 
 def _footer(manifest: BundleManifest) -> str:

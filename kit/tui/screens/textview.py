@@ -1,4 +1,5 @@
-"""A text to read, select and copy by hand: the copy fallback, and exports on a read-only stick.
+"""A text to read, select and copy by hand: the copy fallback, exports on a read-only stick, and
+a source an answer cites. The text is plain (a TextArea): nothing in it is read as markup.
 
 The clipboard escape (OSC 52) works in most terminals but not in a bare Linux console, so the
 text is always also shown where it can be selected, and saved on the stick when asked.
@@ -29,12 +30,13 @@ class TextViewScreen(ModalScreen):
             super().__init__()
             self.text, self.error = text, error
 
-    def __init__(self, title: str, text: str, store: HistoryStore, *, note: str = ""):
+    def __init__(self, title: str, text: str, store: HistoryStore, *, note: str = "", save_name: str = "answer"):
         super().__init__()
         self.title_text = title
         self.text = text
         self.store = store
         self.note = note
+        self.save_name = save_name  # the saved file's name ends -<save_name>.md
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="textview-box"):
@@ -58,7 +60,7 @@ class TextViewScreen(ModalScreen):
     @work(thread=True, exclusive=True, group="textview-save")
     def save_worker(self) -> None:
         try:
-            path = self.store.save_text("answer", self.text)
+            path = self.store.save_text(self.save_name, self.text)
         except OSError as err:
             self.post_message(self.Saved(f"Could not save: {err.strerror or err}", error=True))
             return
