@@ -21,7 +21,9 @@ def test_verify_json_contract(demo_stick):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert set(report) == VERIFY_KEYS
-    ok = 3 + len(ROOT_FILES)  # KIT/'s files, then README.txt and the launchers at the stick's root
+    # KIT/'s files (the model and its licence texts, the demo pack's index and licence), then
+    # README.txt and the launchers at the stick's root
+    ok = 5 + len(ROOT_FILES)
     assert report["ok"] is True and report["counts"] == {"ok": ok, "corrupt": 0, "missing": 0, "unexpected": 0}
     assert all(set(f) == FILE_KEYS and f["state"] == "ok" for f in report["files"])
 

@@ -239,7 +239,7 @@ def test_a_target_that_fails_mid_copy_stays_incomplete_and_the_others_finish(sti
 
     def fill_up_once_copying_starts(step: clone.Step) -> None:
         if step.phase == clone.COPY and not filler.exists():
-            with open(filler, "wb") as fh:  # another program takes the room after the checks
+            with open(filler, "wb", buffering=0) as fh:  # another program takes the room after the checks
                 while True:
                     try:
                         fh.write(b"\0" * (1 << 20))
@@ -335,6 +335,7 @@ def newer_stick(tmp_path_factory, gemma_path, demo_stick) -> Path:
     twin = folder / "twin.gguf"
     shutil.copy(gemma_path, twin)
     sha = hashlib.sha256(twin.read_bytes()).hexdigest()
+    shutil.copytree(ROOT / "manifests" / "knowledge", folder / "knowledge")  # demo.toml's pack, beside it
     profile = folder / "newer.toml"
     profile.write_text((ROOT / "manifests" / "demo.toml").read_text() + f'''
 [[models]]

@@ -105,8 +105,8 @@ def test_a_lead_too_small_for_the_model_answers_through_two_workers_as_one_machi
             assert refused.returncode == 1, (refused.returncode, refused.stderr)
             assert "does not fit" in refused.stderr or "no model on this stick fits" in refused.stderr
             answered = run_kit("ask", "--stick", str(demo_stick), "--pool", endpoints, "--ctx", "2048",
-                               "--temperature", "0", "--max-tokens", str(TOKENS), "-q", QUESTION, prefix=lead,
-                               timeout=900)
+                               "--temperature", "0", "--max-tokens", str(TOKENS), "-q", "--no-knowledge", QUESTION,
+                               prefix=lead, timeout=900)  # the reference below is the model alone
             peak = peak_usage(lead.group)
         assert answered.returncode == 0, answered.stderr
         print(f"pooled lead peak (its cgroup, page cache included): {peak / MiB:.0f} MiB of {limit / MiB:.0f}")
