@@ -3,11 +3,11 @@
 import sqlite3
 
 import pytest
+from knowledgekit import DOC_PASSAGES, docs_index
 
 from kit.errors import KnowledgeError
 from kit.ftsindex import Hit, fts5_available, fts_query, open_index, query_terms, write_index
 from kit.passages import Passage
-from tests.knowledgekit import DOC_PASSAGES, docs_index
 
 
 def test_this_python_has_fts5():

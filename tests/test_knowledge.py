@@ -3,11 +3,11 @@
 import os
 
 import pytest
+from knowledgekit import knowledge_stick
 
 from kit import integrity
 from kit.errors import KnowledgeError
 from kit.knowledge import FAILED, READY, Library
-from tests.knowledgekit import knowledge_stick
 
 
 @pytest.fixture(autouse=True)

@@ -99,11 +99,24 @@ def add_knowledge(kit_dir: Path, docs: dict[str, str], files: list) -> Knowledge
                           {"passages": count, "documents": len(docs)})
 
 
+def add_zim(kit_dir: Path, files: list) -> KnowledgeEntry:
+    """A `zim` knowledge source: a real Kiwix archive (tests/knowledgekit.py) under KIT/knowledge/first-aid/."""
+    from knowledgekit import make_zim
+
+    rel = "knowledge/first-aid/first-aid.zim"
+    (kit_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    make_zim(kit_dir / rel)
+    digest = integrity.hash_file(kit_dir / rel, sha256=True)
+    files.append(FileEntry(rel, digest.size, digest.blake3, digest.sha256))
+    return KnowledgeEntry("first-aid", "First aid archive", "zim", "CC0-1.0", "en", (rel,),
+                          {"articles": 3, "fulltext": True, "parts": 1})
+
+
 def write_stick(root: Path, *, models=(("tiny", "Tiny Gemma", GEMMA, 3_000_000),
                                        ("huge", "Huge Llama", HUGE, 1000)),
-                presets=PRESETS, knowledge: dict[str, str] | None = None) -> Path:
+                presets=PRESETS, knowledge: dict[str, str] | None = None, zim: bool = False) -> Path:
     """A stick with real files and a real bundle.json (each model file filled with its id);
-    `knowledge`: documents (name -> Markdown) it carries as a `docs` source."""
+    `knowledge`: documents (name -> Markdown) it carries as a `docs` source; `zim`: a Kiwix archive."""
     kit_dir = root / "KIT"
     files, entries = [], []
     for model_id, name, facts, size in models:
@@ -116,6 +129,7 @@ def write_stick(root: Path, *, models=(("tiny", "Tiny Gemma", GEMMA, 3_000_000),
         entries.append(ModelEntry(model_id, name, (rel,), facts.quant, facts.n_params, facts.n_ctx_train,
                                   "test licence", "gemma", facts.to_dict()))
     sources = (add_knowledge(kit_dir, knowledge, files),) if knowledge else ()
+    sources += (add_zim(kit_dir, files),) if zim else ()
     manifest = BundleManifest("0.1.0", "2025-01-01T00:00:00Z", "test", tuple(entries), (), tuple(files),
                               tuple(presets), knowledge=sources)
     (kit_dir / "bundle.json").write_bytes(manifest.to_json())
@@ -1023,6 +1037,30 @@ async def test_an_answer_shows_its_sources_and_the_sources_key_opens_one(knowled
                                    "[1] Water — Boiling (survival-demo: water.md)")
         library = chat.session.knowledge
     assert library.search("boiling water") == []  # the app's end closed the library
+
+
+@pytest.mark.anyio
+async def test_a_zim_article_is_cited_and_opened_as_plain_text(tmp_path, state):
+    """A Kiwix archive's article: its best section is the source, F8 opens the whole article as
+    text (the archive's script never runs or shows), the climbing entry is never listed."""
+    starter = FakeStarter(write_stick(tmp_path / "zstick", zim=True), state)
+    starter.engine.enqueue("Wrap them in dry blankets [1].")
+    app = make_app(starter=starter)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await started(pilot)
+        await wait_for(pilot, lambda: "knowledge: on (1 source)" in screen_text(app), what="the check")
+        await ask(pilot, "How do I treat hypothermia? rewarming")
+        await answered(pilot)
+        assert "[1] Hypothermia — Rewarming\nMove the person" in starter.engine.prompts[0][-1]["content"]
+        assert "* [1] Hypothermia — Rewarming (first-aid: Hypothermia)" in screen_text(app)
+        assert ".." not in screen_text(app)
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: "The last answer's sources" in screen_text(app), what="the picker")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "Shivering, confusion" in words(app), what="the article")
+        text = words(app)
+        assert "Signs" in text and "Rewarming" in text and "From first-aid: Hypothermia" in text
+        assert "PWNED" not in text and "<p>" not in text
 
 
 @pytest.mark.anyio

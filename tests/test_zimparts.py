@@ -2,10 +2,10 @@
 against libzim reading the parts."""
 
 import pytest
+from knowledgekit import make_zim
 from libzim.reader import Archive
 
 from kit.builder.zimparts import ZimFormatError, broken_ranges, cut_points, index_ranges
-from tests.knowledgekit import make_zim
 
 
 def write_parts(data: bytes, cuts: list[int], folder, name="x.zim"):
