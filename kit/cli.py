@@ -115,7 +115,7 @@ def cmd_doctor(args) -> int:
     workers = _find_pool(args, quiet=args.json)
     report = launch.doctor(args.stick, _overrides(args), refresh=args.refresh,
                            on_probe=None if args.json else _print_probe, serve=args.serve, parallel=args.parallel,
-                           pool=workers)
+                           pool=workers, on_knowledge=_knowledge_lines(quiet=args.json))
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -141,22 +141,25 @@ def cmd_ask(args) -> int:
             session.engine.close()  # the pool's llama-server
 
 
-def _check_knowledge(library, *, quiet: bool = False) -> None:
-    """Verify the stick's knowledge before it is searched, one line a source (and its progress on a
-    terminal); a source that fails is named and left out."""
-    if library.empty:
-        return
-    tty = sys.stderr.isatty() and not quiet
+def _knowledge_lines(quiet: bool = False):
+    """What a knowledge check shows on stderr: a line a source when its check ends, and on a
+    terminal its progress rewritten in place ("knowledge: checking WikiMed, 40 %")."""
+    tty = sys.stderr.isatty()
 
     def show(state) -> None:
-        if state.state == "checking" and not tty:
+        if quiet or (state.state == "checking" and not tty):
             return
-        if not quiet:
-            sys.stderr.write(("\r" if tty else "") + state.line() + ("\x1b[K" if tty else "")
-                             + ("" if state.state == "checking" else "\n"))
-            sys.stderr.flush()
+        sys.stderr.write(("\r" if tty else "") + state.line() + ("\x1b[K" if tty else "")
+                         + ("" if state.state == "checking" else "\n"))
+        sys.stderr.flush()
 
-    library.check_all(on_change=show)
+    return show
+
+
+def _check_knowledge(library, *, quiet: bool = False) -> None:
+    """Verify the stick's knowledge before it is searched; a source that fails is named and left out."""
+    if not library.empty:
+        library.check_all(on_change=_knowledge_lines(quiet))
 
 
 def _answer(args, session, question: str) -> int:
@@ -209,8 +212,9 @@ def cmd_search(args) -> int:
         _check_knowledge(library, quiet=args.json)
         states = library.states()
         if not library.usable:
-            failed = next(s for s in states if s.detail)
-            raise KnowledgeError(f"no knowledge on this stick can be used: {failed.name}: {failed.detail}")
+            failed = next((s for s in states if s.detail), None)
+            why = f": {failed.name}: {failed.detail}" if failed else ""
+            raise KnowledgeError(f"no knowledge on this stick can be used{why}")
         hits = library.search(query, args.limit)
     finally:
         library.close()

@@ -13,12 +13,14 @@ import json
 import re
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from kit.errors import KitError
 from kit.fsutil import atomic_write
+from kit.passages import Passage
 
 SCHEMA_VERSION = 1
 HISTORY_DIRNAME = "history"
@@ -127,11 +129,9 @@ def _valid_sources(sources: object) -> bool:
         isinstance(s, dict) and all(isinstance(s.get(k), str) for k in SOURCE_KEYS) for s in sources)
 
 
-def source_citation(source: dict) -> str:
-    """A stored source as it is cited under an answer (kit.passages.Passage.citation's form)."""
-    title, section = source["title"], source["section"]
-    where = f"{title} — {section}" if section and section != title else title
-    return f"{where} ({source['source']}: {source['path']})"
+def from_stored(stored: Sequence[dict]) -> tuple[Passage, ...]:
+    """An answer's stored sources as passages without their text, to be cited and opened again."""
+    return tuple(Passage(s["source"], s["path"], s["title"], s["section"], "") for s in stored)
 
 
 def new_conversation(model_id: str | None = None, preset_id: str | None = None) -> Conversation:
@@ -167,7 +167,8 @@ def to_markdown(conv: Conversation, *, assistant: str = "Assistant", preset: str
         if m.get("stopped"):
             lines += ["", "*(stopped before the end)*"]
         if m.get("sources"):
-            lines += ["", "Sources:", "", *(f"- [{i}] {source_citation(s)}" for i, s in enumerate(m["sources"], 1))]
+            sources = from_stored(m["sources"])
+            lines += ["", "Sources:", "", *(f"- [{i}] {p.citation()}" for i, p in enumerate(sources, 1))]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,16 @@ _BLOCKS = {"p", "div", "section", "article", "br", "li", "ul", "ol", "table", "t
 _VOID = {"br", "hr", "img", "input", "meta", "link", "area", "base", "col", "source", "track", "wbr"}
 
 
+# Control characters but the line break and the tab: a terminal would act on them (escape
+# sequences can set the clipboard or the window title), and no reader needs them.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` without control characters (kept: line breaks and tabs)."""
+    return _CONTROLS.sub("", text)
+
+
 @dataclass(frozen=True)
 class Section:
     heading: str  # "" for the text before the first heading
@@ -42,6 +52,9 @@ class _Reader(HTMLParser):
         self.in_title = False
 
     def handle_starttag(self, tag, attrs):
+        if tag == "body":  # HTML may leave </head> (or a dropped element) unclosed: the body is text
+            self.skip = 0
+            return
         if tag in _DROPPED and tag not in _VOID:
             self.skip += 1
             return
@@ -76,19 +89,20 @@ class _Reader(HTMLParser):
             self._add("\n")
 
     def handle_data(self, data):
-        if self.in_title:
-            self.title.append(data)
+        if self.in_title:  # the page's name, not its text
+            self.title.append(printable(data))
+            return
         if self.skip:
             return
         if self.heading is not None:
-            self.heading.append(data)
+            self.heading.append(printable(data))
         else:
             self._add(data)
 
     def _add(self, text: str) -> None:
         if self.kept >= MAX_TEXT:
             return
-        text = text[: MAX_TEXT - self.kept]
+        text = printable(text)[: MAX_TEXT - self.kept]
         self.kept += len(text)
         self.current.append(text)
 
@@ -130,15 +144,19 @@ def html_sections(html: str) -> tuple[str, list[Section]]:
     return _squash("".join(reader.title)), sections
 
 
+def sections_text(sections: list[tuple[str, str]]) -> str:
+    """(heading, text) sections as one readable text: each heading over a line of dashes."""
+    parts = []
+    for heading, text in sections:
+        if heading:
+            parts += [heading, "-" * min(len(heading), 60)]
+        if text:
+            parts.append(text)
+        parts.append("")
+    return "\n".join(parts).strip()
+
+
 def html_text(html: str) -> str:
     """The whole page as readable text, headings on their own lines."""
     _title, sections = html_sections(html)
-    parts = []
-    for s in sections:
-        if s.heading:
-            parts.append(s.heading)
-            parts.append("-" * min(len(s.heading), 60))
-        if s.text:
-            parts.append(s.text)
-        parts.append("")
-    return "\n".join(parts).strip()
+    return sections_text([(s.heading, s.text) for s in sections])

@@ -66,13 +66,21 @@ class Hasher:
         return Digest(self.size, self.b3.hexdigest(), self.sha.hexdigest() if self.sha else None)
 
 
-def hashed_blocks(fh: BinaryIO, hasher: Hasher, on_block: Callable[[int], None] | None = None
-                  ) -> Iterator[memoryview]:
+def hashed_blocks(fh: BinaryIO, hasher: Hasher, on_block: Callable[[int], None] | None = None,
+                  limit: int | None = None) -> Iterator[memoryview]:
     """The one read loop: `fh` in BLOCK-sized sequential reads, each block hashed, then yielded
-    (valid until the next one) and only then counted by `on_block`, so progress means "done"."""
+    (valid until the next one) and only then counted by `on_block`, so progress means "done".
+    `limit`: read at most that many bytes from the current position (None: to the end); the caller
+    compares with `hasher.size` if a short file matters."""
     buf = bytearray(BLOCK)
     view = memoryview(buf)
-    while n := fh.readinto(buf):
+    left = limit
+    while left is None or left > 0:
+        n = fh.readinto(view if left is None or left >= BLOCK else view[:left])
+        if not n:
+            return
+        if left is not None:
+            left -= n
         chunk = view[:n]
         hasher.update(chunk)
         yield chunk

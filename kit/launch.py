@@ -385,14 +385,14 @@ def glibc_fit(opened: OpenStick) -> tuple[str, str] | None:
 
 
 def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None, serve: bool = False,
-           parallel: int | None = None, pool: Sequence[Worker] = ()) -> DoctorReport:
+           parallel: int | None = None, pool: Sequence[Worker] = (), on_knowledge=None) -> DoctorReport:
     """Everything `kit doctor` shows: host, kernel probe table, plan (or why none); `serve`: the
     plan of `kit serve` (its slots, with their reasons) instead of the chat's; `pool`: with the
     workers' memory (kit.pool found them)."""
     opened = open_stick(stick)
     library = Library(opened.bundle, opened.manifest)
     try:
-        knowledge = tuple(library.check_all())
+        knowledge = tuple(library.check_all(on_knowledge))  # every archive hashed: progress on a terminal
     finally:
         library.close()
     report = DoctorReport(str(opened.bundle.root), opened.trust.signer_label, opened.host,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kit.htmltext import html_sections
+from kit.htmltext import html_sections, printable
 
 MAX_PASSAGE = 1_500  # characters: a few hundred tokens, several fit the smallest context
 MIN_PASSAGE = 40  # shorter text (a lone heading, a page number) is not worth a place in the index
@@ -30,9 +30,10 @@ class Passage:
     text: str
 
     def citation(self) -> str:
-        """'Title — Section (path)': how a source is named under an answer and in `kit search`."""
+        """'Title — Section (path)': how a source is named under an answer and in `kit search`
+        (control characters dropped again: an index from elsewhere reaches a terminal here)."""
         where = f"{self.title} — {self.section}" if self.section and self.section != self.title else self.title
-        return f"{where} ({self.source}: {self.path})"
+        return printable(f"{where} ({self.source}: {self.path})")
 
 
 def cut_markdown(text: str, path: str, source: str) -> list[Passage]:
@@ -77,14 +78,15 @@ def _passages(source: str, path: str, title: str, sections: list[tuple[str, str]
     out = []
     headed = any(heading for heading, _ in sections)
     for heading, text in sections:
-        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        text = re.sub(r"\n{3,}", "\n\n", printable(text)).strip()
+        heading = printable(heading)
         if not heading and headed and len(text) < MIN_PREAMBLE:
             continue
         for i, part in enumerate(split_long(text)):
             if len(part) < MIN_PASSAGE and not heading:
                 continue
             label = heading if i == 0 else f"{heading} ({i + 1})" if heading else f"part {i + 1}"
-            out.append(Passage(source, path, title, label, part))
+            out.append(Passage(source, path, printable(title), label, part))
     return out
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from kit.ftsindex import Hit
 from kit.hardware import Host
+from kit.htmltext import printable
 from kit.integrity import VerifyReport
 from kit.kernels import KernelChoice
 from kit.knowledge import SourceState
@@ -125,7 +126,8 @@ def render_search(query: str, hits: list[Hit], states: list[SourceState]) -> str
     """`kit search`: each passage with its citation, then any source that could not be used."""
     out = []
     for i, hit in enumerate(hits, 1):
-        text = hit.passage.text if len(hit.passage.text) <= 600 else hit.passage.text[:600].rsplit(" ", 1)[0] + " …"
+        text = printable(hit.passage.text)
+        text = text if len(text) <= 600 else text[:600].rsplit(" ", 1)[0] + " …"
         out += [f"[{i}] {hit.passage.citation()}", *("    " + line for line in text.splitlines()), ""]
     if not hits:
         out.append(f"Nothing on this stick matches {query!r}.")

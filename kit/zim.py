@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kit.errors import KnowledgeError
-from kit.htmltext import html_sections
+from kit.htmltext import html_sections, printable, sections_text
 from kit.passages import MAX_PASSAGE, Passage, split_long
 
 MAX_ARTICLE = 8 << 20  # bytes of one article's HTML read at most: a real one is far smaller
@@ -124,7 +124,7 @@ class ZimArchive:
         except RuntimeError as exc:
             raise KnowledgeError(f"knowledge {self.source}: {path} cannot be read ({exc})") from None
         page_title, sections = html_sections(html)
-        return title or page_title or path, [(s.heading, s.text) for s in sections]
+        return printable(title) or page_title or path, [(s.heading, s.text) for s in sections]
 
     def passages(self, path: str) -> list[Passage]:
         """An article as passages (each section, long ones cut), for retrieval and citations."""
@@ -139,12 +139,7 @@ class ZimArchive:
     def full_text(self, path: str) -> tuple[str, str]:
         """(title, the whole article as readable text)."""
         title, sections = self.article(path)
-        parts = []
-        for heading, text in sections:
-            if heading:
-                parts += [heading, "-" * min(len(heading), 60)]
-            parts += [text, ""]
-        return title, "\n".join(parts).strip()
+        return title, sections_text(sections)
 
 
 def open_archive(path: Path, source: str) -> ZimArchive:

@@ -39,7 +39,8 @@ PAIRED = ["engine prompt", "engine generation", "engine decode only", "chat stre
           "serve: 4 streams / 1 stream, kit serve", "serve: 4 streams / 1 stream, bare llama-server",
           "serve: kit serve / bare llama-server, 1 stream", "serve: kit serve / bare llama-server, 4 streams"]
 # medians, the least disturbed runs, and (where the samples are pairs) the median of the pairs
-KNOWLEDGE = ["retrieval recall@5 on the demo pack", "search latency p95 over 10000+ passages, ms"]
+KNOWLEDGE = ["retrieval recall@5 on the demo pack", "search latency p95 over 10000+ passages, ms",
+             "search latency p95 in a 10000-article Kiwix archive, ms"]
 RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED} | {f"{name}, median of pairs" for name in PAIRED} \
     | set(KNOWLEDGE)
 RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)

@@ -33,3 +33,17 @@ def test_broken_html_still_gives_its_text():
 def test_text_kept_is_bounded():
     _, sections = html_sections("<p>" + "x" * (MAX_TEXT + 5000) + "</p>")
     assert sum(len(s.text) for s in sections) <= MAX_TEXT
+
+
+def test_terminal_control_sequences_never_survive():
+    """An archive's page with an OSC 52 (clipboard) sequence, a title change and a bell."""
+    title, sections = html_sections("<title>T\x1b]0;owned\x07</title><h2>H\x1b[31m</h2>"
+                                    "<p>a\x1b]52;c;ZXZpbA==\x07b\tc\x9bd</p>")
+    text = title + " ".join(s.heading + s.text for s in sections)
+    assert not any(ord(c) < 32 and c not in "\t\n" or 0x7F <= ord(c) <= 0x9F for c in text), repr(text)
+    assert sections[0].text == "a]52;c;ZXZpbA==b cd"  # tabs fold into spaces like other runs
+
+
+def test_a_head_left_open_does_not_swallow_the_body():
+    title, sections = html_sections("<html><head><title>Water</title><body><h2>Boil</h2><p>One minute.</p>")
+    assert title == "Water" and [(s.heading, s.text) for s in sections] == [("Boil", "One minute.")]

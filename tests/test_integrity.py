@@ -91,6 +91,25 @@ def test_hash_file_matches_reference_implementations(gemma_path):
     assert digest.size == len(data)
 
 
+@pytest.mark.parametrize("start, limit", [(0, None), (5, None), (0, 40), (5, 16), (5, 33), (7, 0), (90, 50)])
+def test_hashed_blocks_reads_at_most_limit_bytes_from_where_the_file_is(tmp_path, monkeypatch, start, limit):
+    monkeypatch.setattr(integrity, "BLOCK", 16)  # several blocks, and limits that end inside one
+    data = bytes(range(100))
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    expected = data[start:] if limit is None else data[start:start + limit]  # past the end: what is there
+    hasher, counted = integrity.Hasher(sha256=True), []
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(start)
+        blocks = [bytes(b) for b in integrity.hashed_blocks(fh, hasher, counted.append, limit=limit)]
+        assert fh.tell() == start + len(expected)  # not a byte read past the limit
+    assert b"".join(blocks) == expected
+    assert all(0 < len(b) <= 16 for b in blocks)
+    assert counted == [len(b) for b in blocks]
+    assert hasher.digest() == integrity.Digest(len(expected), blake3.blake3(expected).hexdigest(),
+                                               hashlib.sha256(expected).hexdigest())
+
+
 def test_hand_check_files_pass_sha256sum(demo_stick):
     kit = demo_stick / "KIT"
     done = subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=kit, capture_output=True, text=True)

@@ -1,6 +1,7 @@
 """kit.knowledge: every source verified before a byte is parsed, then searched as one library."""
 
 import os
+from pathlib import Path
 
 import pytest
 from knowledgekit import knowledge_stick
@@ -82,7 +83,7 @@ def test_a_changed_index_is_refused_and_left_out(tmp_path):
     assert "BLAKE3 mismatch" in states["field-notes"].detail
     assert states["first-aid"].state == READY
     assert {h.passage.source for h in library.search("boil water", 5)} == {"first-aid"}
-    assert "field-notes" in library.status_line() or "not used" in library.status_line()
+    assert "Field notes not used" in library.status_line()
 
 
 def test_a_truncated_archive_is_refused_with_its_reason(tmp_path):
@@ -129,19 +130,59 @@ def test_background_checking_makes_sources_usable_when_done(tmp_path):
     assert library.search("radio", 1) == []
 
 
-def test_nothing_is_parsed_before_its_check(tmp_path, monkeypatch):
-    """The ZIM is opened only through descriptors whose identity matched the hashed file."""
-    opened_paths = []
-    import kit.zim
+def test_an_archive_swapped_after_its_check_is_never_read(tmp_path):
+    """libzim reads the descriptors opened after the identity check: another valid archive renamed
+    over the stick's file afterwards (a swap, a new inode) is never what search reads."""
+    from knowledgekit import Page, make_zim
 
-    real = kit.zim.ZimArchive.__init__
+    library = opened(tmp_path, docs=False)
+    stick_file = library.bundle.resolve("knowledge/first-aid/first-aid.zim")
+    other = make_zim(tmp_path / "other.zim", (Page("Hypothermia", "Hypothermia",
+                                                   "<h2>Rewarming</h2><p>Rub the skin with snow and petrol.</p>"),))
+    other.replace(stick_file)
+    hit = library.search("rewarming blankets", 1)[0]
+    assert "dry blankets" in hit.passage.text and "petrol" not in hit.passage.text
+    assert "petrol" not in library.full_text(hit.passage)[1]
 
-    def spy(self, path, source):
-        opened_paths.append(str(path))
-        real(self, path, source)
 
-    monkeypatch.setattr(kit.zim.ZimArchive, "__init__", spy)
-    opened(tmp_path, docs=False)
-    assert len(opened_paths) == 1
-    if os.path.isdir("/proc/self/fd"):
-        assert opened_paths[0].startswith("/proc/self/fd/")
+def test_climbing_entries_never_come_out_of_an_archive_search(tmp_path):
+    library = opened(tmp_path, docs=False)
+    archive = library._opened["first-aid"]
+    found = archive.search_paths(["rolling", "boil", "climbing", "entry"], 10)
+    assert found and all(".." not in path for path in found)
+
+
+def test_a_source_that_fails_in_an_unforeseen_way_is_left_out_not_stuck(tmp_path, monkeypatch):
+    import kit.knowledge
+
+    def broken(*args):
+        raise RuntimeError("an error nobody planned for")
+
+    monkeypatch.setattr(kit.knowledge, "open_index", broken)
+    library = Library(*knowledge_stick(tmp_path / "stick"))
+    states = {s.id: s for s in library.check_all()}
+    assert states["field-notes"].state == FAILED and "RuntimeError" in states["field-notes"].detail
+    assert states["first-aid"].state == READY
+
+
+def test_closing_while_checking_leaves_nothing_open(tmp_path):
+    library = Library(*knowledge_stick(tmp_path / "stick"))
+    before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
+    library.start_checking()
+    library.close()
+    library._thread.join(timeout=30)
+    assert library.search("boil water", 3) == []
+    if before:  # the archive's descriptors, the RAM copy's, SQLite's: all closed
+        assert set(os.listdir("/proc/self/fd")) - before == set()
+
+
+def test_the_index_copy_in_ram_is_gone_once_opened(tmp_path):
+    from kit import sealed
+
+    if sealed.unsupported():
+        pytest.skip(f"no sealed copies here: {sealed.unsupported()}")
+    roots = [Path(r) for r in sealed.LINK_ROOTS if Path(r).is_dir()]
+    before = {p for r in roots for p in r.glob("kit-knowledge-*")}
+    library = opened(tmp_path, zim=False)
+    assert {p for r in roots for p in r.glob("kit-knowledge-*")} == before  # nothing left for a kill to strand
+    assert library.search("radio check-in", 1)[0].passage.title == "Radio"  # SQLite reads its open copy

@@ -1,6 +1,6 @@
 """kit.passages: documents cut into passages that carry what a citation needs."""
 
-from kit.passages import MAX_PASSAGE, cut_html, cut_markdown, cut_pages, cut_text, split_long
+from kit.passages import MAX_PASSAGE, Passage, cut_html, cut_markdown, cut_pages, cut_text, split_long
 
 MARKDOWN = """# Water
 
@@ -66,3 +66,12 @@ def test_plain_text_html_and_pages():
     pages = cut_pages(["First page text, long enough to be kept here.", "", "Third page text, also long enough."],
                       "manual.pdf", "pack")
     assert [p.section for p in pages] == ["page 1", "page 3"]
+
+
+def test_control_characters_leave_passages_and_citations():
+    (passage,) = cut_markdown("# Wa\x1b[2Jter\n\n## Boil\x07ing\n\nBring it to a boil\x1b]52;c;eA==\x07 for a minute.",
+                              "water.md", "pack")
+    assert (passage.title, passage.section) == ("Wa[2Jter", "Boiling")
+    assert "\x1b" not in passage.text and "\x07" not in passage.text
+    hostile = Passage("pack", "x\x1b]0;t\x07.md", "T", "S", "text")  # an index made elsewhere
+    assert "\x1b" not in hostile.citation() and "\x07" not in hostile.citation()

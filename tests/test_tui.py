@@ -1034,7 +1034,8 @@ async def test_an_answer_shows_its_sources_and_the_sources_key_opens_one(knowled
         await pilot.press("f7")
         await wait_for(pilot, lambda: "The last answer" in screen_text(app), what="the copy")
         assert app.screen.text == ("Bring it to a rolling boil for one minute [1].\n\nSources:\n"
-                                   "[1] Water — Boiling (survival-demo: water.md)")
+                                   "[1] Water — Boiling (survival-demo: water.md)\n"
+                                   "[2] Water — Chemical disinfection (survival-demo: water.md)")
         library = chat.session.knowledge
     assert library.search("boiling water") == []  # the app's end closed the library
 

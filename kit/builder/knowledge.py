@@ -27,11 +27,12 @@ from pathlib import Path
 from kit.builder import stage
 from kit.builder.cache import knowledge_cache
 from kit.builder.download import download
+from kit.builder.sources import first_line
 from kit.builder.zimparts import ZimFormatError, broken_ranges, cut_points, index_ranges
 from kit.errors import BuildError, KnowledgeError, SourceError
 from kit.fsutil import atomic_path, atomic_writer
 from kit.ftsindex import write_index
-from kit.integrity import BLOCK, ByteMeter, Digest, Hasher, ProgressFn, hash_file, hashed_blocks
+from kit.integrity import ByteMeter, Digest, Hasher, ProgressFn, hash_file, hashed_blocks
 from kit.manifest import FileEntry, KnowledgeEntry, ProfileKnowledge
 from kit.passages import Passage, cut_html, cut_markdown, cut_pages, cut_text
 from kit.zim import ZimFacts, open_archive
@@ -178,7 +179,7 @@ def _pdf_pages(entry: ProfileKnowledge, path: Path, rel: str) -> tuple[list[str]
             title = reader.metadata.title if reader.metadata else None
     except Exception as exc:  # pypdf raises its own errors and ValueError, KeyError, ... on malformed input
         shown = f"{entry.path}/{rel}"
-        raise BuildError(f"knowledge {entry.id}: {shown} is not a readable PDF ({_first_line(exc)}); "
+        raise BuildError(f"knowledge {entry.id}: {shown} is not a readable PDF ({first_line(exc)[:160]}); "
                          "remove or replace it",
                          f"remove {shown} or replace it with a good copy, then run the same `kit build` again"
                          ) from None
@@ -199,11 +200,6 @@ def _quiet_pypdf() -> Iterator[None]:
 
 def _relative(folder: Path, path: Path) -> str:
     return path.relative_to(folder).as_posix()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(exc).__name__
 
 
 # ---------------------------------------------------------------- zim
@@ -300,7 +296,7 @@ def _search_indexes(src: Path, size: int, stem: str, max_size: int, report: Repo
     return ranges
 
 
-def _write_part(src: Path, dest: Path, start: int, length: int, feed_whole: Callable[[bytes], None],
+def _write_part(src: Path, dest: Path, start: int, length: int, feed_whole: Callable[[memoryview], None],
                 reuse: bool) -> tuple[Path, Digest]:
     """One part: its bytes hashed on their own and fed to the archive's running hash."""
     own = Hasher(sha256=True)
@@ -311,14 +307,10 @@ def _write_part(src: Path, dest: Path, start: int, length: int, feed_whole: Call
         return dest, own.digest()
     with open(src, "rb", buffering=0) as fh, atomic_writer(dest) as out:
         fh.seek(start)
-        left = length
-        while left:
-            block = fh.read(min(left, BLOCK))
-            if not block:
-                raise BuildError(f"{src.name} became shorter while it was being split",
-                                 "run the same `kit build` again")
-            own.update(memoryview(block))
+        for block in hashed_blocks(fh, own, limit=length):
             feed_whole(block)
             out.write(block)
-            left -= len(block)
+        if own.size != length:
+            raise BuildError(f"{src.name} became shorter while it was being split",
+                             "run the same `kit build` again")
     return dest, own.digest()

@@ -23,9 +23,10 @@ from tomlkit.exceptions import TOMLKitError
 
 from kit.builder.cache import default_cache_dir, knowledge_cache, sources_cache
 from kit.builder.download import download, published_sha256
-from kit.builder.sources import HfSource, Source, compute_pin, parse_source, resolve_hf, sha256_file
+from kit.builder.sources import HfSource, Source, compute_pin, parse_source, resolve_hf
 from kit.errors import ManifestError, SourceError
 from kit.fsutil import atomic_write
+from kit.integrity import hash_file
 from kit.manifest import ProfileKnowledge
 
 SourceTable = MutableMapping[str, object]  # a tomlkit table: edits keep the file's comments
@@ -101,7 +102,7 @@ def _archive_pin(entry: ProfileKnowledge, profile_dir: Path, cache: Path) -> str
         if not archive.is_file():
             raise SourceError(f"knowledge {entry.id}: {archive} is not a file",
                               "fix `path` in the profile (relative paths start at the profile's folder)")
-        return sha256_file(archive)
+        return hash_file(archive, sha256=True).sha256
     published = published_sha256(entry.url)
     if published is not None or entry.sha256 is not None:
         return published or entry.sha256

@@ -397,7 +397,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """Errors from libraries can span lines; a SourceError is one line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -507,12 +507,12 @@ def _hub_errors(source: HfSource, endpoint: str | None) -> Iterator[None]:
         ) from error
     except _TRANSPORT_ERRORS as error:
         raise SourceError(
-            f"{source.label}: could not reach {host}: {_first_line(error)}",
+            f"{source.label}: could not reach {host}: {first_line(error)}",
             hint="check your network (and HF_ENDPOINT if you set it), then build again",
         ) from error
     except OSError as error:
         raise SourceError(
-            f"{source.label}: the download failed: {_first_line(error)}",
+            f"{source.label}: the download failed: {first_line(error)}",
             hint="check free space in the build cache and your network, then build again",
         ) from error
 

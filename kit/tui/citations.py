@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from kit.grounding import cited, render_sources
 from kit.history import SOURCE_KEYS
+from kit.history import from_stored as from_stored  # the screens take it from here
 from kit.knowledge import CHECKING, FAILED, READY, SourceState
 from kit.passages import Passage
 
@@ -20,10 +21,6 @@ OPEN_KEY = "F8"  # the chat's key that opens a source (kit.tui.screens.chat)
 
 def to_stored(sources: Sequence[Passage]) -> list[dict]:
     return [{key: getattr(p, key) for key in SOURCE_KEYS} for p in sources]
-
-
-def from_stored(stored: Sequence[dict]) -> tuple[Passage, ...]:
-    return tuple(Passage(s["source"], s["path"], s["title"], s["section"], "") for s in stored)
 
 
 def source_lines(sources: Sequence[Passage], answer: str | None) -> list[tuple[str, bool]]:
