@@ -99,23 +99,6 @@ class Library:
         with self._lock:
             return bool(self._opened)
 
-    def ready(self) -> bool:
-        """Every source has been checked (verified or not)."""
-        return all(s.state in (READY, FAILED) for s in self.states())
-
-    def status_line(self) -> str:
-        """One line for a status bar: the source being checked, else a summary; '' with none."""
-        states = self.states()
-        busy = next((s for s in states if s.state == CHECKING), None)
-        if busy:
-            return busy.line()
-        ready = [s for s in states if s.state == READY]
-        failed = [s for s in states if s.state == FAILED]
-        if not states:
-            return ""
-        text = f"knowledge: {len(ready)} of {len(states)} sources verified"
-        return text + (f"; {failed[0].name} not used: {failed[0].detail}" if failed else "")
-
     # ------------------------------------------------------------------ checking
 
     def check_all(self, on_change: Callable[[SourceState], None] | None = None) -> list[SourceState]:

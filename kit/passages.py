@@ -53,28 +53,29 @@ def cut_markdown(text: str, path: str, source: str) -> list[Passage]:
             sections.append((heading, []))
         else:
             sections[-1][1].append(line)
-    return _passages(source, path, title, [(h, _plain_markdown("\n".join(lines))) for h, lines in sections])
+    return cut_sections(source, path, title, [(h, _plain_markdown("\n".join(lines))) for h, lines in sections])
 
 
 def cut_text(text: str, path: str, source: str) -> list[Passage]:
     """Plain text: one section (the title is the file name), cut at blank lines when long."""
-    return _passages(source, path, _stem(path), [("", text.strip())])
+    return cut_sections(source, path, _stem(path), [("", text.strip())])
 
 
 def cut_html(html: str, path: str, source: str) -> list[Passage]:
     """An HTML page's text at its headings; scripts and markup never reach a passage."""
     page_title, sections = html_sections(html)
     title = page_title or next((s.heading for s in sections if s.heading), "") or _stem(path)
-    return _passages(source, path, title, [(s.heading, s.text) for s in sections])
+    return cut_sections(source, path, title, [(s.heading, s.text) for s in sections])
 
 
 def cut_pages(pages: list[str], path: str, source: str, title: str = "") -> list[Passage]:
     """A PDF's pages (their text, read by the builder): one section per page."""
-    return _passages(source, path, title or _stem(path),
+    return cut_sections(source, path, title or _stem(path),
                      [(f"page {i + 1}", page.strip()) for i, page in enumerate(pages)])
 
 
-def _passages(source: str, path: str, title: str, sections: list[tuple[str, str]]) -> list[Passage]:
+def cut_sections(source: str, path: str, title: str, sections: list[tuple[str, str]]) -> list[Passage]:
+    """(heading, text) sections as passages: every kind of document ends here, ZIM articles too."""
     out = []
     headed = any(heading for heading, _ in sections)
     for heading, text in sections:

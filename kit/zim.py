@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kit.errors import KnowledgeError
 from kit.htmltext import html_sections, printable, sections_text
-from kit.passages import MAX_PASSAGE, Passage, split_long
+from kit.passages import Passage, cut_sections
 
 MAX_ARTICLE = 8 << 20  # bytes of one article's HTML read at most: a real one is far smaller
 _HTML = ("text/html", "application/xhtml+xml")
@@ -129,12 +129,7 @@ class ZimArchive:
     def passages(self, path: str) -> list[Passage]:
         """An article as passages (each section, long ones cut), for retrieval and citations."""
         title, sections = self.article(path)
-        out = []
-        for heading, text in sections:
-            for i, part in enumerate(split_long(text, MAX_PASSAGE)):
-                label = heading if i == 0 else f"{heading} ({i + 1})"
-                out.append(Passage(self.source, path, title, label, part))
-        return out
+        return cut_sections(self.source, path, title, sections)
 
     def full_text(self, path: str) -> tuple[str, str]:
         """(title, the whole article as readable text)."""

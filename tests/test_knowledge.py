@@ -83,7 +83,7 @@ def test_a_changed_index_is_refused_and_left_out(tmp_path):
     assert "BLAKE3 mismatch" in states["field-notes"].detail
     assert states["first-aid"].state == READY
     assert {h.passage.source for h in library.search("boil water", 5)} == {"first-aid"}
-    assert "Field notes not used" in library.status_line()
+    assert states["field-notes"].line().startswith("knowledge: Field notes not used: ")
 
 
 def test_a_truncated_archive_is_refused_with_its_reason(tmp_path):
@@ -118,14 +118,16 @@ def test_progress_is_reported_while_checking(tmp_path):
     library.check_all(on_change=seen.append)
     assert any(s.state == "checking" for s in seen)
     assert seen[-1].state == READY and seen[-1].percent == 100
-    assert library.status_line() == "knowledge: 2 of 2 sources verified"
+    assert [s.line() for s in library.states()] == ["knowledge: Field notes verified",
+                                                    "knowledge: First aid archive verified"]
 
 
 def test_background_checking_makes_sources_usable_when_done(tmp_path):
     library = Library(*knowledge_stick(tmp_path / "stick"))
     library.start_checking()
     library._thread.join(timeout=60)
-    assert library.ready() and library.search("radio check-in", 1)[0].passage.title == "Radio"
+    assert all(s.state == READY for s in library.states())
+    assert library.search("radio check-in", 1)[0].passage.title == "Radio"
     library.close()
     assert library.search("radio", 1) == []
 
