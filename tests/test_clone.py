@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -329,7 +330,7 @@ def test_from_a_sticks_runtime_every_path_is_a_target(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- update
 
 @pytest.fixture(scope="module")
-def newer_stick(tmp_path_factory, gemma_path, demo_stick) -> Path:
+def newer_stick(tmp_path_factory, gemma_path, demo_stick) -> Iterator[Path]:
     """The demo stick with one more model (a twin of the first, under its own id), built later."""
     folder = tmp_path_factory.mktemp("newer")
     twin = folder / "twin.gguf"
@@ -352,7 +353,8 @@ sha256 = "{sha}"
     target = folder / "stick"
     time.sleep(1.1)  # `created` has whole seconds: this one is later than the demo stick's
     run_kit("build", "--profile", str(profile), "--target", str(target), "--no-freeze", check=True)
-    return target
+    yield target
+    shutil.rmtree(folder, ignore_errors=True)  # a stick per module: CI's disk is not endless
 
 
 @pytest.mark.slow
@@ -397,11 +399,12 @@ def test_update_copies_the_new_model_and_what_differs_then_refuses_a_downgrade(d
 # ---------------------------------------------------------------- from the stick itself
 
 @pytest.fixture(scope="module")
-def frozen_stick(tmp_path_factory) -> Path:
+def frozen_stick(tmp_path_factory) -> Iterator[Path]:
     """The demo stick with its runtime frozen for this host: the runtime leaves kit.builder out."""
     target = tmp_path_factory.mktemp("frozen") / "stick"
     run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), timeout=1800, check=True)
-    return target
+    yield target
+    shutil.rmtree(target.parent, ignore_errors=True)
 
 
 @pytest.mark.slow

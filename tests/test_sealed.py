@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,12 +138,13 @@ CHAT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def probed_stick(demo_stick, tmp_path_factory) -> Path:
+def probed_stick(demo_stick, tmp_path_factory) -> Iterator[Path]:
     """A copy of the demo stick whose CPU kernel verdict is cached in its state/ (one probe)."""
     target = tmp_path_factory.mktemp("probed") / "stick"
     shutil.copytree(demo_stick, target)
     run_kit("doctor", "--stick", str(target), check=True)
-    return target
+    yield target
+    shutil.rmtree(target.parent, ignore_errors=True)  # a stick per module: CI's disk is not endless
 
 
 def _chat_child(stick: Path, mode: str, prefix: list[str] = ()) -> dict:

@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import nacl.signing
@@ -118,12 +119,13 @@ def keys(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def signed_stick(tmp_path_factory, keys, demo_stick) -> Path:
+def signed_stick(tmp_path_factory, keys, demo_stick) -> Iterator[Path]:
     target = tmp_path_factory.mktemp("signed") / "stick"
     done = run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--no-freeze",
                    "--sign", str(keys["maker"]), check=True)
     assert "signed by: ed25519:" in done.stdout
-    return target
+    yield target
+    shutil.rmtree(target.parent, ignore_errors=True)  # a stick per module: CI's disk is not endless
 
 
 @pytest.fixture

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -207,12 +209,13 @@ def demo_model() -> Path:
 
 
 @pytest.fixture(scope="module")
-def real_split(demo_model: Path, tmp_path_factory) -> list[Path]:
+def real_split(demo_model: Path, tmp_path_factory) -> Iterator[list[Path]]:
     start = time.perf_counter()
     shards = split_gguf(demo_model, tmp_path_factory.mktemp("shards"), REAL_LIMIT)
     print(f"split {demo_model.stat().st_size / 1e6:.0f} MB into {len(shards)} shards in "
           f"{time.perf_counter() - start:.2f} s")
-    return shards
+    yield shards
+    shutil.rmtree(shards[0].parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
