@@ -10,7 +10,7 @@ chat (the chat's rate on screen in a real terminal, first vs last tokens and vs 
 serve (kit serve with 1, 2 and 4 streaming clients, and vs the same llama-server started bare),
 pool (kit serve --pool over two kit pool workers vs alone, on loopback and behind 2 and 20 ms more delay),
 knowledge (retrieval recall on the demo pack's question set, search latency at 10,000 passages, first token
-with sources vs without).
+with sources vs without), gpu (each Vulkan device vs the CPU kernel, and the kit's choice vs the fastest).
 A missed target is reported, never an error: the exit code is 1 only when a section could not run.
 """
 
@@ -35,6 +35,7 @@ from bench import (  # noqa: E402
     chat_terminal,
     first_token,
     footprint,
+    gpu,
     kernel_choice,
     knowledge,
     overhead,
@@ -47,7 +48,7 @@ from bench.context import QUICK, Context, Sizes  # noqa: E402
 
 SECTIONS = {"overhead": overhead.run, "kernels": kernel_choice.run, "verify": verification.run,
             "first-token": first_token.run, "footprint": footprint.run, "chat": chat_terminal.run,
-            "serve": serve.run, "pool": pool.run, "knowledge": knowledge.run}
+            "serve": serve.run, "pool": pool.run, "knowledge": knowledge.run, "gpu": gpu.run}
 
 
 def cpu_model() -> str:

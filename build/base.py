@@ -83,7 +83,29 @@ TOOL_MODULES = ("libggml-rpc.so",)
 TOOLS_RUNPATH = "$ORIGIN:$ORIGIN/../lib:$ORIGIN/../.."
 # The frozen llama_cpp/lib keeps one name per library (build/kit.spec: OPENED_BY_NAME, SONAME).
 TOOLS_NEEDED_RENAMED = {"libllama.so.0": "libllama.so"}
-LLAMA_CPP_LAYOUT = 3  # what install_llama_cpp lays out (2: llama_cpp/bin, 3: RPC module there); a new one reinstalls
+# what install_llama_cpp lays out (2: llama_cpp/bin, 3: RPC module there, 4: lib/vulkan); a new one reinstalls
+LLAMA_CPP_LAYOUT = 4
+
+# ggml's Vulkan backend (build/llama-cpp.env GGML_VULKAN) needs Vulkan headers newer than any
+# Debian before trixie has (VK_EXT_layer_settings), glslc (not in bullseye), the SPIR-V headers
+# with their cmake config, and cmake >= 3.19. The headers are files, taken from trixie's packages
+# (sha256 pinned); glslc is a build tool only, the host's Debian one (`glslc`), run in the root
+# through its own loader and libraries. What the backend links is the root's libvulkan (bullseye's loader exports every
+# symbol it calls directly: it dispatches the rest through vkGetInstanceProcAddr), and that
+# loader, glibc 2.31 like the rest, is what a runtime carries for hosts that have none.
+VULKAN_DEBS = (
+    ("http://deb.debian.org/debian/pool/main/v/vulkan-loader/libvulkan-dev_1.4.309.0-1_amd64.deb",
+     "8d329d465e16168afff58b1bd0dd6db46aac2cc3f56054a481b25a04e90b345a"),
+    ("http://deb.debian.org/debian/pool/main/s/spirv-headers/spirv-headers_1.6.1+1.4.309.0-1_all.deb",
+     "dc18db866d63680351c40ac6b6bece34cb52da64a7799ce1cc4f16f6bff4d064"),
+)
+VULKAN_HOST_PACKAGES = ("glslc",)
+# ggml-vulkan's CMakeLists needs cmake >= 3.19; bullseye has 3.18: PyPI's, in the root's own venv
+ROOT_CMAKE = "cmake==3.31.6"
+IN_ROOT_TOOLS = "/opt/build-tools"
+VULKAN_ROOT_PACKAGES = ("libvulkan-dev",)
+IN_ROOT_VULKAN = "/opt/vulkan-sdk"  # include/ (headers), bin/glslc (a wrapper), glslc/ (its files)
+VULKAN_LOADER = "libvulkan.so.1"  # carried in llama_cpp/lib/vulkan/ (kit.ggml.carried_vulkan_loader)
 
 IN_ROOT_PYTHON = "/opt/python/bin/python3.11"
 IN_ROOT_VENV = "/opt/kit-venv"
@@ -114,7 +136,17 @@ def llama_settings() -> dict[str, str]:
 
 def llama_cmake_args() -> list[str]:
     origin = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"  # each library finds its neighbours
-    return [*shlex.split(llama_settings()["LLAMA_CMAKE_ARGS"]), f"-DCMAKE_INSTALL_RPATH={origin}"]
+    args = [*shlex.split(llama_settings()["LLAMA_CMAKE_ARGS"]), f"-DCMAKE_INSTALL_RPATH={origin}"]
+    if not sys.platform.startswith("linux"):
+        # macOS has Metal (ggml's default there); Windows would need the Vulkan SDK on the runner,
+        # which no job here installs yet: their runtimes are CPU (and Metal) only
+        args = [a for a in args if a != "-DGGML_VULKAN=ON"]
+    elif "-DGGML_VULKAN=ON" in args:
+        # in the root, base.py runs with KIT_VULKAN_SDK set (ensure_llama): there is no root in the root
+        sdk = os.environ.get("KIT_VULKAN_SDK") or (IN_ROOT_VULKAN if uses_root() else str(HOST_BUILD / "vulkan-sdk"))
+        args += [f"-DVulkan_INCLUDE_DIR={sdk}/include", f"-DVulkan_GLSLC_EXECUTABLE={sdk}/bin/glslc",
+                 f"-DSPIRV-Headers_DIR={sdk}/share/cmake/SPIRV-Headers"]
+    return args
 
 
 def llama_tools() -> list[str]:
@@ -333,9 +365,95 @@ def ensure_python() -> None:
     stamp("python", inputs)
 
 
+def vulkan_wanted() -> bool:
+    return sys.platform.startswith("linux") and "-DGGML_VULKAN=ON" in llama_settings()["LLAMA_CMAKE_ARGS"]
+
+
+def ensure_vulkan_sdk() -> None:
+    """What building ggml's Vulkan backend needs (VULKAN_DEBS above): in the root, or on a host
+    that has no root (then the host's own loader and glslc)."""
+    if not vulkan_wanted():
+        return
+    inputs = {"debs": [list(d) for d in VULKAN_DEBS], "glslc": _host_glslc_version(), "cmake": ROOT_CMAKE}
+    if stamped("vulkan-sdk", inputs):
+        return
+    sdk = root_dir() / IN_ROOT_VULKAN.lstrip("/") if uses_root() else HOST_BUILD / "vulkan-sdk"
+    shutil.rmtree(sdk, ignore_errors=True)
+    (sdk / "bin").mkdir(parents=True)
+    for url, sha256 in VULKAN_DEBS:
+        deb = download(url, sha256, CACHE / "vulkan" / Path(url).name)
+        unpacked = sdk / "deb"
+        run(["dpkg-deb", "-x", str(deb), str(unpacked)])
+        shutil.copytree(unpacked / "usr" / "include", sdk / "include", dirs_exist_ok=True)
+        shutil.copytree(unpacked / "usr" / "share" / "cmake", sdk / "share" / "cmake", dirs_exist_ok=True)
+        shutil.rmtree(unpacked)
+    glslc = shutil.which("glslc")
+    wrapper = sdk / "bin" / "glslc"
+    if uses_root():
+        files = sdk / "glslc"
+        files.mkdir()
+        closure = _library_closure(Path(glslc))
+        for name, path in closure.items():
+            shutil.copy(path, files / name)
+        loader = next(name for name in closure if name.startswith("ld-linux"))
+        wrapper.write_text(f'#!/bin/sh\nexec {IN_ROOT_VULKAN}/glslc/{loader} --library-path {IN_ROOT_VULKAN}/glslc '
+                           f'{IN_ROOT_VULKAN}/glslc/glslc "$@"\n')
+        in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
+                f" {' '.join(VULKAN_ROOT_PACKAGES)} >/dev/null 2>&1"
+                f" && rm -rf {IN_ROOT_TOOLS} && {IN_ROOT_PYTHON} -m venv {IN_ROOT_TOOLS}"
+                f" && {IN_ROOT_TOOLS}/bin/python -m pip install -q '{ROOT_CMAKE}'")
+    else:
+        wrapper.write_text(f'#!/bin/sh\nexec {glslc} "$@"\n')
+    wrapper.chmod(0o755)
+    stamp("vulkan-sdk", inputs)
+
+
+def _host_glslc_version() -> str:
+    """The host's glslc (Debian's package, installed here when missing): it compiles the shaders."""
+    if shutil.which("glslc") is None:
+        if os.geteuid() == 0 and Path("/etc/debian_version").exists():
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
+            run(["apt-get", "install", "-y", "-qq", *VULKAN_HOST_PACKAGES], env=env, stdout=subprocess.DEVNULL)
+        else:
+            raise BaseError("glslc is missing (it compiles ggml's Vulkan shaders): install your system's "
+                            "glslc package, or drop -DGGML_VULKAN=ON from build/llama-cpp.env")
+    out = subprocess.run(["glslc", "--version"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else "unknown"
+
+
+def _library_closure(executable: Path) -> dict[str, Path]:
+    """An executable, every shared library it loads and its ELF loader, as ldd resolves them
+    here: {the name it is loaded by (the soname), the file}."""
+    out = subprocess.run(["ldd", str(executable)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BaseError(f"ldd {executable} failed: {out.stderr.strip()[-200:]}")
+    found = {executable.name: executable.resolve()}
+    for line in out.stdout.splitlines():
+        match = re.search(r"(/\S+)", line.split("=>")[-1])
+        if match:
+            name = line.split("=>")[0].strip() if "=>" in line else Path(match.group(1)).name
+            found[name] = Path(match.group(1)).resolve()
+    return found
+
+
+def carried_vulkan_loader() -> Path | None:
+    """The Vulkan loader a runtime carries for hosts without one: the root's (glibc 2.31); on a
+    host without a root, none (that host's loader needs its glibc)."""
+    if not vulkan_wanted() or not uses_root():
+        return None
+    for folder in ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib"):
+        path = root_dir() / folder / VULKAN_LOADER
+        if path.exists():
+            return path.resolve()
+    raise BaseError(f"the build root has no {VULKAN_LOADER}: rerun `python3 build/base.py ensure` as root")
+
+
 def llama_inputs() -> dict:
     return {"version": llama_settings()["LLAMA_CPP_PYTHON_VERSION"], "cmake_args": llama_cmake_args(),
-            "tools": llama_tools(), "compilers": list(LLAMA_COMPILERS) if uses_root() else "host"}
+            "tools": llama_tools(), "compilers": list(LLAMA_COMPILERS) if uses_root() else "host",
+            "vulkan_sdk": [list(d) for d in VULKAN_DEBS] if vulkan_wanted() else None,
+            "cmake": ROOT_CMAKE if uses_root() else "host"}
 
 
 def ensure_llama() -> None:
@@ -347,11 +465,13 @@ def ensure_llama() -> None:
     # linger in it, and old outputs in bin/. A killed or changed build starts from nothing.
     forget("llama")
     shutil.rmtree(llama_build_dir(), ignore_errors=True)
+    ensure_vulkan_sdk()
     tree = llama_sources()
     say(f"building llama.cpp {version}'s libraries, every CPU variant and {', '.join(llama_tools())} "
         f"(~12 min on 2 cores){'' if uses_root() else ' on this host: no old-glibc root can be made here'}")
     if uses_root():
-        env = dict(a.split("=", 1) for a in LLAMA_COMPILERS)
+        env = {**dict(a.split("=", 1) for a in LLAMA_COMPILERS), "KIT_VULKAN_SDK": IN_ROOT_VULKAN,
+               "PATH": f"{IN_ROOT_TOOLS}/bin:/usr/sbin:/usr/bin:/sbin:/bin"}  # its cmake first
         in_root(f"{IN_ROOT_PYTHON} /src/build/base.py build-llama /llama-src {IN_ROOT_LLAMA}",
                 binds=((ROOT, "/src", True), (tree, "/llama-src", True)), env=env)
     else:
@@ -427,6 +547,11 @@ def install_llama_cpp(python: str, *, inside_root: bool = False) -> None:
             continue  # llama_cpp/bin's (install_llama_tools)
         shutil.copyfile(source, lib / source.name)  # a copy per name, links resolved, as pip's wheel holds
     shutil.copyfile(llama_dir() / LLAMA_LICENCE, lib / LLAMA_LICENCE)
+    loader = carried_vulkan_loader()
+    if loader is not None:  # its own folder: never found by name before the host's (kit.vulkan)
+        (lib / "vulkan").mkdir()
+        shutil.copyfile(loader, lib / "vulkan" / VULKAN_LOADER)
+        shutil.copyfile(root_dir() / "usr/share/doc/libvulkan1/copyright", lib / "vulkan" / "LICENSE-vulkan-loader")
     (lib / "kit-version.json").write_text(json.dumps(version))
     tools = install_llama_tools(package / "bin", patchelf)
     (lib / "kit-build.json").write_text(json.dumps(installed))  # last: a killed install is redone

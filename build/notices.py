@@ -30,6 +30,7 @@ from pathlib import Path
 KIT_ROOT = Path(__file__).resolve().parent.parent
 LICENCE_NAME = re.compile(r"(^|/)(LICEN[CS]E|COPYING|NOTICE|AUTHORS)[^/]*$", re.I)
 LLAMA_LICENCE = "LICENSE-llama.cpp"  # written beside the llama step's libraries (build/base.py)
+VULKAN_LOADER_LICENCE = "LICENSE-vulkan-loader"  # beside the carried Vulkan loader (build/base.py)
 
 
 @dataclass
@@ -104,6 +105,9 @@ class Tracer:
         path = Path(real)
         if (path.parent / LLAMA_LICENCE).is_file():  # llama_cpp/lib: libllama.so, ggml.dll ...
             return self.component("llama.cpp / ggml", "", [path.parent / LLAMA_LICENCE])
+        if (path.parent / VULKAN_LOADER_LICENCE).is_file():  # llama_cpp/lib/vulkan: the carried loader
+            return self.component("Vulkan loader (Debian package libvulkan1)", "",
+                                  [path.parent / VULKAN_LOADER_LICENCE])
         if path.is_relative_to(KIT_ROOT):
             return self.component("Survival Kit", "", [KIT_ROOT / "LICENSE"])
         if self.is_cpython(path):

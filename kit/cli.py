@@ -521,6 +521,12 @@ def cmd_probe(args) -> int:
     return kernels.probe_child(Path(args.variant), Path(args.model), args.blake3, args.threads, serve=args.serve)
 
 
+def cmd_gpu_probe(args) -> int:
+    from kit import gpuprobe
+
+    return gpuprobe.probe_child_main(args)
+
+
 # ---------------------------------------------------------------- parser
 
 def _add_stick(p: argparse.ArgumentParser) -> None:
@@ -700,6 +706,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--serve", action="store_true", help="answer commands read on stdin (kernels.ProbeChild)")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("_gpu-probe", help=argparse.SUPPRESS)  # kit.gpuprobe's children
+    p.add_argument("--list", action="store_true", help="list the Vulkan devices")
+    p.add_argument("--device", type=int, help="probe this Vulkan device (the loader's numbering)")
+    p.add_argument("--kernel", help="the chosen CPU kernel library")
+    p.add_argument("--backend", help="the Vulkan backend library")
+    p.add_argument("--loader", help="the runtime's own Vulkan loader, for a host without one")
+    p.add_argument("--model")
+    p.add_argument("--blake3")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_gpu_probe)
     return parser
 
 

@@ -620,6 +620,7 @@ class BenchModel:
     llm: object
     tokens: list[int]  # the prompt: `settings.n_batch` should hold it whole (one batch)
     greedy: object  # the chat's sampler at temperature 0, built once as generate() does per answer
+    generated: list[int] = field(default_factory=list)  # the last round's tokens (kit.gpuprobe compares them)
 
     @classmethod
     def load(cls, model: Path, settings: EngineSettings, *, prompt_tokens: int) -> BenchModel:
@@ -635,11 +636,14 @@ class BenchModel:
         """One real batch decode of the prompt, then `gen_tokens` greedy tokens: their seconds."""
         llm = self.llm
         llm.reset()
+        self.generated = []
         start = time.perf_counter()
         llm.eval(self.tokens)
         prompt_done = time.perf_counter()
         for _ in range(gen_tokens):
-            llm.eval([self.greedy.sample(llm._ctx)])
+            token = self.greedy.sample(llm._ctx)
+            self.generated.append(token)
+            llm.eval([token])
         return prompt_done - start, time.perf_counter() - prompt_done
 
 

@@ -218,3 +218,48 @@ def new_threadpool(n_threads: int, poll: int = THREADPOOL_POLL) -> Threadpool | 
     params.poll = poll
     handle = new(ctypes.byref(params))  # ggml aborts rather than return NULL; kept as a guard
     return Threadpool(handle, free) if handle else None
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """A GPU device a loaded backend registered with ggml, as llama.cpp will see it."""
+
+    name: str  # ggml's ("Vulkan0")
+    description: str  # the driver's name for it
+    integrated: bool
+    free: int  # bytes
+    total: int
+
+
+_GPU_TYPES = {1: False, 2: True}  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU -> integrated
+
+
+def gpu_devices() -> list[GpuDevice]:
+    """The GPU devices registered in this process's ggml (a GPU backend loaded first)."""
+    ggml = _runtime_lib(2)
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(ggml, name).restype, getattr(ggml, name).argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    ggml.ggml_backend_dev_type.restype, ggml.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    ggml.ggml_backend_dev_memory.restype = None
+    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                             ctypes.POINTER(ctypes.c_size_t)]
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        device = ggml.ggml_backend_dev_get(i)
+        kind = ggml.ggml_backend_dev_type(device)
+        if kind not in _GPU_TYPES:
+            continue
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        ggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+        found.append(GpuDevice(ggml.ggml_backend_dev_name(device).decode(errors="replace"),
+                               (ggml.ggml_backend_dev_description(device) or b"").decode(errors="replace"),
+                               _GPU_TYPES[kind], free.value, total.value))
+    return found
+
+
+def carried_vulkan_loader(directory: Path | None = None) -> Path:
+    """Where a runtime keeps its own Vulkan loader, used only on a host that has none (kit.vulkan)."""
+    return (directory or lib_dir()) / "vulkan" / "libvulkan.so.1"

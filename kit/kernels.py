@@ -130,7 +130,7 @@ class _ChildBench:
                 "gen_tps": max(r["gen_tps"] for r in rounds)}
 
 
-def _protocol_out():
+def protocol_out():
     """A private copy of stdout for the answer lines; fd 1 then points at stderr, so that native
     chatter on stdout can never be read as an answer."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -148,20 +148,29 @@ def probe_child(variant_path: Path, model: Path, blake3: str, threads: int, *, s
     from kit import offline
 
     offline.go_offline()
-    out = _protocol_out()
+    out = protocol_out()
     bench = _ChildBench(variant_path, model, blake3, threads)
     commands = (line.strip() for line in sys.stdin) if serve else iter(["one_shot"])
     for command in commands:
         if serve and command not in _ANSWER_KEYS:
             print(json.dumps({"error": f"unknown probe command {command!r}"}), file=out, flush=True)
             return 2
-        try:
-            answer = getattr(bench, command)()
-        except Exception as err:  # every failure is reported on the protocol line
-            what, _fix, code = describe_error(err)
-            print(json.dumps({"error": what}), file=out, flush=True)
+        code = answer_line(out, getattr(bench, command))
+        if code:
             return code
-        print(json.dumps(answer), file=out, flush=True)
+    return 0
+
+
+def answer_line(out, work) -> int:
+    """One protocol line from `work()`: its answer, or {"error": sentence} through the one error
+    table; the exit code the child should end with (0: go on)."""
+    try:
+        answer = work()
+    except Exception as err:  # every failure is reported on the protocol line
+        what, _fix, code = describe_error(err)
+        print(json.dumps({"error": what}), file=out, flush=True)
+        return code
+    print(json.dumps(answer), file=out, flush=True)
     return 0
 
 
@@ -204,7 +213,7 @@ def _spawn(command: list[str]) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, text=True, bufsize=1, pass_fds=inherited)
 
 
-def _signal_name(code: int) -> str:
+def signal_name(code: int) -> str:
     try:
         return signal.Signals(-code).name
     except ValueError:
@@ -257,7 +266,7 @@ class ProbeChild:
                 self._proc.kill()
                 code = self._proc.wait()
             if code < 0:
-                self._fail("crashed", _signal_name(code))
+                self._fail("crashed", signal_name(code))
             else:
                 self._fail("failed", f"the probe gave no result line (exit code {code})")
             return None
@@ -471,6 +480,7 @@ def probe(group: list[Variant], model: Path, blake3: str, threads: int, *, slots
 
 # ---------------------------------------------------------------- choosing, with a per-CPU cache
 
+_RESULT_FIELDS = {f.name for f in fields(ProbeResult)}
 CACHE_FORMAT = "v2"  # results carry score and rounds: a runtime before them must not read them
 
 
@@ -479,22 +489,22 @@ def _cache_key(host: Host, variants: list[Variant]) -> str:
     return f"{CACHE_FORMAT}:{host.cpu_signature()}:{names}"
 
 
-_memory_cache: dict[str, dict] = {}
-_RESULT_FIELDS = {f.name for f in fields(ProbeResult)}
+KERNEL_VERDICTS = "kernel-probe.json"
+_memory_cache: dict[str, dict[str, dict]] = {}  # per file name: verdicts a read-only stick could not keep
 
 
-def _read_cache(state: Path | None, saved: Path | None = None) -> dict[str, dict]:
-    """Verdicts from the writable state folder; on a read-only stick, those saved on it earlier
-    (read, never written) plus this run's memory."""
+def read_verdicts(state: Path | None, saved: Path | None = None, name: str = KERNEL_VERDICTS) -> dict[str, dict]:
+    """Probe verdicts (this one and kit.gpuprobe's) from the writable state folder; on a
+    read-only stick, those saved on it earlier (read, never written) plus this run's memory."""
     folder = state or saved
     data: dict = {}
     if folder is not None:
         try:
-            loaded = json.loads((folder / "kernel-probe.json").read_text())
+            loaded = json.loads((folder / name).read_text())
             data = loaded if isinstance(loaded, dict) else {}
         except (OSError, ValueError):
             data = {}
-    return data if state is not None else {**data, **_memory_cache}
+    return data if state is not None else {**data, **_memory_cache.get(name, {})}
 
 
 def _cached_results(entry: dict) -> tuple[ProbeResult, ...] | None:
@@ -505,16 +515,16 @@ def _cached_results(entry: dict) -> tuple[ProbeResult, ...] | None:
         return None
 
 
-def _write_cache(state: Path | None, cache: dict[str, dict]) -> None:
+def write_verdicts(state: Path | None, cache: dict[str, dict], name: str = KERNEL_VERDICTS) -> None:
     if state is None:
-        _memory_cache.update(cache)
+        _memory_cache.setdefault(name, {}).update(cache)
         return
     from kit.fsutil import atomic_write
 
     try:
-        atomic_write(state / "kernel-probe.json", json.dumps(cache, indent=2).encode())
+        atomic_write(state / name, json.dumps(cache, indent=2).encode())
     except OSError:
-        _memory_cache.update(cache)  # a stick that turned read-only: remember for this run only
+        _memory_cache.setdefault(name, {}).update(cache)  # a stick that turned read-only: remember for this run only
 
 
 def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None, saved: Path | None = None,
@@ -527,7 +537,7 @@ def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None, s
                           "rebuild the runtime with build/install.sh; see build/llama-cpp.env")
     by_name = {v.name: v for v in variants}
     key = _cache_key(host, variants)
-    cache = _read_cache(state, saved)
+    cache = read_verdicts(state, saved)
     entry = cache.get(key)
     cached = _cached_results(entry) if isinstance(entry, dict) else None
     if cached is not None and not refresh and entry.get("chosen") in by_name:
@@ -551,5 +561,5 @@ def choose_kernel(host: Host, model: Path, blake3: str, *, state: Path | None, s
         raise KernelError("no CPU kernel works on this host: " +
                           "; ".join(f"{r.variant} {r.state} {r.detail}".strip() for r in results))
     cache[key] = {"chosen": chosen.variant, "results": [asdict(r) for r in results], "probed_at": time.time()}
-    _write_cache(state, cache)
+    write_verdicts(state, cache)
     return KernelChoice(chosen.variant, by_name[chosen.variant].path, tuple(results), cached=False)

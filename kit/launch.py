@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kit import ggml, integrity, kernels, offline, rollback, sealed, signing
+from kit import ggml, gpuprobe, integrity, kernels, offline, rollback, sealed, signing
 from kit.conversation import DEFAULT_MAX_TOKENS, choose_preset, first_messages
 from kit.engine import ChatEngine
 from kit.errors import ChatTemplateError, EngineError, IntegrityError, KernelError, PlanError
@@ -83,6 +83,7 @@ class Session:
     signer: str = "unsigned"  # the signer's fingerprint (kit.signing), or "unsigned"
     load_mode: LoadMode | None = None  # how the loaded model reached llama.cpp, and why
     knowledge: Library | None = None  # the stick's documents and archives, opened once verified
+    gpu: gpuprobe.GpuChoice | None = None  # what the GPU probe found, and why the plan uses it or not
 
     def __post_init__(self) -> None:
         if self.knowledge is None:
@@ -115,7 +116,7 @@ class Session:
         """What `kit doctor` would show, from what start() already found (nothing re-probed)."""
         return DoctorReport(str(self.bundle.root), self.signer, self.host, ModelSummary.all_of(self.manifest),
                             tuple(sorted(ggml.runtime_backends())), self.kernel, self.plan,
-                            fallback_steps=tuple(self.steps), load_mode=self.load_mode,
+                            fallback_steps=tuple(self.steps), load_mode=self.load_mode, gpu=self.gpu,
                             knowledge=tuple(self.knowledge.states()) if self.knowledge else ())
 
 
@@ -318,13 +319,46 @@ def choose_kernel(opened: OpenStick, *, refresh: bool = False, on_probe=None,
     verify_own_libraries(bundle, manifest, opened.host.platform)
     probe_model = smallest_model(manifest)
     verify_model(bundle, manifest, probe_model, progress, seal=seal and _could_seal(opened, probe_model))
-    paths = model_paths(bundle, probe_model)
-    # the children inherit a sealed copy (kernels._spawn); a split model's other shards are found
-    # by name, which only the load's private links give, so a split one is probed from the stick
-    first = paths[0] if len(paths) == 1 else bundle.resolve(probe_model.files[0])
-    return kernels.choose_kernel(opened.host, first, manifest.file(probe_model.files[0]).blake3,
-                                 state=opened.state, saved=bundle.kit / "state", refresh=refresh,
-                                 on_result=on_probe)
+    first, blake3 = _probe_model(opened)
+    return kernels.choose_kernel(opened.host, first, blake3, state=opened.state, saved=bundle.kit / "state",
+                                 refresh=refresh, on_result=on_probe)
+
+
+def _probe_model(opened: OpenStick) -> tuple[Path, str]:
+    """The smallest model, verified (choose_kernel), as the probe children get it: they inherit a
+    sealed copy (kernels._spawn); a split model's other shards are found by name, which only the
+    load's private links give, so a split one is probed from the stick."""
+    probe_model = smallest_model(opened.manifest)
+    paths = model_paths(opened.bundle, probe_model)
+    first = paths[0] if len(paths) == 1 else opened.bundle.resolve(probe_model.files[0])
+    return first, opened.manifest.file(probe_model.files[0]).blake3
+
+
+def choose_gpu(opened: OpenStick, kernel: kernels.KernelChoice, overrides: Overrides, *, refresh: bool = False,
+               on_probe=None) -> tuple[OpenStick, gpuprobe.GpuChoice]:
+    """After the CPU kernel: which GPU the runtime's Vulkan backend may drive (kit.gpuprobe, with
+    the same verified smallest model), and the stick as the plan then sees it: the host's GPUs
+    are the devices the probe vetted. Forced GPU layers (--gpu-layers) probe software devices too
+    and may use a working device slower than the CPU; a broken one never."""
+    backend = ggml.gpu_backend_libs().get(gpuprobe.BACKEND) if gpuprobe.BACKEND in ggml.runtime_backends() else None
+    if backend is None:
+        return opened, gpuprobe.GpuChoice(reason="this runtime carries no GPU backend: CPU only", backend=None)
+    forced = bool(overrides.gpu_layers)
+    first, blake3 = _probe_model(opened)
+    loader = ggml.carried_vulkan_loader()
+    choice = gpuprobe.choose_gpu(opened.host, kernel, first, blake3, state=opened.state,
+                                 saved=opened.bundle.kit / "state", backend=backend,
+                                 carried_loader=loader if loader.is_file() else None, refresh=refresh,
+                                 on_result=on_probe, probe_software=forced or gpuprobe.probe_all_asked())
+    gpus = choice.gpus(forced)
+    host = replace(opened.host, gpus=gpus, gpu_note=None if gpus else choice.reason)
+    return replace(opened, host=host), choice
+
+
+def without_gpu_check(overrides: Overrides) -> Overrides:
+    """Overrides to check before any probe: forced GPU layers wait for the GPU probe when the
+    runtime has a GPU backend (the host's devices are known only then)."""
+    return replace(overrides, gpu_layers=None) if ggml.runtime_backends() else overrides
 
 
 def _could_seal(opened: OpenStick, model: ModelEntry) -> bool:
@@ -400,6 +434,8 @@ def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None,
                           glibc=glibc_fit(opened), pool=tuple(pool), knowledge=knowledge)
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
+        opened, gpu = choose_gpu(opened, report.kernel, overrides, refresh=refresh)
+        report = replace(report, host=opened.host, gpu=gpu)
         if serve or pool:
             plan, serve_plan = plan_serve(opened, overrides, report.kernel, parallel, pool)
             report = replace(report, plan=plan, serve=serve_plan)
@@ -416,10 +452,13 @@ def start(stick, overrides: Overrides | None = None, *, on_progress=None,
     opened = open_stick(stick)
     manifest = opened.manifest
     overrides = overrides or Overrides()
-    plan_for(opened, overrides)  # bad overrides fail fast, before any probe
+    plan_for(opened, without_gpu_check(overrides))  # bad overrides fail fast, before any probe
     on_status("checking the stick's smallest model and choosing the CPU kernel")
     kernel = choose_kernel(opened, progress=on_progress, seal=True,
                            on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
+    on_status("looking for a GPU the runtime can use")
+    opened, gpu = choose_gpu(opened, kernel, overrides,
+                             on_probe=lambda r: on_status(f"probed GPU {r.name}: {r.state}"))
     plan = plan_for(opened, overrides, kernel)
     model = manifest.model(plan.model_id)
     if model.id != smallest_model(manifest).id:
@@ -427,7 +466,7 @@ def start(stick, overrides: Overrides | None = None, *, on_progress=None,
     on_status(f"checking {model.id} against the stick's manifest")
     engine, plan, steps, mode = load_with_fallback(opened, plan, kernel, on_status, on_progress)
     return Session(opened.bundle, manifest, opened.host, plan, kernel, engine, opened.state, steps,
-                   opened.trust.signer_label, mode)
+                   opened.trust.signer_label, mode, gpu=gpu)
 
 
 def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.KernelChoice, on_status: Status,
@@ -451,6 +490,8 @@ def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.Kern
         mode = verified_for_load(opened, attempt, model, on_progress, steps)
         on_status(f"loading {model.name}: {attempt_description(attempt)}")
         try:
+            if attempt.gpu is not None and attempt.gpu.backend == gpuprobe.BACKEND:
+                select_vulkan_device(attempt.gpu)
             with _load_names(bundle, model, mode) as files:
                 engine = LlamaEngine.load(
                     files, attempt.settings, model_id=model.id,
@@ -468,6 +509,15 @@ def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.Kern
     if isinstance(last_error, ChatTemplateError) and len(refused) == len({a.model_id for a in attempts}):
         raise last_error  # its own sentence names the model and says what to do
     raise EngineError(f"no setting worked on this host; last error: {last_error}")
+
+
+def select_vulkan_device(gpu) -> None:
+    """The device the GPU probe vetted, and a Vulkan loader, before ggml's Vulkan backend loads."""
+    loader = ggml.carried_vulkan_loader()
+    try:
+        gpuprobe.select_device(gpu.device_index or 0, loader if loader.is_file() else None)
+    except gpuprobe.VulkanError as err:
+        raise EngineError(f"the Vulkan loader did not open: {err}") from None
 
 
 def verified_for_load(opened: OpenStick, attempt: LaunchPlan, model: ModelEntry, on_progress,

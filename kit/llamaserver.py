@@ -4,7 +4,9 @@ decisions (kit.serveplan) — the one translation, as kit.engine.context_params 
 The server gets a clean environment: it reads dozens of LLAMA_ARG_* variables (tools, MCP proxy,
 model downloads, a second API key), and none of the host's may reach it. ggml loads the CPU
 variant named by GGML_BACKEND_PATH (the kit's probed choice); the runtime keeps llama-server in a
-folder holding no variant, so ggml finds no other beside it (kit.ggml.server_dir).
+folder holding no variant, so ggml finds no other beside it (kit.ggml.server_dir). ggml also loads
+the backends it finds in the working folder: kit.serve starts it in one that holds only the GPU
+backend the plan uses, if any.
 
 Part of the pure core: no llama_cpp, no textual, no process started here.
 """
@@ -40,6 +42,8 @@ class ServerSpec:
     max_tokens: int = DEFAULT_MAX_TOKENS  # an answer's length when a request does not say
     rpc: Sequence[str] = ()  # kit pool workers (HOST:PORT): the plan's GPU layers go to them
     tensor_split: Sequence[int] = ()  # their shares of those layers (what each offers)
+    gpu_device: int | None = None  # the Vulkan device the GPU probe vetted (its backend in the working folder)
+    library_path: Path | None = None  # the runtime's own Vulkan loader's folder, on a host without one
 
     @property
     def origin(self) -> str:
@@ -89,6 +93,10 @@ def server_argv(spec: ServerSpec) -> list[str]:
 def server_env(spec: ServerSpec, key: str | None) -> dict[str, str]:
     """Everything llama-server's environment holds: the kernel, the key, nothing of the host's."""
     env = {"GGML_BACKEND_PATH": str(spec.variant), "PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+    if spec.gpu_device is not None:  # the one device the kit vetted (kit.gpuprobe.VISIBLE_DEVICES)
+        env["GGML_VK_VISIBLE_DEVICES"] = str(spec.gpu_device)
+    if spec.library_path is not None:
+        env["LD_LIBRARY_PATH"] = str(spec.library_path)
     if key:
         env[KEY_VARIABLE] = key
     return env

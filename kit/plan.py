@@ -188,7 +188,7 @@ def _margin(available: int) -> int:
 def _usable_gpu(host: Host, runtime_backends: frozenset[str]) -> tuple[Gpu | None, str]:
     """The GPU to use and why (or why none)."""
     if not host.gpus:
-        return None, "no GPU found: CPU only"
+        return None, host.gpu_note or "no GPU found: CPU only"
     if not runtime_backends:
         names = ", ".join(g.name for g in host.gpus)
         return None, f"{names} found, but this runtime was built for the CPU only"

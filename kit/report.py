@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from kit.ftsindex import Hit
+from kit.gpuprobe import GpuChoice
 from kit.hardware import Host
 from kit.htmltext import printable
 from kit.integrity import VerifyReport
@@ -52,6 +53,7 @@ class DoctorReport:
     serve: ServePlan | None = None  # `kit doctor --serve`: llama-server's slots, and why
     pool: tuple[Worker, ...] = ()  # `kit doctor --pool`: the workers as the lead found them
     knowledge: tuple[SourceState, ...] = ()  # the stick's documents and archives, checked or not
+    gpu: GpuChoice | None = None  # the GPU probe: each Vulkan device's verdict, and the plan's reason
 
     def to_dict(self) -> dict:
         data = {"stick": self.stick, "signer": self.signer, "host": self.host.to_dict(),
@@ -65,6 +67,7 @@ class DoctorReport:
             data["serve"] = self.serve.to_dict()
         if self.pool:
             data["pool"] = [{"endpoint": w.endpoint, **asdict(w.facts)} for w in self.pool]
+        data["gpu_probe"] = self.gpu.to_dict() if self.gpu else None
         data["knowledge"] = [s.to_dict() for s in self.knowledge]
         if self.error:
             data["error"] = self.error
@@ -82,7 +85,7 @@ def render_doctor(report: DoctorReport) -> str:
         vram = human_bytes(g.vram_total) if g.vram_total else "unknown"
         out.append(f"      GPU: {g.name} ({g.backend}, {vram})")
     if not host.gpus:
-        out.append("      GPU: none found")
+        out.append(f"      GPU: {host.gpu_note or 'none found'}")
     for note in host.notes:
         out.append(f"      note: {note}")
     if report.glibc:
@@ -98,6 +101,8 @@ def render_doctor(report: DoctorReport) -> str:
             tg = f"{r.gen_tps:.1f}" if r.gen_tps else "-"
             out.append(f"{mark} {r.variant:16} {r.state:8} {pp:>12} {tg:>10}  {r.detail}")
         out.append(f"  chosen: {kernel.chosen}")
+    if report.gpu and report.gpu.backend:
+        out += ["", *render_gpu_probe(report.gpu)]
     out.append("")
     if report.plan:
         out.append(render_plan(report.plan))
@@ -114,6 +119,20 @@ def render_doctor(report: DoctorReport) -> str:
     if report.knowledge:
         out += ["", "Knowledge:", *(render_source_state(s) for s in report.knowledge)]
     return "\n".join(out)
+
+
+def render_gpu_probe(gpu: GpuChoice) -> list[str]:
+    out = [f"GPUs through {gpu.backend} ({'cached verdict' if gpu.cached else 'probed now'}):"]
+    if gpu.results:
+        out.append(f"  {'device':34} {'state':8} {'prompt tok/s':>12} {'gen tok/s':>10}  CPU gen tok/s  detail")
+    for r in gpu.results:
+        mark = "*" if r.index == gpu.chosen else " "
+        pp = f"{r.prompt_tps:.0f}" if r.prompt_tps else "-"
+        tg = f"{r.gen_tps:.1f}" if r.gen_tps else "-"
+        cpu = f"{r.cpu_gen_tps:.1f}" if r.cpu_gen_tps else "-"
+        out.append(f"{mark} {r.name[:34]:34} {r.state:8} {pp:>12} {tg:>10}  {cpu:>13}  {r.detail}")
+    out.append(f"  {gpu.reason}")
+    return out
 
 
 def render_source_state(s: SourceState) -> str:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from kit import chatformat, ggml, integrity, launch, llamaserver, pool, poolplan, sealed
+from kit import chatformat, ggml, gpuprobe, integrity, launch, llamaserver, pool, poolplan, sealed
 from kit.child import ChildProcess, check_port_free
 from kit.conversation import DEFAULT_MAX_TOKENS
 from kit.errors import KitError, ServeError
@@ -296,7 +296,8 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     manifest = opened.manifest
     bind = llamaserver.ALL_INTERFACES if options.lan else llamaserver.LOOPBACK
     workers = pool.find_pool(options.pool, on_status) if options.pool else []
-    launch.plan_for(opened, overrides, pool=workers)  # bad overrides fail fast, before any probe
+    # bad overrides fail fast, before any probe (forced GPU layers: once the GPU probe has run)
+    launch.plan_for(opened, overrides if workers else launch.without_gpu_check(overrides), pool=workers)
     key = choose_key(options, opened.state)
     check_port_free(bind, options.port, ServeError)
     server = ggml.tool_path("llama-server")
@@ -307,6 +308,9 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     on_status("checking the stick's smallest model and choosing the CPU kernel")
     kernel = launch.choose_kernel(opened, progress=on_progress, seal=True,
                                   on_probe=lambda r: on_status(f"probed CPU kernel {r.variant}: {r.state}"))
+    if not workers:  # a pool is the plan's one device; else the GPUs the probe vetted
+        opened, _gpu = launch.choose_gpu(opened, kernel, overrides,
+                                         on_probe=lambda r: on_status(f"probed GPU {r.name}: {r.state}"))
     plan, serve_plan = launch.plan_serve(opened, overrides, kernel, options.parallel, workers)
     if not plan.gpu_layers:
         workers = []  # the plan put nothing on the pool
@@ -323,14 +327,18 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
         names = cleanup.enter_context(sealed.shard_names(files, [posixpath.basename(p) for p in model.files]))
         web_dir = None if options.private else _page_folder(cleanup, page_config(opened, model, key is not None,
                                                                                    stops), on_status)
+        gpu = plan.gpu if plan.gpu is not None and plan.gpu.backend == gpuprobe.BACKEND and plan.gpu_layers else None
         spec = llamaserver.ServerSpec(server, names[0], model.id, serve_plan, bind, options.port, kernel.path,
                                       web_dir=web_dir, chat_template=template, stops=stops,
-                                      rpc=[w.endpoint for w in workers], tensor_split=poolplan.tensor_split(workers))
+                                      rpc=[w.endpoint for w in workers], tensor_split=poolplan.tensor_split(workers),
+                                      gpu_device=gpu.device_index if gpu else None,
+                                      library_path=_carried_loader_folder() if gpu else None)
+        workdir = _backend_folder(cleanup, gpu) if gpu else server.parent
         inherited = tuple(fd for fd in map(sealed.fd_of, map(str, files)) if fd is not None)
         launch.recheck_tools(kernel.path)
         on_status(f"starting llama-server: {model.name}, {serve_plan.slots} slots of {serve_plan.slot_ctx} tokens")
         process = ServerProcess(llamaserver.server_argv(spec), llamaserver.server_env(spec, key),
-                                cwd=server.parent, pass_fds=inherited, port=options.port, key=key)
+                                cwd=workdir, pass_fds=inherited, port=options.port, key=key)
         cleanup.callback(process.stop)
         process.wait_ready(*_pool_loading(workers, plan, process))
     except BaseException:
@@ -340,6 +348,30 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
     urls = (f"http://{llamaserver.LOOPBACK}:{options.port}/", *(f"http://{a}:{options.port}/" for a in lan))
     serving = Serving(model, plan, serve_plan, mode, options.port, options.lan, key, urls, tuple(workers), kernel)
     return Server(serving, process, opened, cleanup)
+
+
+def _backend_folder(cleanup: contextlib.ExitStack, gpu) -> Path:
+    """llama-server's working folder: a private RAM folder holding a link to the GPU backend only.
+    ggml loads backends found in the working folder (the CPU variant comes by GGML_BACKEND_PATH,
+    the RPC module from beside the executable), and the runtime's lib/ holds every CPU variant."""
+    module = ggml.gpu_backend_libs().get(gpu.backend)
+    if module is None:
+        raise ServeError(f"this runtime has no {gpu.backend} backend", "run `kit serve --gpu-layers 0`")
+    folder = cleanup.enter_context(sealed.ram_folder("backend"))
+    (folder / module.name).symlink_to(module)
+    return folder
+
+
+def _carried_loader_folder() -> Path | None:
+    """The runtime's own Vulkan loader's folder when this host has no loader, else None."""
+    from kit import vulkan
+
+    loader = ggml.carried_vulkan_loader()
+    try:
+        vulkan.open_loader(None)
+        return None
+    except vulkan.VulkanError:
+        return loader.parent if loader.is_file() else None
 
 
 # A pool's layers cross the network while llama-server loads: count ~5 MiB/s (a slow Wi-Fi) for them.

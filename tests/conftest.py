@@ -20,9 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 KIT = [sys.executable, "-m", "kit"]
 
 
-def apt_install(*packages: str) -> None:
-    """Debian packages a test needs (tmux, debootstrap): installed here, never assumed."""
-    missing = [p for p in packages if shutil.which(p) is None]
+def apt_install(*packages: str, libraries: bool = False) -> None:
+    """Debian packages a test needs (tmux, debootstrap): installed here, never assumed. Commands
+    are looked up on PATH; `libraries` (mesa-vulkan-drivers) are asked of dpkg."""
+    if libraries:
+        missing = [p for p in packages if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    else:
+        missing = [p for p in packages if shutil.which(p) is None]
     if not missing:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

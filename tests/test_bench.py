@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, apt_install
 
 sys.path.insert(0, str(ROOT))
 
@@ -26,7 +26,7 @@ from bench.serve import bare_argv, concurrent_round, percentile, request_body  #
 
 TITLES = ["## Machine", "## 1. Engine overhead", "## 2. Kernel choice", "## 3. Verification",
           "## 4. Launch to first token", "## 5. Footprint", "## 7. Chat in a real terminal", "## 8. Serving a team",
-          "## 9. Pooling laptops", "## 10. Knowledge", "## Summary"]
+          "## 9. Pooling laptops", "## 10. Knowledge", "## 11. GPUs through Vulkan", "## Summary"]
 COMPARED = ["engine prompt", "engine generation", "engine decode only", "chat stream generation",
             "kernel: kit's choice / fastest working", "kernel with a CPU hog: kit's choice / fastest working",
             "verify+load / load alone (cold cache)", "sealed copy + load / load alone (cold cache)",
@@ -41,8 +41,9 @@ PAIRED = ["engine prompt", "engine generation", "engine decode only", "chat stre
 # medians, the least disturbed runs, and (where the samples are pairs) the median of the pairs
 KNOWLEDGE = ["retrieval recall@5 on the demo pack", "search latency p95 over 10000+ passages, ms",
              "search latency p95 in a 10000-article Kiwix archive, ms"]
+GPU = ["gpu: kit's choice / fastest working backend"]
 RATIOS = set(COMPARED) | {f"{name}, best runs" for name in COMPARED} | {f"{name}, median of pairs" for name in PAIRED} \
-    | set(KNOWLEDGE)
+    | set(KNOWLEDGE) | set(GPU)
 RATIO_LINE = re.compile(r"^ratio (.+) = (\S+) \(target (<=|>=) ([\d.]+)\): (met|MISSED)", re.M)
 
 
@@ -165,6 +166,7 @@ def test_unknown_section_is_refused():
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # the first run builds llama.cpp's tools (~10 min on 2 cores, more when busy)
 def test_quick_bench_prints_every_table_and_numeric_ratios(tmp_path):
+    apt_install("mesa-vulkan-drivers", "libvulkan1", libraries=True)  # section 11's Vulkan device: lavapipe
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=3500, stdin=subprocess.DEVNULL)

@@ -33,7 +33,7 @@ def test_doctor_text_uses_one_unit_for_every_size():
 def test_doctor_json_keeps_its_keys():
     data = report().to_dict()
     assert set(data) == {"stick", "signer", "host", "kernel", "plan", "runtime_backends", "models", "load_mode",
-                         "glibc", "knowledge"}
+                         "glibc", "knowledge", "gpu_probe"}
     assert data["models"] == [{"id": "m", "name": "Model", "bytes": 250 * MiB, "quant": "Q4_K_M",
                                "params": 270_000_000}]
     assert data["kernel"]["chosen"] == "haswell" and data["plan"] is None

@@ -748,7 +748,7 @@ state, tag, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 store = HistoryStore(state)
 for i in range(n):
     if sys.argv[4] == "probe-cache":  # one writer's cache is large, the other's small
-        kernels._write_cache(state, {tag: {"chosen": tag, "pad": "x" * (200_000 if tag == "a" else 10)}})
+        kernels.write_verdicts(state, {tag: {"chosen": tag, "pad": "x" * (200_000 if tag == "a" else 10)}})
         continue
     conv = new_conversation("gemma-3-270m")
     conv.add("user", tag * (1 + i * 97 % 5000))

@@ -85,9 +85,21 @@ def freeze_runtime(work_dir: Path, report: Report = print) -> RuntimeDir:
     _check_variants_frozen(source_variants, runtime.folder)
     files = write_runtime_manifest(runtime)
     size = sum(f.size for f in files)
+    gpu = sum(f.size for f in files if is_gpu_file(f.path))
     report(f"runtime {runtime.platform} frozen in {time.monotonic() - start:.0f} s: "
-           f"{len(files)} files, {human_bytes(size)}{_floor_text(runtime.folder)}")
+           f"{len(files)} files, {human_bytes(size)}"
+           + (f" ({human_bytes(size - gpu)} for the CPU, {human_bytes(gpu)} the GPU backend)" if gpu else "")
+           + _floor_text(runtime.folder))
     return runtime
+
+
+GPU_FILES = re.compile(r"(^|/)llama_cpp/lib/((lib)?ggml-(vulkan|cuda|hip|metal)\.(so|dll|dylib)|vulkan/.*)$")
+
+
+def is_gpu_file(rel: str) -> bool:
+    """A runtime file only a GPU uses (the backend module, the carried Vulkan loader): counted apart
+    from the CPU runtime's size budget."""
+    return bool(GPU_FILES.search(rel))
 
 
 def _require_variants() -> list[str]:

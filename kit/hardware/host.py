@@ -21,6 +21,7 @@ class Gpu:
     unified_memory: bool = False  # Apple Silicon, most iGPUs: VRAM is the same RAM
     driver: str | None = None
     compute_capability: str | None = None  # NVIDIA only, e.g. "8.6"
+    device_index: int | None = None  # the backend's own numbering (Vulkan: kit.gpuprobe.VISIBLE_DEVICES)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Host:
     memory_limit: int | None = None  # the cgroup/job limit when one applies, else None
     gpus: tuple[Gpu, ...] = ()
     notes: tuple[str, ...] = field(default=())  # what could not be read, in words
+    gpu_note: str | None = None  # why no GPU is usable, when the GPU probe said (kit.gpuprobe)
 
     @property
     def platform(self) -> str:
