@@ -269,7 +269,20 @@ def probe_device(device: dict, kernel: KernelChoice, backend: Path, carried_load
     if not same:
         return replace(base, state="mismatch", **figures,
                        detail=f"its first {MATCH_TOKENS} greedy tokens differ from the CPU kernel's")
+    lie = memory_lie(figures["memory_free"], figures["memory_total"])
+    if lie:
+        return replace(base, state="failed", **figures, detail=lie)
     return replace(base, state="ok", **figures)
+
+
+MAX_DEVICE_MEMORY = 1 << 40  # 1 TiB: no GPU a stick meets has more; a driver that says so is wrong
+
+
+def memory_lie(free: int, total: int) -> str | None:
+    """Why the memory a driver reports cannot be true, or None: the plan sizes layers by it."""
+    if total <= 0 or free < 0 or free > total or total > MAX_DEVICE_MEMORY:
+        return f"its driver reports impossible memory ({free} bytes free of {total}): not trusted"
+    return None
 
 
 _RESULT_FIELDS = {f.name for f in fields(DeviceResult)}

@@ -19,7 +19,7 @@ from conftest import apt_install, run_kit
 
 from kit import ggml
 from kit.ggufmeta import read_facts
-from kit.gpuprobe import DeviceResult, GpuChoice, decide
+from kit.gpuprobe import DeviceResult, GpuChoice, decide, memory_lie
 from kit.hardware import Host
 from kit.plan import ModelOption, Overrides, make_plan
 
@@ -54,6 +54,12 @@ def test_broken_devices_are_never_offered_even_when_forced():
     forced = choice.gpus(forced=True)
     assert [g.name for g in forced] == ["slow"] and forced[0].device_index == 2 and forced[0].backend == "vulkan"
     assert "crashy: its driver crashed in the probe" in choice.reason and "liar: why" in choice.reason
+
+
+@pytest.mark.parametrize(("free", "total"), [(0, 0), (5 << 30, 4 << 30), (-1, 4 << 30), (1 << 41, 1 << 42)])
+def test_a_driver_that_lies_about_memory_is_not_trusted(free, total):
+    assert "impossible memory" in memory_lie(free, total)
+    assert memory_lie(3 << 30, 4 << 30) is None
 
 
 def test_the_plan_says_why_no_gpu_is_used_and_uses_the_chosen_one(gemma_path):
