@@ -162,7 +162,10 @@ def context_params(settings: EngineSettings) -> dict:
     return {"n_ctx": settings.n_ctx, "n_threads": settings.threads, "n_threads_batch": settings.threads,
             "n_gpu_layers": settings.gpu_layers, "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch,
             "type_k": kv_type, "type_v": kv_type, "flash_attn": settings.flash_attn,
-            "swa_full": settings.swa_full}
+            "swa_full": settings.swa_full,
+            # No GPU layers, no GPU work: a GPU backend already registered in this process (a GPU
+            # attempt that failed, stepping down the ladder) must not get the CPU's batches either.
+            "op_offload": settings.gpu_layers > 0}
 
 
 @dataclass

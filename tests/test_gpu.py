@@ -62,6 +62,14 @@ def test_a_driver_that_lies_about_memory_is_not_trusted(free, total):
     assert memory_lie(3 << 30, 4 << 30) is None
 
 
+def test_without_gpu_layers_no_operation_is_offloaded_to_a_registered_gpu():
+    from kit.engine import context_params
+    from kit.settings import EngineSettings
+
+    assert context_params(EngineSettings(n_ctx=512, threads=2))["op_offload"] is False
+    assert context_params(EngineSettings(n_ctx=512, threads=2, gpu_layers=4))["op_offload"] is True
+
+
 def test_the_plan_says_why_no_gpu_is_used_and_uses_the_chosen_one(gemma_path):
     options = [ModelOption("gemma-3-270m", "Gemma 3 270M", read_facts([gemma_path]))]
     host = Host("linux", "x86_64", physical_cores=2, logical_cores=2, ram_total=8 << 30, ram_available=6 << 30,
