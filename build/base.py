@@ -101,7 +101,9 @@ VULKAN_DEBS = (
 )
 VULKAN_HOST_PACKAGES = ("glslc",)
 # ggml-vulkan's CMakeLists needs cmake >= 3.19; bullseye has 3.18: PyPI's, in the root's own venv
-ROOT_CMAKE = "cmake==3.31.6"
+ROOT_CMAKE = ("cmake==3.31.6"  # its manylinux wheels, x86_64 and aarch64
+              " --hash=sha256:1c8b05df0602365da91ee6a3336fe57525b137706c4ab5675498f662ae1dbcec"
+              " --hash=sha256:42d9883b8958da285d53d5f69d40d9650c2d1bcf922d82b3ebdceb2b3a7d4521")
 IN_ROOT_TOOLS = "/opt/build-tools"
 VULKAN_ROOT_PACKAGES = ("libvulkan-dev",)
 IN_ROOT_VULKAN = "/opt/vulkan-sdk"  # include/ (headers), bin/glslc (a wrapper), glslc/ (its files)
@@ -374,7 +376,7 @@ def ensure_vulkan_sdk() -> None:
     that has no root (then the host's own loader and glslc)."""
     if not vulkan_wanted():
         return
-    inputs = {"debs": [list(d) for d in VULKAN_DEBS], "glslc": _host_glslc_version(), "cmake": ROOT_CMAKE}
+    inputs = {"debs": [list(d) for d in VULKAN_DEBS], "glslc": _host_glslc_version(), "cmake": ROOT_CMAKE.split()[0]}
     if stamped("vulkan-sdk", inputs):
         return
     sdk = root_dir() / IN_ROOT_VULKAN.lstrip("/") if uses_root() else HOST_BUILD / "vulkan-sdk"
@@ -399,9 +401,10 @@ def ensure_vulkan_sdk() -> None:
         wrapper.write_text(f'#!/bin/sh\nexec {IN_ROOT_VULKAN}/glslc/{loader} --library-path {IN_ROOT_VULKAN}/glslc '
                            f'{IN_ROOT_VULKAN}/glslc/glslc "$@"\n')
         in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
-                f" {' '.join(VULKAN_ROOT_PACKAGES)} >/dev/null 2>&1"
+                f" {' '.join(VULKAN_ROOT_PACKAGES)} >/dev/null"
                 f" && rm -rf {IN_ROOT_TOOLS} && {IN_ROOT_PYTHON} -m venv {IN_ROOT_TOOLS}"
-                f" && {IN_ROOT_TOOLS}/bin/python -m pip install -q '{ROOT_CMAKE}'")
+                f" && echo '{ROOT_CMAKE}' > /tmp/cmake-pinned.txt"
+                f" && {IN_ROOT_TOOLS}/bin/python -m pip install -q --require-hashes -r /tmp/cmake-pinned.txt")
     else:
         wrapper.write_text(f'#!/bin/sh\nexec {glslc} "$@"\n')
     wrapper.chmod(0o755)
@@ -453,7 +456,7 @@ def llama_inputs() -> dict:
     return {"version": llama_settings()["LLAMA_CPP_PYTHON_VERSION"], "cmake_args": llama_cmake_args(),
             "tools": llama_tools(), "compilers": list(LLAMA_COMPILERS) if uses_root() else "host",
             "vulkan_sdk": [list(d) for d in VULKAN_DEBS] if vulkan_wanted() else None,
-            "cmake": ROOT_CMAKE if uses_root() else "host"}
+            "cmake": ROOT_CMAKE.split()[0] if uses_root() else "host"}
 
 
 def ensure_llama() -> None:

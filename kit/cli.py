@@ -115,12 +115,17 @@ def cmd_doctor(args) -> int:
     workers = _find_pool(args, quiet=args.json)
     report = launch.doctor(args.stick, _overrides(args), refresh=args.refresh,
                            on_probe=None if args.json else _print_probe, serve=args.serve, parallel=args.parallel,
-                           pool=workers, on_knowledge=_knowledge_lines(quiet=args.json))
+                           pool=workers, on_knowledge=_knowledge_lines(quiet=args.json),
+                           on_gpu_probe=None if args.json else _print_gpu_probe)
     if args.json:
         _print_json(report.to_dict())
     else:
         print(render_doctor(report))
     return 0 if report.plan else 1
+
+
+def _print_gpu_probe(result) -> None:
+    print(f"  probed GPU {result.name}: {result.state}", file=sys.stderr)
 
 
 def _print_probe(result) -> None:

@@ -13,16 +13,23 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from kit import sealed
 from kit.errors import KitError
 from kit.hardware import Gpu, Host
 from kit.htmltext import printable
-from kit.kernels import KernelChoice, answer_line, protocol_out, read_verdicts, signal_name, write_verdicts
+from kit.kernels import (
+    KernelChoice,
+    answer_line,
+    kit_command,
+    protocol_out,
+    read_verdicts,
+    signal_name,
+    spawn,
+    write_verdicts,
+)
 from kit.vulkan import VulkanError
 
 __all__ = ["BACKEND", "DeviceResult", "GpuChoice", "VulkanError", "choose_gpu", "select_device"]
@@ -99,13 +106,18 @@ class GpuChoice:
     backend: str | None = BACKEND  # None: the runtime carries no GPU backend
 
     def gpus(self, forced: bool = False) -> tuple[Gpu, ...]:
-        """The devices the plan may use, as kit.hardware Gpus: the chosen one, and with `forced`
-        (--gpu-layers) every device that works, even a slower one. Broken devices never."""
-        usable = [r for r in self.results if r.index == self.chosen or (forced and r.ok)]
-        return tuple(Gpu(vendor=r.vendor if r.vendor != "mesa" else "other", name=r.name, backend=BACKEND,
-                         vram_total=r.memory_total, vram_free=r.memory_free,
-                         unified_memory=r.kind in ("integrated", "cpu"), driver=r.driver, device_index=r.index)
-                     for r in usable)
+        """The one device the plan may use, as a kit.hardware Gpu: the chosen one; with `forced`
+        (--gpu-layers) the fastest that works when none was chosen, even one slower than the CPU.
+        Broken devices never. Its memory is the total the probe read, not the free memory then
+        (another program may hold some now): the plan keeps its margin of it."""
+        working = [r for r in self.results if r.ok]
+        pick = next((r for r in working if r.index == self.chosen), None)
+        if pick is None and forced and working:
+            pick = max(working, key=lambda r: r.gen_tps or 0)
+        if pick is None:
+            return ()
+        return (Gpu(vendor=pick.vendor, name=pick.name, backend=BACKEND, vram_total=pick.memory_total,
+                    unified_memory=pick.kind in ("integrated", "cpu"), driver=pick.driver, device_index=pick.index),)
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "chosen": self.chosen, "reason": self.reason, "cached": self.cached,
@@ -204,34 +216,30 @@ def select_device(index: int, carried_loader: Path | None) -> None:
 
 # ---------------------------------------------------------------- driving the children
 
-def _command(*args: str) -> list[str]:
-    head = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "kit"]
-    return head + ["_gpu-probe", *args]
-
-
 def _run_child(command: list[str], timeout: float) -> tuple[dict | None, str]:
     """The child's one answer line, or None and what went wrong ("crashed: SIGSEGV", ...)."""
-    inherited = tuple(fd for fd in map(sealed.fd_of, command) if fd is not None)
+    proc = spawn(command)
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, timeout=timeout, pass_fds=inherited)
+        out, _ = proc.communicate("", timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return None, f"failed: no answer within {timeout:.0f} s (a hung driver)"
-    if done.returncode < 0:
-        return None, f"crashed: {signal_name(done.returncode)}"
-    lines = done.stdout.strip().splitlines()
+    if proc.returncode < 0:
+        return None, f"crashed: {signal_name(proc.returncode)}"
+    lines = out.strip().splitlines()
     try:
-        answer = json.loads(lines[-1]) if lines else None
+        answer = json.loads(lines[0]) if len(lines) == 1 else None
     except json.JSONDecodeError:
         answer = None
     if not isinstance(answer, dict):
-        return None, f"failed: the probe gave no result line (exit code {done.returncode})"
+        return None, f"failed: the probe gave no result line (exit code {proc.returncode})"
     return answer, ""
 
 
 def list_devices(carried_loader: Path | None) -> tuple[list[dict], str]:
     args = ["--list"] + (["--loader", str(carried_loader)] if carried_loader else [])
-    answer, problem = _run_child(_command(*args), LIST_TIMEOUT_S)
+    answer, problem = _run_child(kit_command("_gpu-probe", *args), LIST_TIMEOUT_S)
     if answer is None:
         return [], f"listing Vulkan devices {problem}"
     if "error" in answer:
@@ -251,8 +259,8 @@ def probe_device(device: dict, kernel: KernelChoice, backend: Path, carried_load
                         str(device["driver"]), "failed")
     args = ["--device", str(base.index), "--kernel", str(kernel.path), "--backend", str(backend),
             "--model", str(model), "--blake3", blake3, "--threads", str(threads)]
-    answer, problem = _run_child(_command(*args, *(["--loader", str(carried_loader)] if carried_loader else [])),
-                                 timeout)
+    answer, problem = _run_child(
+        kit_command("_gpu-probe", *args, *(["--loader", str(carried_loader)] if carried_loader else [])), timeout)
     if answer is None:
         state, _, detail = problem.partition(": ")
         return replace(base, state=state, detail=detail)
@@ -286,6 +294,25 @@ def memory_lie(free: int, total: int) -> str | None:
 
 
 _RESULT_FIELDS = {f.name for f in fields(DeviceResult)}
+_STATES = {"ok", "crashed", "failed", "mismatch"}
+_FIGURES = ("prompt_tps", "gen_tps", "cpu_prompt_tps", "cpu_gen_tps", "memory_total", "memory_free")
+
+
+def cached_result(entry, device: dict) -> DeviceResult | None:
+    """A cached verdict for `device`, checked as a probe's answer is (state/ is not signed: a
+    damaged or planted file must not get a device loaded unprobed); None: probe it again."""
+    if not isinstance(entry, dict) or not _RESULT_FIELDS <= entry.keys():
+        return None
+    if entry["state"] not in _STATES or entry["index"] != device["index"] or entry["name"] != device["name"]:
+        return None
+    if not all(entry[k] is None or (isinstance(entry[k], (int, float)) and not isinstance(entry[k], bool)
+                                    and entry[k] >= 0) for k in _FIGURES):
+        return None
+    if entry["state"] == "ok" and (not all(entry[k] for k in _FIGURES if k != "memory_free")
+                                   or memory_lie(entry["memory_free"] or 0, entry["memory_total"])):
+        return None
+    texts = {k: printable(str(entry[k]))[:200] for k in ("kind", "vendor", "driver", "detail")}
+    return DeviceResult(**{**{k: entry[k] for k in _RESULT_FIELDS}, **texts, "name": device["name"]})
 
 
 def _cache_key(host: Host, device: dict, kernel: KernelChoice, backend: Path, blake3: str) -> str:
@@ -293,9 +320,10 @@ def _cache_key(host: Host, device: dict, kernel: KernelChoice, backend: Path, bl
         size = backend.stat().st_size  # another runtime's backend: probed again
     except OSError:
         size = 0
-    return "|".join(map(str, (CACHE_FORMAT, host.cpu_signature(), kernel.chosen, size, blake3, device["name"],
-                              device.get("vendor_id"), device.get("device_id"), device.get("driver_version"),
-                              device.get("api_version"))))
+    # the index too: two identical cards would otherwise share (and overwrite) one verdict
+    return "|".join(map(str, (CACHE_FORMAT, host.cpu_signature(), kernel.chosen, size, blake3, device["index"],
+                              device["name"], device.get("vendor_id"), device.get("device_id"),
+                              device.get("driver_version"), device.get("api_version"))))
 
 
 def probe_all_asked() -> bool:
@@ -314,21 +342,16 @@ def choose_gpu(host: Host, kernel: KernelChoice, model: Path, blake3: str, *, st
         return GpuChoice(reason=f"no GPU backend usable: {problem}")
     cache = read_verdicts(state, saved, VERDICTS)
     threads = max(1, host.physical_cores)
-    results, all_cached, changed = [], True, False
+    results, all_cached, changed, probed = [], True, False, 0
     for device in devices:
         if device.get("kind") == "cpu" and not probe_software:
             results.append(DeviceResult(int(device["index"]), str(device["name"]), "cpu", str(device["vendor"]),
                                         str(device["driver"]), "skipped", SOFTWARE_SKIPPED))
             continue
+        probed += 1
         key = _cache_key(host, device, kernel, backend, blake3)
-        entry = cache.get(key)
-        result = None
-        if isinstance(entry, dict) and not refresh:
-            try:
-                result = DeviceResult(**{k: v for k, v in entry.items() if k in _RESULT_FIELDS})
-            except TypeError:
-                result = None
-        if result is None or result.index != device["index"]:
+        result = None if refresh else cached_result(cache.get(key), device)
+        if result is None:
             all_cached = False
             result = probe_device(device, kernel, backend, carried_loader, model, blake3, threads)
             cache[key] = {**asdict(result), "probed_at": time.time()}
@@ -339,7 +362,7 @@ def choose_gpu(host: Host, kernel: KernelChoice, model: Path, blake3: str, *, st
     if changed:
         write_verdicts(state, cache, VERDICTS)
     chosen, reason = decide(results)
-    return GpuChoice(tuple(results), chosen, reason, cached=all_cached and bool(results))
+    return GpuChoice(tuple(results), chosen, reason, cached=all_cached and probed > 0)
 
 
 def probe_child_main(args) -> int:

@@ -197,17 +197,21 @@ def parse_probe_line(stdout: str) -> dict | None:
 
 # ---------------------------------------------------------------- driving a probe child
 
-def probe_command(variant: Variant, model: Path, blake3: str, threads: int, *, serve: bool = False) -> list[str]:
-    """The frozen runtime runs itself; a Python install runs `python -m kit`."""
+def kit_command(*args: str) -> list[str]:
+    """This kit run as a child: the frozen runtime runs itself; a Python install runs `python -m kit`."""
     head = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "kit"]
-    return head + ["_probe", "--variant", str(variant.path), "--model", str(model),
-                   "--blake3", blake3, "--threads", str(threads)] + (["--serve"] if serve else [])
+    return [*head, *args]
 
 
-def _spawn(command: list[str]) -> subprocess.Popen:
-    """The one place probe children are started. A model given as a sealed copy's
-    /proc/self/fd/N (kit.sealed) is inherited under the same number: the child hashes and loads
-    the very bytes the parent verified, not the stick's file."""
+def probe_command(variant: Variant, model: Path, blake3: str, threads: int, *, serve: bool = False) -> list[str]:
+    return kit_command("_probe", "--variant", str(variant.path), "--model", str(model),
+                       "--blake3", blake3, "--threads", str(threads), *(["--serve"] if serve else []))
+
+
+def spawn(command: list[str]) -> subprocess.Popen:
+    """The one place probe children (these and kit.gpuprobe's) are started. A model given as a
+    sealed copy's /proc/self/fd/N (kit.sealed) is inherited under the same number: the child
+    hashes and loads the very bytes the parent verified, not the stick's file."""
     inherited = tuple(fd for fd in map(sealed.fd_of, command) if fd is not None)
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, bufsize=1, pass_fds=inherited)
@@ -228,7 +232,7 @@ class ProbeChild:
     def __init__(self, variant: Variant, model: Path, blake3: str, threads: int, first: str = "score"):
         self.variant = variant
         self.verdict: ProbeResult | None = None
-        self._proc = _spawn(probe_command(variant, model, blake3, threads, serve=True))
+        self._proc = spawn(probe_command(variant, model, blake3, threads, serve=True))
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._pending: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()  # a timeout that works on every OS

@@ -255,12 +255,13 @@ def verify_own_tools(bundle: BundlePaths, manifest: BundleManifest, platform: st
     verify_own_libraries(bundle, manifest, platform, ("bin", "lib"), "llama-server and its libraries")
 
 
-def recheck_tools(variant: Path) -> None:
-    """Just before a tool's exec: llama_cpp/bin's files and the kernel are still the bytes hashed
-    (a frozen runtime on its stick; a source install's are not on the stick)."""
+def recheck_tools(variant: Path, *modules: Path) -> None:
+    """Just before a tool's exec: llama_cpp/bin's files, the kernel and any other library it will
+    load (a GPU backend, the carried Vulkan loader) are still the bytes hashed (a frozen runtime on
+    its stick; a source install's are not on the stick)."""
     if not getattr(sys, "frozen", False):
         return
-    for path in (*sorted(ggml.server_dir().iterdir()), variant):
+    for path in (*sorted(ggml.server_dir().iterdir()), variant, *modules):
         integrity.require_verified(path)
 
 
@@ -326,7 +327,7 @@ def choose_kernel(opened: OpenStick, *, refresh: bool = False, on_probe=None,
 
 def _probe_model(opened: OpenStick) -> tuple[Path, str]:
     """The smallest model, verified (choose_kernel), as the probe children get it: they inherit a
-    sealed copy (kernels._spawn); a split model's other shards are found by name, which only the
+    sealed copy (kernels.spawn); a split model's other shards are found by name, which only the
     load's private links give, so a split one is probed from the stick."""
     probe_model = smallest_model(opened.manifest)
     paths = model_paths(opened.bundle, probe_model)
@@ -343,7 +344,10 @@ def choose_gpu(opened: OpenStick, kernel: kernels.KernelChoice, overrides: Overr
     backend = ggml.gpu_backend_libs().get(gpuprobe.BACKEND) if gpuprobe.BACKEND in ggml.runtime_backends() else None
     if backend is None:
         return opened, gpuprobe.GpuChoice(reason="this runtime carries no GPU backend: CPU only", backend=None)
-    forced = bool(overrides.gpu_layers)
+    if overrides.gpu_layers == 0:  # the way out of GPU trouble: no driver code runs at all
+        choice = gpuprobe.GpuChoice(reason="--gpu-layers 0: CPU only, no GPU probed")
+        return replace(opened, host=replace(opened.host, gpus=(), gpu_note=choice.reason)), choice
+    forced = bool(overrides.gpu_layers and overrides.gpu_layers > 0)
     first, blake3 = _probe_model(opened)
     loader = ggml.carried_vulkan_loader()
     choice = gpuprobe.choose_gpu(opened.host, kernel, first, blake3, state=opened.state,
@@ -357,8 +361,9 @@ def choose_gpu(opened: OpenStick, kernel: kernels.KernelChoice, overrides: Overr
 
 def without_gpu_check(overrides: Overrides) -> Overrides:
     """Overrides to check before any probe: forced GPU layers wait for the GPU probe when the
-    runtime has a GPU backend (the host's devices are known only then)."""
-    return replace(overrides, gpu_layers=None) if ggml.runtime_backends() else overrides
+    runtime has a GPU backend (the host's devices are known only then); a negative count does not."""
+    forced = overrides.gpu_layers is not None and overrides.gpu_layers > 0
+    return replace(overrides, gpu_layers=None) if forced and ggml.runtime_backends() else overrides
 
 
 def _could_seal(opened: OpenStick, model: ModelEntry) -> bool:
@@ -419,7 +424,8 @@ def glibc_fit(opened: OpenStick) -> tuple[str, str] | None:
 
 
 def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None, serve: bool = False,
-           parallel: int | None = None, pool: Sequence[Worker] = (), on_knowledge=None) -> DoctorReport:
+           parallel: int | None = None, pool: Sequence[Worker] = (), on_knowledge=None,
+           on_gpu_probe=None) -> DoctorReport:
     """Everything `kit doctor` shows: host, kernel probe table, plan (or why none); `serve`: the
     plan of `kit serve` (its slots, with their reasons) instead of the chat's; `pool`: with the
     workers' memory (kit.pool found them)."""
@@ -434,7 +440,7 @@ def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None,
                           glibc=glibc_fit(opened), pool=tuple(pool), knowledge=knowledge)
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
-        opened, gpu = choose_gpu(opened, report.kernel, overrides, refresh=refresh)
+        opened, gpu = choose_gpu(opened, report.kernel, overrides, refresh=refresh, on_probe=on_gpu_probe)
         report = replace(report, host=opened.host, gpu=gpu)
         if serve or pool:
             plan, serve_plan = plan_serve(opened, overrides, report.kernel, parallel, pool)
@@ -513,11 +519,13 @@ def load_with_fallback(opened: OpenStick, plan: LaunchPlan, kernel: kernels.Kern
 
 def select_vulkan_device(gpu) -> None:
     """The device the GPU probe vetted, and a Vulkan loader, before ggml's Vulkan backend loads."""
+    if gpu.device_index is None:  # not from kit.gpuprobe: never probed, never used
+        raise EngineError(f"{gpu.name} was not vetted by the GPU probe", "run with --gpu-layers 0")
     loader = ggml.carried_vulkan_loader()
     try:
-        gpuprobe.select_device(gpu.device_index or 0, loader if loader.is_file() else None)
+        gpuprobe.select_device(gpu.device_index, loader if loader.is_file() else None)
     except gpuprobe.VulkanError as err:
-        raise EngineError(f"the Vulkan loader did not open: {err}") from None
+        raise EngineError(str(err), "run with --gpu-layers 0") from None
 
 
 def verified_for_load(opened: OpenStick, attempt: LaunchPlan, model: ModelEntry, on_progress,

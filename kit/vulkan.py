@@ -16,10 +16,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kit.hardware import VENDOR_IDS
+
 LOADER = "libvulkan.so.1"
 # VkPhysicalDeviceType
 DEVICE_TYPES = {0: "other", 1: "integrated", 2: "discrete", 3: "virtual", 4: "cpu"}
-VENDORS = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel", 0x106B: "apple", 0x10005: "mesa"}
 _STRUCTURE_TYPE_INSTANCE_CREATE_INFO = 1
 _MEMORY_HEAP_DEVICE_LOCAL = 1
 _PROPERTIES_SIZE = 4096  # VkPhysicalDeviceProperties is 824 bytes; room to spare
@@ -41,11 +42,11 @@ class VulkanDevice:
     device_id: int
     driver_version: int  # raw: each vendor packs it its own way (driver_text)
     api_version: int
-    local_memory: int  # bytes in device-local heaps (for an integrated GPU, part of RAM)
+    local_memory: int  # bytes in its largest device-local heap (for an integrated GPU, part of RAM)
 
     @property
     def vendor(self) -> str:
-        return VENDORS.get(self.vendor_id, "other")
+        return VENDOR_IDS.get(self.vendor_id, "other")
 
     @property
     def driver_text(self) -> str:
@@ -54,17 +55,19 @@ class VulkanDevice:
             return f"{v >> 22}.{(v >> 14) & 0xFF}.{(v >> 6) & 0xFF}"
         return f"{v >> 22}.{(v >> 12) & 0x3FF}.{v & 0xFFF}"
 
-    @property
-    def api_text(self) -> str:
-        v = self.api_version
-        return f"{(v >> 22) & 0x7F}.{(v >> 12) & 0x3FF}.{v & 0xFFF}"
-
 
 class _InstanceCreateInfo(ctypes.Structure):
     _fields_ = [("sType", ctypes.c_int), ("pNext", ctypes.c_void_p), ("flags", ctypes.c_uint32),
                 ("pApplicationInfo", ctypes.c_void_p), ("enabledLayerCount", ctypes.c_uint32),
                 ("ppEnabledLayerNames", ctypes.c_void_p), ("enabledExtensionCount", ctypes.c_uint32),
                 ("ppEnabledExtensionNames", ctypes.c_void_p)]
+
+
+def host_has_loader() -> bool:
+    """Whether this host's linker knows a Vulkan loader (ldconfig's cache): nothing is opened."""
+    import ctypes.util
+
+    return ctypes.util.find_library("vulkan") is not None
 
 
 def open_loader(carried: Path | None = None) -> ctypes.CDLL:

@@ -169,6 +169,7 @@ def test_the_runtime_is_at_most_100_mb(frozen):
     assert sum(cpu.values()) <= 100e6
     if sys.platform.startswith("linux"):
         assert {Path(rel).name for rel in gpu} == {"libggml-vulkan.so", "libvulkan.so.1"}
+        assert sum(gpu.values()) <= 40e6  # its own budget: 29.1 MB on 2026-12-06 (BENCHMARKS §5)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from conftest import apt_install, run_kit
 
 from kit import ggml
 from kit.ggufmeta import read_facts
-from kit.gpuprobe import DeviceResult, GpuChoice, decide, memory_lie
+from kit.gpuprobe import DeviceResult, GpuChoice, _cache_key, _run_child, cached_result, decide, memory_lie
 from kit.hardware import Host
 from kit.plan import ModelOption, Overrides, make_plan
 
@@ -60,6 +61,78 @@ def test_broken_devices_are_never_offered_even_when_forced():
 def test_a_driver_that_lies_about_memory_is_not_trusted(free, total):
     assert "impossible memory" in memory_lie(free, total)
     assert memory_lie(3 << 30, 4 << 30) is None
+
+
+def test_forced_layers_take_the_chosen_device_else_the_fastest_working_one_never_the_biggest():
+    big_slow = replace(result(0, "llvmpipe", gen=1.5, kind="cpu"), memory_total=30 << 30)
+    fast = replace(result(1, "RTX", gen=200.0, kind="discrete"), memory_total=11 << 30)
+    choice = GpuChoice((big_slow, fast), *decide([big_slow, fast]))
+    assert [g.name for g in choice.gpus()] == ["RTX"] and [g.name for g in choice.gpus(forced=True)] == ["RTX"]
+    slow_only = GpuChoice((big_slow, replace(fast, gen_tps=2.0, cpu_gen_tps=90.0)))
+    assert slow_only.gpus() == () and [g.name for g in slow_only.gpus(forced=True)] == ["RTX"]
+    (gpu,) = slow_only.gpus(forced=True)
+    assert gpu.vram_free is None and gpu.vram_total == 11 << 30  # the plan keeps its margin of the total
+
+
+DEVICE = {"index": 0, "name": "Radeon 780M", "kind": "integrated", "vendor": "amd", "driver": "2.0.0",
+          "vendor_id": 0x1002, "device_id": 0x15BF, "driver_version": 8388608, "api_version": 4206847}
+
+
+def test_a_cached_verdict_is_checked_like_a_probe_answer():
+    good = asdict(result())
+    assert cached_result(good, DEVICE) == result()
+    for bad in ({"state": "excellent"}, {"gen_tps": "fast"}, {"gen_tps": True}, {"memory_total": 1 << 50},
+                {"memory_free": -1}, {"index": 1}, {"name": "Other GPU"}, {"prompt_tps": None}):
+        assert cached_result({**good, **bad}, DEVICE) is None, bad
+    assert cached_result({k: v for k, v in good.items() if k != "state"}, DEVICE) is None
+    assert cached_result("ok", DEVICE) is None
+    escaped = cached_result({**good, "detail": "\x1b[2Jcleared", "driver": "\x1b]0;x\x07"}, DEVICE)
+    assert "\x1b" not in escaped.detail + escaped.driver
+
+
+def test_two_identical_cards_keep_two_verdicts():
+    from kit.kernels import KernelChoice
+
+    kernel = KernelChoice("zen4", Path("/x/libggml-cpu-zen4.so"), (), cached=True)
+    host = Host("linux", "x86_64")
+    keys = {_cache_key(host, {**DEVICE, "index": i}, kernel, Path("/x/libggml-vulkan.so"), "b3") for i in (0, 1)}
+    assert len(keys) == 2
+
+
+def test_a_child_that_crashes_hangs_or_babbles_is_a_verdict_not_an_error():
+    assert _run_child(["sh", "-c", "kill -SEGV $$"], 10) == (None, "crashed: SIGSEGV")
+    answer, problem = _run_child(["sleep", "30"], 1)
+    assert answer is None and problem.startswith("failed: no answer within 1 s")
+    answer, problem = _run_child(["sh", "-c", "echo '{}'; echo '{}'"], 10)
+    assert answer is None and "no result line" in problem
+    assert _run_child(["sh", "-c", "echo '{\"devices\": []}'"], 10) == ({"devices": []}, "")
+
+
+def test_the_device_structs_are_read_at_the_offsets_the_vulkan_header_gives(tmp_path):
+    """kit.vulkan reads VkPhysicalDeviceProperties and VkPhysicalDeviceMemoryProperties by offset:
+    compiled against the header, the offsets and sizes must be the ones it uses."""
+    apt_install("libvulkan-dev", libraries=True)
+    from kit import vulkan
+
+    source = tmp_path / "offsets.c"
+    source.write_text("""#include <stdio.h>
+#include <stddef.h>
+#include <vulkan/vulkan_core.h>
+int main(void) {
+  printf("%zu %zu %zu %zu %zu %zu %zu %zu\\n", offsetof(VkPhysicalDeviceProperties, deviceType),
+         offsetof(VkPhysicalDeviceProperties, deviceName), sizeof(VkPhysicalDeviceProperties),
+         offsetof(VkPhysicalDeviceMemoryProperties, memoryHeapCount),
+         offsetof(VkPhysicalDeviceMemoryProperties, memoryHeaps), sizeof(VkMemoryHeap),
+         offsetof(VkMemoryHeap, flags), sizeof(VkPhysicalDeviceMemoryProperties));
+  return 0;
+}
+""")
+    subprocess.run(["gcc", "-o", str(tmp_path / "offsets"), str(source)], check=True)
+    kind, name, props, heap_count, heaps, heap_size, heap_flags, memory = map(
+        int, subprocess.run([str(tmp_path / "offsets")], capture_output=True, text=True, check=True).stdout.split())
+    assert (kind, name, heap_count, heaps, heap_size, heap_flags) == (
+        16, vulkan._NAME_OFFSET, vulkan._HEAP_COUNT_OFFSET, vulkan._HEAPS_OFFSET, 16, 8)
+    assert props <= vulkan._PROPERTIES_SIZE and memory <= vulkan._MEMORY_SIZE
 
 
 def test_without_gpu_layers_no_operation_is_offloaded_to_a_registered_gpu():
@@ -107,7 +180,7 @@ def test_the_loader_lists_lavapipe_as_a_software_device(lavapipe):
     done = run_kit("_gpu-probe", "--list", check=True)
     devices = json.loads(done.stdout)["devices"]
     lvp = [d for d in devices if d["name"].startswith("llvmpipe")]
-    assert lvp and lvp[0]["kind"] == "cpu" and lvp[0]["local_memory"] > 0 and lvp[0]["vendor"] == "mesa"
+    assert lvp and lvp[0]["kind"] == "cpu" and lvp[0]["local_memory"] > 0 and lvp[0]["vendor_id"] == 0x10005
 
 
 @pytest.mark.slow
@@ -195,3 +268,13 @@ def test_kit_serve_drives_the_same_device_through_llama_server(lavapipe, gpu_sti
         code, body = served.request("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                               "max_tokens": 3}, timeout=600)
         assert code == 200 and body["choices"][0]["message"]["content"] is not None, body
+
+
+@pytest.mark.slow
+def test_gpu_layers_zero_runs_no_driver_code(lavapipe, gpu_stick):
+    data = json.loads(run_kit("doctor", "--json", "--gpu-layers", "0", "--stick", str(gpu_stick),
+                              env={"KIT_GPU_PROBE": "all"}, check=True).stdout)
+    assert data["gpu_probe"]["results"] == []
+    assert data["gpu_probe"]["reason"] == "--gpu-layers 0: CPU only, no GPU probed"
+    reason = next(d["reason"] for d in data["plan"]["decisions"] if d["topic"] == "gpu")
+    assert reason == "--gpu-layers 0: CPU only, no GPU probed"

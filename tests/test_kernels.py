@@ -187,13 +187,13 @@ def test_cached_results_ignore_fields_of_another_version():
 def spawned(monkeypatch) -> list[str]:
     """The variant of every probe child started (observing the one spawn point, not replacing it)."""
     names: list[str] = []
-    real = kernels._spawn
+    real = kernels.spawn
 
     def spy(command):
         names.append(Path(command[command.index("--variant") + 1]).name)
         return real(command)
 
-    monkeypatch.setattr(kernels, "_spawn", spy)
+    monkeypatch.setattr(kernels, "spawn", spy)
     return names
 
 
