@@ -440,8 +440,9 @@ def doctor(stick, overrides: Overrides, *, refresh: bool = False, on_probe=None,
                           glibc=glibc_fit(opened), pool=tuple(pool), knowledge=knowledge)
     try:
         report = replace(report, kernel=choose_kernel(opened, refresh=refresh, on_probe=on_probe))
-        opened, gpu = choose_gpu(opened, report.kernel, overrides, refresh=refresh, on_probe=on_gpu_probe)
-        report = replace(report, host=opened.host, gpu=gpu)
+        if not pool:  # a pool is the plan's one device (planning_host), as kit serve has it
+            opened, gpu = choose_gpu(opened, report.kernel, overrides, refresh=refresh, on_probe=on_gpu_probe)
+            report = replace(report, host=opened.host, gpu=gpu)
         if serve or pool:
             plan, serve_plan = plan_serve(opened, overrides, report.kernel, parallel, pool)
             report = replace(report, plan=plan, serve=serve_plan)

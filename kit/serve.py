@@ -334,11 +334,10 @@ def start(stick, overrides: Overrides, options: ServeOptions, *, on_status: Stat
                                       gpu_device=gpu.device_index if gpu else None,
                                       library_path=_carried_loader_folder() if gpu else None)
         workdir = _backend_folder(cleanup, gpu) if gpu else server.parent
-        loader_dir = spec.library_path
         inherited = tuple(fd for fd in map(sealed.fd_of, map(str, files)) if fd is not None)
         gpu_files = [ggml.gpu_backend_libs()[gpu.backend]] if gpu else []
-        gpu_files += [ggml.carried_vulkan_loader()] if loader_dir else []
-        launch.recheck_tools(kernel.path, *gpu_files)
+        gpu_files += [ggml.carried_vulkan_loader()] if spec.library_path else []
+        launch.recheck_tools(kernel.path, *gpu_files)  # what llama-server will load, rehashed
         on_status(f"starting llama-server: {model.name}, {serve_plan.slots} slots of {serve_plan.slot_ctx} tokens")
         process = ServerProcess(llamaserver.server_argv(spec), llamaserver.server_env(spec, key),
                                 cwd=workdir, pass_fds=inherited, port=options.port, key=key)

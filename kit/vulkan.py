@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kit.errors import KitError
 from kit.hardware import VENDOR_IDS
 
 LOADER = "libvulkan.so.1"
@@ -29,8 +30,8 @@ _MEMORY_SIZE = 1024  # VkPhysicalDeviceMemoryProperties: 520 bytes
 _HEAP_COUNT_OFFSET, _HEAPS_OFFSET = 260, 264  # after 32 VkMemoryType of 8 bytes; heaps 8-aligned
 
 
-class VulkanError(Exception):
-    pass
+class VulkanError(KitError):
+    hint = "the kit runs on the CPU without it; `--gpu-layers 0` skips every GPU check"
 
 
 @dataclass(frozen=True)
