@@ -25,7 +25,6 @@ def run(ctx: Context) -> Section:
     if backend is None:
         raise RuntimeError("this llama.cpp build has no Vulkan backend (build/llama-cpp.env)")
     loader = ggml.carried_vulkan_loader(ctx.kit_lib)
-    loader = loader if loader.is_file() else None
     devices, problem = gpuprobe.list_devices(loader)
     from kit import kernels
 

@@ -260,6 +260,8 @@ def gpu_devices() -> list[GpuDevice]:
     return found
 
 
-def carried_vulkan_loader(directory: Path | None = None) -> Path:
-    """Where a runtime keeps its own Vulkan loader, used only on a host that has none (kit.vulkan)."""
-    return (directory or lib_dir()) / "vulkan" / "libvulkan.so.1"
+def carried_vulkan_loader(directory: Path | None = None) -> Path | None:
+    """The runtime's own Vulkan loader, used only on a host that has none (kit.vulkan); None when
+    this runtime carries none."""
+    path = (directory or lib_dir()) / "vulkan" / "libvulkan.so.1"
+    return path if path.is_file() else None

@@ -88,9 +88,7 @@ class DeviceResult:
         """Why the plan does not choose it by itself."""
         if self.state == "crashed":
             return f"{self.name}: its driver crashed in the probe ({self.detail})"
-        if self.state == "mismatch":
-            return f"{self.name}: {self.detail}"
-        if self.state != "ok":
+        if self.state != "ok":  # mismatch, failed, skipped: the detail says it
             return f"{self.name}: {self.detail}"
         return f"{self.name}: {self.speed_text}, slower than the CPU"
 

@@ -349,10 +349,9 @@ def choose_gpu(opened: OpenStick, kernel: kernels.KernelChoice, overrides: Overr
         return replace(opened, host=replace(opened.host, gpus=(), gpu_note=choice.reason)), choice
     forced = bool(overrides.gpu_layers and overrides.gpu_layers > 0)
     first, blake3 = _probe_model(opened)
-    loader = ggml.carried_vulkan_loader()
     choice = gpuprobe.choose_gpu(opened.host, kernel, first, blake3, state=opened.state,
                                  saved=opened.bundle.kit / "state", backend=backend,
-                                 carried_loader=loader if loader.is_file() else None, refresh=refresh,
+                                 carried_loader=ggml.carried_vulkan_loader(), refresh=refresh,
                                  on_result=on_probe, probe_software=forced or gpuprobe.probe_all_asked())
     gpus = choice.gpus(forced)
     host = replace(opened.host, gpus=gpus, gpu_note=None if gpus else choice.reason)
@@ -522,9 +521,8 @@ def select_vulkan_device(gpu) -> None:
     """The device the GPU probe vetted, and a Vulkan loader, before ggml's Vulkan backend loads."""
     if gpu.device_index is None:  # not from kit.gpuprobe: never probed, never used
         raise EngineError(f"{gpu.name} was not vetted by the GPU probe", "run with --gpu-layers 0")
-    loader = ggml.carried_vulkan_loader()
     try:
-        gpuprobe.select_device(gpu.device_index, loader if loader.is_file() else None)
+        gpuprobe.select_device(gpu.device_index, ggml.carried_vulkan_loader())
     except gpuprobe.VulkanError as err:
         raise EngineError(str(err), "run with --gpu-layers 0") from None
 

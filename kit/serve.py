@@ -369,7 +369,7 @@ def _carried_loader_folder() -> Path | None:
     from kit import vulkan
 
     loader = ggml.carried_vulkan_loader()
-    return None if vulkan.host_has_loader() or not loader.is_file() else loader.parent
+    return None if vulkan.host_has_loader() or loader is None else loader.parent
 
 
 # A pool's layers cross the network while llama-server loads: count ~5 MiB/s (a slow Wi-Fi) for them.

@@ -244,7 +244,7 @@ def test_without_a_host_loader_the_runtimes_own_is_used_and_without_both_the_cpu
         pytest.fail("util-linux's unshare is missing")
     host_loaders = [p for p in Path("/usr/lib").rglob("libvulkan.so.1*") if p.is_file() and not p.is_symlink()]
     carried = ggml.carried_vulkan_loader()
-    assert host_loaders and carried.is_file()
+    assert host_loaders and carried is not None and carried.is_file()
     done = _hidden(host_loaders, "_gpu-probe", "--list", "--loader", str(carried))
     assert any(d["name"].startswith("llvmpipe") for d in json.loads(done.stdout)["devices"]), done.stdout
     done = _hidden([*host_loaders, carried], "doctor", "--json", "--stick", str(gpu_stick))
