@@ -20,11 +20,20 @@ killed step from its start.
 Where no root can be made (not root, not Debian, not Linux), `ensure` builds the llama step on
 the host instead and says so; a runtime frozen there needs the host's glibc.
 
+`--platform linux-arm64` on an x86_64 host builds the ARM runtime across (Target, below): a Debian
+12 (bookworm) arm64 root run by qemu-user holds Debian's own CPython 3.11 and numpy and runs pip and
+PyInstaller; llama.cpp is cross-compiled for it in the x86_64 root by clang 16, the arm64 root as
+sysroot. Debian 11 arm64 has no Python 3.11 and CPython built under emulation would take most of
+an hour, so the ARM runtime's glibc floor is bookworm's (kit build prints it).
+
   python3 build/base.py ensure                 make or update every step (~30 min the first time)
+  python3 build/base.py ensure --platform linux-arm64     the same for the ARM runtime (~15 min)
   python3 build/base.py llama-dir              the folder holding the llama step's libraries and tools
   python3 build/base.py install-llama-cpp PY   llama-cpp-python into the venv of PY, on those libraries
   python3 build/base.py ready                  exit 0 when runtimes are frozen in the root
   python3 build/base.py freeze WORK PY         PyInstaller in the root (else with PY here): WORK/dist/kit
+
+Every command takes `--platform P` (default: this host's platform).
 
 Settings: KIT_BASE_DIR (where the root and its downloads are kept; /var/cache/kit-base),
 KIT_DEBIAN_MIRROR (a Debian archive to debootstrap from), KIT_BASE=host (build on the host even
@@ -44,6 +53,8 @@ import subprocess
 import sys
 import tarfile
 import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +80,9 @@ NOT_IN_RUNTIME = {"llama-cpp-python", "huggingface-hub", "tomlkit", "platformdir
                   "pyelftools"}
 # What llama_cpp/lib holds: libllama, libggml, libggml-base, every backend (ggml*.dll on Windows).
 # The tools' own libraries (libllama-common, lib*-impl, libmtmd) go to llama_cpp/bin with them.
-LLAMA_LIBRARY = re.compile(r"^(lib)?(llama|ggml(-base|-cpu-[^.]+|-rpc|-metal|-blas|-vulkan)?)\.(so(\.\d+)*|dylib|dll)$")
+# (ARM variant names hold dots: libggml-cpu-armv8.2_1.so)
+LLAMA_LIBRARY = re.compile(r"^(lib)?(llama|ggml(-base|-cpu-[\w.]+?|-rpc|-metal|-blas|-vulkan)?)"
+                           r"\.(so(\.\d+)*|dylib|dll)$")
 LLAMA_LICENCE = "LICENSE-llama.cpp"  # beside the libraries: build/notices.py reads it
 # The tools a stick runs, in llama_cpp/bin (Linux) with the libraries only they use; llama-bench
 # and llama-completion are the bench's. No libggml-cpu-* there: ggml loads the best-scored variant
@@ -110,6 +123,17 @@ IN_ROOT_VULKAN = "/opt/vulkan-sdk"  # include/ (headers), bin/glslc (a wrapper),
 VULKAN_LOADER = "libvulkan.so.1"  # carried in llama_cpp/lib/vulkan/ (kit.ggml.carried_vulkan_loader)
 
 IN_ROOT_PYTHON = "/opt/python/bin/python3.11"
+
+# The arm64 root (ARM64): Debian's CPython 3.11 and numpy (reference BLAS, a few MB: no OpenBLAS on
+# the stick) with what its shared library needs frozen; gcc because pip's build of llama-cpp-python's
+# Python part configures a cmake project; libc6-dev and libstdc++ are also the cross-compile's sysroot.
+ARM64_PACKAGES = ("python3.11", "python3.11-venv", "libpython3.11", "python3-numpy", "binutils", "file",
+                  "ca-certificates", "gcc", "g++", "libc6-dev", "libstdc++-12-dev")
+ARM64_PYTHON = "/usr/bin/python3.11"
+# In the x86_64 root, beside clang 16: aarch64 ar, ranlib, strip and ld (clang finds the linker by name)
+CROSS_PACKAGES = ("binutils-aarch64-linux-gnu",)
+IN_ROOT_SYSROOT = "/opt/sysroot-aarch64"  # the arm64 root, bound read-only into the x86_64 one
+IN_ROOT_LLAMA_OUT = "/opt/llama-out"  # the arm64 root's llama step folder, bound there too
 IN_ROOT_VENV = "/opt/kit-venv"
 IN_ROOT_LLAMA = "/opt/llama-build"
 IN_ROOT_STAMPS = "/opt/kit-stamps"
@@ -117,6 +141,44 @@ IN_ROOT_STAMPS = "/opt/kit-stamps"
 
 class BaseError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a build root makes: the runtime of one platform."""
+
+    platform: str  # the runtime folder name: linux-x86_64, linux-arm64
+    machine: str  # `uname -m` in the root, and the root's folder name: x86_64, aarch64
+    suite: str  # the Debian release the root is made from
+    across: bool  # built on an x86_64 host: llama.cpp cross-compiled, the root run by qemu-user
+
+
+_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
+HOST = Target(f"linux-{_ARCH.get(platform.machine().lower(), platform.machine().lower())}", platform.machine(),
+              SUITE, across=False)
+ARM64 = Target("linux-arm64", "aarch64", "bookworm", across=True)
+TARGET = HOST  # main() sets it from --platform; `targeting` switches it for a step
+
+
+@contextmanager
+def targeting(target: Target):
+    global TARGET
+    before, TARGET = TARGET, target
+    try:
+        yield
+    finally:
+        TARGET = before
+
+
+def target_for(name: str) -> Target:
+    """--platform NAME: this host's platform, or linux-arm64 from an x86_64 Linux host."""
+    if name == HOST.platform:
+        return HOST
+    if name == ARM64.platform and HOST.platform == "linux-x86_64":
+        return ARM64
+    raise BaseError(f"cannot build a {name} runtime on this {HOST.platform} host (it builds {HOST.platform}"
+                    f"{' and linux-arm64' if HOST.platform == 'linux-x86_64' else ''}, the second as root on Debian):"
+                    " use .github/workflows/runtimes.yml and import it with `kit build --runtime`")
 
 
 def say(message: str) -> None:
@@ -139,6 +201,17 @@ def llama_settings() -> dict[str, str]:
 def llama_cmake_args() -> list[str]:
     origin = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"  # each library finds its neighbours
     args = [*shlex.split(llama_settings()["LLAMA_CMAKE_ARGS"]), f"-DCMAKE_INSTALL_RPATH={origin}"]
+    if TARGET.across:
+        # clang 16 in the x86_64 root, the arm64 root as sysroot (its glibc, libstdc++ and crt files);
+        # no Vulkan: shaders and glslc for a second platform would add ~10 min to every fresh build
+        return [a for a in args if a != "-DGGML_VULKAN=ON"] + [
+            "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+            "-DCMAKE_C_COMPILER=clang-16", "-DCMAKE_CXX_COMPILER=clang++-16",
+            "-DCMAKE_C_COMPILER_TARGET=aarch64-linux-gnu", "-DCMAKE_CXX_COMPILER_TARGET=aarch64-linux-gnu",
+            f"-DCMAKE_SYSROOT={IN_ROOT_SYSROOT}", "-DCMAKE_AR=/usr/bin/aarch64-linux-gnu-ar",
+            "-DCMAKE_RANLIB=/usr/bin/aarch64-linux-gnu-ranlib", "-DCMAKE_STRIP=/usr/bin/aarch64-linux-gnu-strip",
+            "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY",
+            "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY", "-DCMAKE_FIND_ROOT_PATH_MODE_PACKAGE=ONLY"]
     if not sys.platform.startswith("linux"):
         # macOS has Metal (ggml's default there); Windows would need the Vulkan SDK on the runner,
         # which no job here installs yet: their runtimes are CPU (and Metal) only
@@ -152,7 +225,10 @@ def llama_cmake_args() -> list[str]:
 
 
 def llama_tools() -> list[str]:
-    return llama_settings()["LLAMA_TOOLS"].split()
+    """What the llama step builds besides the libraries; across, only what a stick runs (llama-bench
+    and llama-completion are this host's bench's)."""
+    tools = llama_settings()["LLAMA_TOOLS"].split()
+    return [t for t in tools if t in RUNTIME_TOOLS] if TARGET.across else tools
 
 
 def runtime_requirements() -> list[str]:
@@ -167,7 +243,11 @@ def runtime_requirements() -> list[str]:
 # ---------------------------------------------------------------- where it is built
 
 def root_dir() -> Path:
-    return CACHE / f"{SUITE}-{platform.machine()}"
+    return CACHE / f"{TARGET.suite}-{TARGET.machine}"
+
+
+def root_python() -> str:
+    return ARM64_PYTHON if TARGET.across else IN_ROOT_PYTHON
 
 
 def can_make_root() -> bool:
@@ -197,7 +277,11 @@ def llama_build_dir() -> Path:
 
 def in_root(command: str, *, binds: tuple[tuple[Path, str, bool], ...] = (), env: dict[str, str] | None = None,
             log=None) -> None:
-    """Run a shell command in the root, in a private mount namespace (/proc and binds vanish with it)."""
+    """Run a shell command in the root, in a private mount namespace (/proc and binds vanish with it).
+
+    The arm64 root's programs run through qemu-user (binfmt_misc, ensure_qemu)."""
+    if TARGET.across:
+        ensure_qemu()  # a reboot forgets the registration
     root = root_dir()
     mounts = ['mount -t proc proc "$R/proc"']
     for host, inside, read_only in binds:
@@ -211,7 +295,8 @@ def in_root(command: str, *, binds: tuple[tuple[Path, str, bool], ...] = (), env
             *[f"{k}={v}" for k, v in variables.items()], "sh", "-ec", command]
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None)
     if proc.returncode != 0:
-        raise BaseError(f"in the {SUITE} root, `{command[:120]}` failed (exit {proc.returncode})")
+        raise BaseError(f"in the {TARGET.suite} {TARGET.machine} root, `{command[:120]}` failed"
+                        f" (exit {proc.returncode})")
 
 
 HOST_CA_IN_ROOT = "/etc/kit-host-ca.crt"
@@ -320,27 +405,71 @@ def llama_sources() -> Path:
 
 # ---------------------------------------------------------------- the steps
 
+def host_apt_install(*packages: str) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", *packages], env=env, stdout=subprocess.DEVNULL)
+
+
 def ensure_root() -> None:
     root = root_dir()
-    inputs = {"suite": SUITE, "packages": list(PACKAGES)}
+    packages = ARM64_PACKAGES if TARGET.across else PACKAGES
+    inputs = {"suite": TARGET.suite, "packages": list(packages)}
+    if TARGET.across:
+        ensure_qemu()
     if _json_or_none(root / ".kit-complete") == inputs:
         return
     if shutil.which("debootstrap") is None or not Path(DEBIAN_KEYRING).is_file():
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
-        run(["apt-get", "install", "-y", "-qq", "debootstrap", "debian-archive-keyring"], env=env,
-            stdout=subprocess.DEVNULL)
+        host_apt_install("debootstrap", "debian-archive-keyring")
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    say(f"making a Debian {SUITE} root in {root} (debootstrap, ~2 min)")
+    say(f"making a Debian {TARGET.suite} {TARGET.machine} root in {root} (debootstrap, "
+        f"{'~5 min under qemu-user' if TARGET.across else '~2 min'})")
     # Signed: every compiler and library of every stick comes from here (Ubuntu has no Debian keyring
     # by default, and debootstrap then goes on unchecked).
-    run(["debootstrap", "--variant=minbase", f"--keyring={DEBIAN_KEYRING}", "--force-check-gpg",
-         f"--include={','.join(PACKAGES)}", SUITE, str(partial), MIRROR], stdout=subprocess.DEVNULL)
+    argv = ["debootstrap", "--variant=minbase", f"--keyring={DEBIAN_KEYRING}", "--force-check-gpg"]
+    if TARGET.across:  # apt resolves the packages' dependencies in the root; debootstrap's --include does not
+        argv.append("--arch=arm64")
+    else:
+        argv.append(f"--include={','.join(packages)}")
+    run([*argv, TARGET.suite, str(partial), MIRROR], stdout=subprocess.DEVNULL)
     partial.rename(root)
+    if TARGET.across:
+        (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {TARGET.suite} main\n")
+        share_host_network_settings()
+        in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
+                f" --no-install-recommends {' '.join(packages)} >/dev/null")
     (root / ".kit-complete").write_text(json.dumps(inputs))
+
+
+QEMU_BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+
+
+def ensure_qemu() -> None:
+    """qemu-user registered for aarch64 programs with the F flag (the kernel opens the emulator at
+    registration, so it runs them inside a chroot too)."""
+    if _binfmt_ready():
+        return
+    say("registering qemu-user for arm64 programs (qemu-user-static, binfmt-support)")
+    if shutil.which("update-binfmts") is None or not Path("/usr/libexec/qemu-binfmt").is_dir():
+        host_apt_install("qemu-user-static", "binfmt-support")
+    if not QEMU_BINFMT.parent.joinpath("register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(QEMU_BINFMT.parent)])
+    run(["update-binfmts", "--enable", "qemu-aarch64"], stdout=subprocess.DEVNULL)
+    if not _binfmt_ready():
+        raise BaseError(f"qemu-user is not registered for arm64 programs ({QEMU_BINFMT}): install "
+                        "qemu-user-static and binfmt-support, then `update-binfmts --enable qemu-aarch64`")
+
+
+def _binfmt_ready() -> bool:
+    try:
+        text = QEMU_BINFMT.read_text()
+    except OSError:
+        return False
+    flags = re.search(r"^flags: (\S*)", text, re.M)
+    return text.startswith("enabled") and flags is not None and "F" in flags.group(1)
 
 
 def python_inputs() -> dict:
@@ -348,6 +477,8 @@ def python_inputs() -> dict:
 
 
 def ensure_python() -> None:
+    if TARGET.across:  # the arm64 root has Debian's own CPython 3.11 (ARM64_PACKAGES)
+        return
     inputs = python_inputs()
     if stamped("python", inputs):
         return
@@ -368,7 +499,7 @@ def ensure_python() -> None:
 
 
 def vulkan_wanted() -> bool:
-    return sys.platform.startswith("linux") and "-DGGML_VULKAN=ON" in llama_settings()["LLAMA_CMAKE_ARGS"]
+    return "-DGGML_VULKAN=ON" in llama_cmake_args()
 
 
 def ensure_vulkan_sdk() -> None:
@@ -455,6 +586,7 @@ def carried_vulkan_loader() -> Path | None:
 def llama_inputs() -> dict:
     return {"version": llama_settings()["LLAMA_CPP_PYTHON_VERSION"], "cmake_args": llama_cmake_args(),
             "tools": llama_tools(), "compilers": list(LLAMA_COMPILERS) if uses_root() else "host",
+            **({"cross": list(CROSS_PACKAGES), "sysroot": list(ARM64_PACKAGES)} if TARGET.across else {}),
             "vulkan_sdk": [list(d) for d in VULKAN_DEBS] if vulkan_wanted() else None,
             "cmake": ROOT_CMAKE.split()[0] if uses_root() else "host"}
 
@@ -472,7 +604,18 @@ def ensure_llama() -> None:
     tree = llama_sources()
     say(f"building llama.cpp {version}'s libraries, every CPU variant and {', '.join(llama_tools())} "
         f"(~12 min on 2 cores){'' if uses_root() else ' on this host: no old-glibc root can be made here'}")
-    if uses_root():
+    if TARGET.across:  # compiled in the x86_64 root, into this root's llama step folder
+        out, sysroot = llama_build_dir(), root_dir()
+        out.mkdir(parents=True)
+        relative_dev_links(sysroot)
+        with targeting(HOST):
+            ensure_cross_tools()
+            in_root(f"{IN_ROOT_PYTHON} /src/build/base.py build-llama /llama-src {IN_ROOT_LLAMA_OUT}"
+                    f" --platform {ARM64.platform}",
+                    binds=((ROOT, "/src", True), (tree, "/llama-src", True), (sysroot, IN_ROOT_SYSROOT, True),
+                           (out, IN_ROOT_LLAMA_OUT, False)),
+                    env={"PATH": f"{IN_ROOT_TOOLS}/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+    elif uses_root():
         env = {**dict(a.split("=", 1) for a in LLAMA_COMPILERS), "KIT_VULKAN_SDK": IN_ROOT_VULKAN,
                "PATH": f"{IN_ROOT_TOOLS}/bin:/usr/sbin:/usr/bin:/sbin:/bin"}  # its cmake first
         in_root(f"{IN_ROOT_PYTHON} /src/build/base.py build-llama /llama-src {IN_ROOT_LLAMA}",
@@ -483,6 +626,27 @@ def ensure_llama() -> None:
         raise BaseError(f"the llama.cpp build left no ggml-cpu-* variant library in {llama_dir()}")
     shutil.copyfile(tree / "LICENSE", llama_dir() / LLAMA_LICENCE)  # the notices of every runtime
     stamp("llama", inputs)
+
+
+def relative_dev_links(sysroot: Path) -> None:
+    """Debian's development links (libm.so -> /lib/aarch64-linux-gnu/libm.so.6) are absolute: seen
+    as a sysroot from another root they dangle, and the linker quietly takes libm.a instead (whose
+    logl then needs libc.a's __frexpl). The same links, relative, mean the same inside the root."""
+    for link in (sysroot / "usr" / "lib" / f"{ARM64.machine}-linux-gnu").glob("*.so"):
+        target = os.readlink(link) if link.is_symlink() else ""
+        if target.startswith("/"):
+            link.unlink()
+            link.symlink_to(os.path.relpath(sysroot / target.lstrip("/"), link.parent))
+
+
+def ensure_cross_tools() -> None:
+    """CROSS_PACKAGES in the x86_64 root (TARGET is HOST here)."""
+    inputs = {"packages": list(CROSS_PACKAGES)}
+    if stamped("cross-tools", inputs):
+        return
+    in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
+            f" {' '.join(CROSS_PACKAGES)} >/dev/null")
+    stamp("cross-tools", inputs)
 
 
 def build_llama(tree: Path, out: Path) -> None:
@@ -503,7 +667,7 @@ def build_llama(tree: Path, out: Path) -> None:
          *llama_tools()], stdout=subprocess.DEVNULL)
     if sys.platform.startswith("linux"):  # symbol tables: 15 % of the libraries, used by no loader
         libraries = [str(p) for p in (out / "bin").iterdir() if ".so" in p.name and not p.is_symlink()]
-        run(["strip", "--strip-unneeded", *libraries])
+        run(["aarch64-linux-gnu-strip" if TARGET.across else "strip", "--strip-unneeded", *libraries])
 
 
 def llama_libraries() -> list[Path]:
@@ -637,7 +801,8 @@ NUMPY_WITHOUT_BLAS = ("--no-binary numpy -Csetup-args=-Dblas=none -Csetup-args=-
 
 
 def venv_inputs() -> dict:
-    return {"requirements": runtime_requirements(), "numpy": NUMPY_WITHOUT_BLAS}
+    return {"requirements": runtime_requirements(),
+            "numpy": "debian python3-numpy" if TARGET.across else NUMPY_WITHOUT_BLAS}
 
 
 def ensure_venv() -> None:
@@ -646,14 +811,19 @@ def ensure_venv() -> None:
     if stamped("venv", inputs):
         install_llama_cpp(f"{IN_ROOT_VENV}/bin/python", inside_root=True)  # a new llama build: its files
         return
-    say("installing the runtime's Python packages in the root")
+    say(f"installing the runtime's Python packages in the {TARGET.machine} root"
+        + (" (under qemu-user, ~4 min)" if TARGET.across else ""))
     quoted = " ".join(shlex.quote(r) for r in requirements)
-    in_root(f"rm -rf {IN_ROOT_VENV} && {IN_ROOT_PYTHON} -m venv {IN_ROOT_VENV}"
-            f" && {IN_ROOT_VENV}/bin/python -m pip install -q --upgrade pip")
-    say("building numpy without BLAS in the root (~5 min on 2 cores)")
-    in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q --no-cache-dir {NUMPY_WITHOUT_BLAS} numpy")
+    # Across, the venv sees Debian's numpy (system site packages) and takes only wheels: a package
+    # compiled under emulation would take many minutes.
+    in_root(f"rm -rf {IN_ROOT_VENV} && {root_python()} -m venv {IN_ROOT_VENV}"
+            + (" --system-site-packages" if TARGET.across else "")
+            + f" && {IN_ROOT_VENV}/bin/python -m pip install -q --upgrade pip")
+    if not TARGET.across:
+        say("building numpy without BLAS in the root (~5 min on 2 cores)")
+        in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q --no-cache-dir {NUMPY_WITHOUT_BLAS} numpy")
     install_llama_cpp(f"{IN_ROOT_VENV}/bin/python", inside_root=True)
-    in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q {quoted}")
+    in_root(f"{IN_ROOT_VENV}/bin/python -m pip install -q {'--only-binary :all: ' if TARGET.across else ''}{quoted}")
     # A later install must not have swapped in a wheel with OpenBLAS (28 MB on every stick).
     in_root(f"{IN_ROOT_VENV}/bin/python -c \"import numpy, pathlib, sys;"
             f" sys.exit(pathlib.Path(numpy.__file__).parent.with_name('numpy.libs').exists())\"")
@@ -661,16 +831,24 @@ def ensure_venv() -> None:
 
 
 def ensure() -> None:
+    if TARGET.across and not can_make_root() and not root_dir().joinpath(".kit-complete").exists():
+        raise BaseError(f"building the {TARGET.platform} runtime needs root on Debian (debootstrap, qemu-user)")
     if not uses_root():
         ensure_llama()
         return
     if os.geteuid() != 0:  # a root made earlier by root: usable as it is, not to be changed
-        steps = {"python": python_inputs(), "llama": llama_inputs(), "venv": venv_inputs()}
+        steps = {"llama": llama_inputs(), "venv": venv_inputs()}
+        if not TARGET.across:
+            steps["python"] = python_inputs()
         stale = [step for step, inputs in steps.items() if not stamped(step, inputs)]
         if stale:
             raise BaseError(f"the build root {root_dir()} is not up to date ({', '.join(stale)}): "
-                            "run `python3 build/base.py ensure` as root, or set KIT_BASE=host")
+                            f"run `python3 build/base.py ensure --platform {TARGET.platform}` as root"
+                            + ("" if TARGET.across else ", or set KIT_BASE=host"))
         return
+    if TARGET.across:
+        with targeting(HOST):  # its clang cross-compiles llama.cpp
+            ensure_root()
     ensure_root()
     share_host_network_settings()
     ensure_python()
@@ -683,6 +861,9 @@ def freeze(work: Path, python: str) -> None:
 
     In the root when it is ready (the checkout mounted read-only), else on this host with python.
     """
+    if TARGET.across and not root_ready():
+        raise BaseError(f"the {TARGET.platform} build root is not ready: run `python3 build/base.py ensure"
+                        f" --platform {TARGET.platform}` as root (~15 min the first time)")
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "pyinstaller.log", "wb") as log:
         if root_ready():
@@ -707,7 +888,14 @@ def root_ready() -> bool:
 
 
 def main(argv: list[str]) -> int:
+    global TARGET
     try:
+        if "--platform" in argv:
+            at = argv.index("--platform")
+            if at + 1 >= len(argv):
+                raise BaseError("--platform needs a name, e.g. linux-arm64")
+            TARGET = target_for(argv[at + 1])
+            argv = argv[:at] + argv[at + 2:]
         if argv[:1] == ["ensure"]:
             ensure()
         elif argv[:1] == ["build-llama"] and len(argv) == 3:  # in the root, by ensure

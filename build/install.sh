@@ -27,4 +27,9 @@ PATH="$VENV/bin:$PATH" "$PY" "$ROOT/build/base.py" ensure
 # The host loads the very libraries the runtime carries (built on glibc 2.31, they run here too).
 PATH="$VENV/bin:$PATH" "$PY" "$ROOT/build/base.py" install-llama-cpp "$VPY"
 "$VPY" -m pip install -q -e "$ROOT$EXTRAS"
+# The tests freeze the linux-arm64 runtime too (tests/test_arm64.py): its arm64 root and the
+# cross-compiled llama.cpp, as root on x86_64 Debian (~15 min the first time).
+if [ -n "$EXTRAS" ] && [ "$(id -u)" = 0 ] && [ "$(uname -m)" = x86_64 ] && [ -f /etc/debian_version ]; then
+  PATH="$VENV/bin:$PATH" "$PY" "$ROOT/build/base.py" ensure --platform linux-arm64
+fi
 echo "kit installed in $VENV"

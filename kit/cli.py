@@ -422,7 +422,7 @@ def cmd_build(args) -> int:
     from kit.builder import build
 
     result = build(Path(args.profile), Path(args.target), max_file_size=args.max_file_size,
-                   runtimes=[Path(r) for r in args.runtime], freeze=not args.no_freeze,
+                   runtimes=[Path(r) for r in args.runtime], freeze=not args.no_freeze, platforms=args.platform,
                    progress=None if args.json else ProgressLine("copying to the stick"),
                    sign_key=Path(args.sign) if args.sign else None,
                    report=lambda s: print(s, file=sys.stderr))
@@ -665,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", action="append", default=[], metavar="PATH",
                    help="import a runtime built on another OS/arch (folder or archive); repeatable")
     p.add_argument("--no-freeze", action="store_true", help="do not freeze a runtime for this host")
+    p.add_argument("--platform", action="append", default=[], metavar="P",
+                   help="freeze a runtime for P here (repeatable; default: this computer's). On x86_64 Linux: "
+                   "linux-x86_64 and linux-arm64 (as root; the first arm64 build takes ~15 min)")
     p.add_argument("--sign", metavar="KEY", help="sign bundle.json with this private key (from `kit keygen`)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_build)

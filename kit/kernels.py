@@ -327,6 +327,16 @@ def summary(name: str, rounds: list[dict], score: int | None = None) -> ProbeRes
 
 FIELD = 3  # variants timed at once: ggml's best-scored few that load
 MAX_ROUNDS = 3
+ROUNDS_SETTING = "KIT_PROBE_ROUNDS"
+
+
+def max_rounds() -> int:
+    """MAX_ROUNDS, or fewer where KIT_PROBE_ROUNDS (1-3) says so: on a very slow CPU (an emulator, an
+    old netbook) a round takes many seconds; fewer rounds make a choice among close variants less sure."""
+    try:
+        return min(MAX_ROUNDS, max(1, int(os.environ.get(ROUNDS_SETTING, MAX_ROUNDS))))
+    except ValueError:
+        return MAX_ROUNDS
 # From round 2 on, a variant whose best round is this much slower than the leader's best cannot
 # win. Never after one round: a busy moment on a shared machine has cost one round 15x here.
 DROP = 1.15
@@ -379,7 +389,7 @@ class ProbeField:
         try:
             waiting = self._score()
             active = self._load(waiting, slots)
-            for round_no in range(MAX_ROUNDS):
+            for round_no in range(max_rounds()):
                 self._round(active)
                 active += self._load(waiting, slots - len(active) - self._beaten)  # a crash's slot is refilled
                 if self._decided(active, round_no):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -118,3 +119,28 @@ class FakeEngine(ChatEngine):
 
     def close(self) -> None:
         pass
+
+
+def assert_notices_complete(folder: Path) -> None:
+    """A frozen runtime's notices (build/notices.py) give a licence to every bundled native file and
+    distribution, and name the big parts."""
+    from kit.builder.elfglibc import is_elf
+    from kit.builder.freeze import walk_regular_files
+
+    notices = json.loads((folder / "notices.json").read_text())
+    text = (folder / "THIRD-PARTY-NOTICES.txt").read_text()
+    covered = {f: c for c in notices["components"] if c["licence_bytes"] > 0 for f in c["files"]}
+    files = list(walk_regular_files(folder))
+    native = [rel for rel in files if is_elf(folder / rel)]
+    uncovered = [rel for rel in native if rel.removeprefix("_internal/") not in covered]
+    assert native and not uncovered, uncovered
+    names = {c["name"].lower().replace("_", "-") for c in notices["components"]}
+    distributions = {rel.split("/")[1].removesuffix(".dist-info").rsplit("-", 1)[0].lower().replace("_", "-")
+                     for rel in files if rel.startswith("_internal/") and ".dist-info/" in rel}
+    assert distributions and distributions <= names, sorted(distributions - names)
+    for needed in ("llama-cpp-python", "numpy", "textual", "blake3", "pynacl", "CPython", "llama.cpp / ggml",
+                   "Survival Kit", "pyinstaller"):
+        assert any(needed.lower() in name for name in names), needed
+    for licence in ("MIT License", "PYTHON SOFTWARE FOUNDATION LICENSE", "Apache License"):
+        assert licence in text, licence
+    assert "THIRD-PARTY-NOTICES.txt" in files

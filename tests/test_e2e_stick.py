@@ -119,10 +119,11 @@ path = "{archive}"
     return target
 
 
-def bare_host_argv(root: Path, stick: Path, *args: str, network: str = "none") -> list[str]:
+def bare_host_argv(root: Path, stick: Path, *args: str, network: str = "none",
+                   env: dict[str, str] | None = None) -> list[str]:
     """START-linux.sh ARGS inside the Debian root, the stick bind-mounted at /media/<name>, a clean
-    environment. network: "none" (a namespace of its own, loopback down), "loopback" (its own,
-    with loopback up and a RAM /dev/shm, as a laptop without Wi-Fi has) or "host" (this machine's)."""
+    environment (plus env). network: "none" (a namespace of its own, loopback down), "loopback" (its
+    own, with loopback up and a RAM /dev/shm, as a laptop without Wi-Fi has) or "host" (this machine's)."""
     (root / "media" / STICK_NAME).mkdir(parents=True, exist_ok=True)
     mounts = 'mount --bind "$2" "$1/media/$3"; mount -t proc proc "$1/proc"; mount -t sysfs sysfs "$1/sys" || true; '
     if network == "loopback":
@@ -133,7 +134,8 @@ def bare_host_argv(root: Path, stick: Path, *args: str, network: str = "none") -
     namespaces = ["--mount"] if network == "host" else ["--mount", "--net"]
     return ["unshare", *namespaces, "sh", "-c", script, "sh", str(root), str(stick), STICK_NAME,
             str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
-            "LANG=C.UTF-8", "/bin/sh", f"/media/{STICK_NAME}/START-linux.sh", *args]
+            "LANG=C.UTF-8", *[f"{k}={v}" for k, v in (env or {}).items()], "/bin/sh",
+            f"/media/{STICK_NAME}/START-linux.sh", *args]
 
 
 @contextlib.contextmanager
@@ -161,9 +163,10 @@ def running_on_bare_host(argv: list[str], ready: str,
             proc.wait(10)
 
 
-def run_on_bare_host(root: Path, stick: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_on_bare_host(root: Path, stick: Path, *args: str, timeout: float = 900,
+                     env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """START-linux.sh ARGS inside the Debian root, the stick bind-mounted at /media/<name>, no network."""
-    command = bare_host_argv(root, stick, *args)
+    command = bare_host_argv(root, stick, *args, env=env)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

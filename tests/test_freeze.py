@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from conftest import assert_notices_complete, run_kit
 from test_server_files import (
     GLIBC_LIBRARIES,
     check_server_folder,
@@ -174,23 +175,7 @@ def test_the_runtime_is_at_most_100_mb(frozen):
 
 @pytest.mark.slow
 def test_the_notices_name_a_licence_for_every_bundled_distribution_and_library(frozen):
-    notices = json.loads((frozen.folder / "notices.json").read_text())
-    text = (frozen.folder / "THIRD-PARTY-NOTICES.txt").read_text()
-    covered = {f: c for c in notices["components"] if c["licence_bytes"] > 0 for f in c["files"]}
-    files = list(freeze.walk_regular_files(frozen.folder))
-    native = [rel for rel in files if is_elf(frozen.folder / rel)]
-    uncovered = [rel for rel in native if rel.removeprefix("_internal/") not in covered]
-    assert native and not uncovered, uncovered
-    names = {c["name"].lower().replace("_", "-") for c in notices["components"]}
-    distributions = {rel.split("/")[1].removesuffix(".dist-info").rsplit("-", 1)[0].lower().replace("_", "-")
-                     for rel in files if rel.startswith("_internal/") and ".dist-info/" in rel}
-    assert distributions and distributions <= names, sorted(distributions - names)
-    for needed in ("llama-cpp-python", "numpy", "textual", "blake3", "pynacl", "CPython", "llama.cpp / ggml",
-                   "Survival Kit", "pyinstaller"):
-        assert needed.lower() in names, needed
-    for licence in ("MIT License", "PYTHON SOFTWARE FOUNDATION LICENSE", "Apache License"):
-        assert licence in text, licence
-    assert "THIRD-PARTY-NOTICES.txt" in files
+    assert_notices_complete(frozen.folder)
 
 
 @pytest.mark.slow
@@ -412,3 +397,15 @@ def test_a_link_leaving_the_frozen_runtime_is_refused(tmp_path):
     (folder / "passwd").symlink_to("/etc/passwd")
     with pytest.raises(BuildError, match="outside it"):
         freeze._replace_links_with_copies(folder)
+
+
+def test_the_platforms_to_freeze_are_checked_before_the_stick_is_touched(tmp_path):
+    target = tmp_path / "stick"
+    proc = run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--platform", "macos-arm64")
+    assert proc.returncode != 0 and "cannot freeze a macos-arm64 runtime" in proc.stderr, proc.stderr
+    assert "--runtime" in proc.stderr and not target.exists()
+    proc = run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--no-freeze",
+                   "--platform", "linux-x86_64")
+    assert proc.returncode != 0 and "contradict" in proc.stderr and not target.exists()
+    host = freeze.host_platform()
+    assert freeze.freezable_platforms() == ([host, "linux-arm64"] if host == "linux-x86_64" else [host])

@@ -230,6 +230,31 @@ def test_raspberry_pi5_features_and_name():
     assert host.gpus == () and host.notes == ()  # v3d/vc4 are not PCI GPUs
 
 
+def test_arm_features_come_from_the_process_hwcaps_not_an_emulators_cpuinfo(tmp_path):
+    """Under qemu-user /proc/cpuinfo is the x86 host's; the auxiliary vector is the emulated CPU's
+    (here a Neoverse N1: dot product and fp16 arithmetic, no SVE), as ggml's ARM variants read it."""
+    import shutil
+    import struct
+
+    folder = tmp_path / "qemu-neoverse-n1"
+    shutil.copytree(FIXTURES / "rpi5-8gb", folder)
+    root = folder / "root"
+    shutil.copy(FIXTURES / "laptop-8gb" / "root" / "proc" / "cpuinfo", root / "proc" / "cpuinfo")
+    hwcap = sum(1 << bit for bit in (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 20))  # fp asimd ... asimddp
+    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
+    (root / "proc" / "self" / "auxv").write_bytes(struct.pack("=8Q", 6, 4096, 16, hwcap, 26, 0, 0, 0))
+    meta = json.loads((folder / "fixture.json").read_text())
+    host = detect(root=root, run=recorded_run(folder), system="Linux", machine="aarch64",
+                  live=recorded_live(meta.get("live", {})))
+    assert {"fp", "asimd", "asimddp", "asimdhp", "atomics"} <= host.cpu_flags
+    assert not host.cpu_flags & {"avx2", "sse4_2", "sve", "sve2", "i8mm", "sme"}
+    (root / "proc" / "self" / "auxv").write_bytes(struct.pack("=8Q", 16, hwcap, 26, 1 << 1 | 1 << 13 | 1 << 23, 0, 0,
+                                                               0, 0))
+    host = detect(root=root, run=recorded_run(folder), system="Linux", machine="aarch64",
+                  live=recorded_live(meta.get("live", {})))
+    assert {"sve2", "i8mm", "sme", "asimddp"} <= host.cpu_flags
+
+
 def test_container_cgroup_v2_limit_is_the_ceiling():
     host = detect_recorded("container-2gb")
     assert host.memory_limit == 2 * GIB

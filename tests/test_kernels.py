@@ -229,6 +229,14 @@ def test_flags_that_rule_a_variant_out_mean_it_is_never_started(model, tmp_path,
     assert {r.variant for r in choice.results if r.detail.startswith("CPU lacks")} >= {"zen4", "skylakex"}
 
 
+def test_probe_rounds_can_be_bounded_for_a_slow_cpu(monkeypatch):
+    for value, expected in (("1", 1), ("2", 2), ("9", 3), ("0", 1), ("many", 3)):
+        monkeypatch.setenv(kernels.ROUNDS_SETTING, value)
+        assert kernels.max_rounds() == expected, value
+    monkeypatch.delenv(kernels.ROUNDS_SETTING)
+    assert kernels.max_rounds() == kernels.MAX_ROUNDS == 3
+
+
 @pytest.mark.slow
 def test_rounds_are_interleaved_in_score_order(model):
     path, b3 = model

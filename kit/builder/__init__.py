@@ -67,7 +67,7 @@ class BuildResult:
 
 
 def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
-          runtimes: list[Path] = (), freeze: bool = True,
+          runtimes: list[Path] = (), freeze: bool = True, platforms: list[str] = (),
           sign_key: Path | None = None, report: Report = lambda s: None,
           progress: ProgressFn | None = None) -> BuildResult:
     from kit import signing
@@ -80,6 +80,7 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
     if sign_key is not None:  # before any copying: a bad key fails the build at once
         signing.refuse_on_stick(sign_key, target)
         private_key = signing.load_private_key(sign_key)
+    platforms = _platforms_to_freeze(platforms, freeze)
     profile = load_profile(profile_path)
     parsed = [(m, sources.parse_source(m.source, profile_dir=profile_path.parent)) for m in profile.models]
     for k in profile.knowledge:  # an unpinned url or a missing folder fails before the stick is touched
@@ -122,7 +123,7 @@ def build(profile_path: Path, target: Path, *, max_file_size: int | None = None,
         knowledge.append(entry)
 
     runtime_entries: list[RuntimeEntry] = []
-    runtime_dirs = _runtimes(runtimes, freeze, cache, report)
+    runtime_dirs = _runtimes(runtimes, platforms, cache, report)
     for rt in runtime_dirs:
         entries, n_copied = stage.stage_tree(rt.folder, kit_dir, f"runtimes/{rt.platform}")
         files += entries
@@ -159,20 +160,38 @@ def _root_entries(target: Path) -> tuple[FileEntry, ...]:
     return tuple(entries)
 
 
-def _runtimes(imported: list[Path], freeze: bool, cache: Path, report: Report) -> list:
-    """Runtimes built elsewhere (checked against their own hash lists), then this host's own frozen
-    one unless an imported runtime already covers this platform (one runtime per platform)."""
-    from kit.builder.freeze import freeze_runtime, host_platform, import_runtime
+def _platforms_to_freeze(platforms: list[str], freeze: bool) -> list[str]:
+    """The platforms to freeze runtimes for here: --platform's (checked before the stick is touched),
+    else this host's; none with --no-freeze."""
+    from kit.builder.freeze import freezable_platforms, host_platform
+
+    if not freeze:
+        if platforms:
+            raise BuildError("--no-freeze and --platform contradict each other", "drop one of them")
+        return []
+    for name in platforms:
+        if name not in freezable_platforms():
+            raise BuildError(f"this computer cannot freeze a {name} runtime (it freezes "
+                             f"{', '.join(freezable_platforms())})",
+                             "import one built by .github/workflows/runtimes.yml with --runtime PATH")
+    return list(dict.fromkeys(platforms)) or [host_platform()]
+
+
+def _runtimes(imported: list[Path], platforms: list[str], cache: Path, report: Report) -> list:
+    """Runtimes built elsewhere (checked against their own hash lists), then those frozen here for
+    platforms, but for a platform an imported runtime already covers (one runtime per platform)."""
+    from kit.builder.freeze import freeze_runtime, import_runtime
 
     found = [import_runtime(path, cache / "imported") for path in imported]
-    platforms = [rt.platform for rt in found]
-    duplicate = next((p for p in platforms if platforms.count(p) > 1), None)
+    have = [rt.platform for rt in found]
+    duplicate = next((p for p in have if have.count(p) > 1), None)
     if duplicate:
         raise BuildError(f"two runtimes given for {duplicate}", "pass one --runtime per platform")
-    if freeze and host_platform() in platforms:
-        report(f"using the imported {host_platform()} runtime instead of freezing one here")
-    elif freeze:
-        found.append(freeze_runtime(cache / "freeze", report=report))
+    for name in platforms:
+        if name in have:
+            report(f"using the imported {name} runtime instead of freezing one here")
+        else:
+            found.append(freeze_runtime(cache / f"freeze-{name}", report=report, platform_name=name))
     return found
 
 

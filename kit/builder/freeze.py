@@ -2,7 +2,8 @@
 
 A runtime folder carries kit-runtime.json: its platform, its executable, the kit version it was
 frozen from and every file's size and BLAKE3, written right after the freeze. PyInstaller cannot
-build for another OS or CPU, so other platforms' runtimes come from the CI matrix
+build for another OS, so this host freezes its own platform and, on x86_64 Linux, linux-arm64 (in
+an arm64 root run by qemu-user: build/base.py); other platforms' runtimes come from the CI matrix
 (.github/workflows/runtimes.yml) as folders or archives; one is accepted only when its files match
 that list exactly: no links, no path leaving the folder, nothing missing, nothing extra.
 """
@@ -70,17 +71,30 @@ def entry_name(platform_name: str) -> str:
     return "kit.exe" if platform_name.startswith("windows-") else "kit"
 
 
+def freezable_platforms() -> list[str]:
+    """The platforms this host freezes runtimes for (build/base.py's targets)."""
+    host = host_platform()
+    return [host, "linux-arm64"] if host == "linux-x86_64" else [host]
+
+
 # ---------------------------------------------------------------- freezing for this host
 
-def freeze_runtime(work_dir: Path, report: Report = print) -> RuntimeDir:
-    """Freeze the runtime for this host into work_dir/dist/kit (work_dir is reused between builds)."""
-    source_variants = _require_variants()
+def freeze_runtime(work_dir: Path, report: Report = print, platform_name: str | None = None) -> RuntimeDir:
+    """Freeze the runtime for this host, or for platform_name (one of freezable_platforms()), into
+    work_dir/dist/kit (work_dir is reused between builds)."""
+    platform_name = platform_name or host_platform()
+    if platform_name not in freezable_platforms():
+        raise BuildError(f"this {host_platform()} computer cannot freeze a {platform_name} runtime",
+                         "import one built by .github/workflows/runtimes.yml with --runtime PATH")
+    across = platform_name != host_platform()
+    source_variants = _base_variants(platform_name) if across else _require_variants()
     dist, log = work_dir / "dist", work_dir / "pyinstaller.log"
     work_dir.mkdir(parents=True, exist_ok=True)
-    report(f"freezing the runtime with PyInstaller (about a minute; log: {log})")
+    report(f"freezing the {platform_name} runtime with PyInstaller "
+           f"({'several minutes under qemu-user' if across else 'about a minute'}; log: {log})")
     start = time.monotonic()
-    _run_pyinstaller(work_dir, log)
-    runtime = RuntimeDir(host_platform(), dist / "kit", entry_name(host_platform()))
+    _run_pyinstaller(work_dir, log, platform_name)
+    runtime = RuntimeDir(platform_name, dist / "kit", entry_name(platform_name))
     _replace_links_with_copies(runtime.folder)
     _check_variants_frozen(source_variants, runtime.folder)
     files = write_runtime_manifest(runtime)
@@ -114,17 +128,38 @@ def _require_variants() -> list[str]:
     return names
 
 
-def _run_pyinstaller(work_dir: Path, log: Path) -> None:
-    """build/base.py freezes: in the old-glibc build root when it is ready, else with this Python."""
+def _base_variants(platform_name: str) -> list[str]:
+    """The CPU variants build/base.py's llama step made for platform_name (another CPU's libraries,
+    listed by name: they do not load here)."""
+    folder = Path(_base("llama-dir", "--platform", platform_name).stdout.strip())
+    prefix, suffix = "libggml-cpu-", ".so"
+    return sorted(p.name[len(prefix):-len(suffix)] for p in folder.glob(f"{prefix}*{suffix}"))
+
+
+def _base(*args: str) -> subprocess.CompletedProcess:
+    """build/base.py ARGS (the runtime's native build and freeze); its one-line error becomes a BuildError."""
     if not SPEC.is_file() or not BASE.is_file():
         raise BuildError(f"the runtime spec {SPEC} is missing", "freeze from a source checkout of the kit")
-    proc = subprocess.run([sys.executable, str(BASE), "freeze", str(work_dir), sys.executable],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=SPEC.parent.parent)
+    proc = subprocess.run([sys.executable, str(BASE), *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, cwd=SPEC.parent.parent)
     if proc.returncode != 0:
+        said = (proc.stderr or "no output").strip().splitlines()[-1:] or ["no output"]
+        raise BuildError(said[0].removeprefix("base: ")[:300], "read build/base.py's help: python3 build/base.py")
+    return proc
+
+
+def _run_pyinstaller(work_dir: Path, log: Path, platform_name: str) -> None:
+    """build/base.py freezes: in the build root of platform_name when it is ready, else (this host's
+    platform only) with this Python."""
+    log.unlink(missing_ok=True)  # a log left by an earlier freeze must not explain this one
+    try:
+        _base("freeze", str(work_dir), sys.executable, "--platform", platform_name)
+    except BuildError:
         lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-        tail = (lines or (proc.stderr or "no output").strip().splitlines())[-1:]
-        raise BuildError(f"PyInstaller failed (exit {proc.returncode}): {tail[0][:200]}",
-                         f"read {log}; `pip install pyinstaller` if it is missing")
+        if not lines:  # base.py stopped before PyInstaller ran: its own sentence says why
+            raise
+        raise BuildError(f"PyInstaller failed: {lines[-1][:200]}",
+                         f"read {log}; `pip install pyinstaller` if it is missing") from None
 
 
 def _replace_links_with_copies(folder: Path) -> None:

@@ -88,7 +88,7 @@ def detect(
     arch = normalise_arch(machine if machine is not None else platform.machine())
     ctx = _Context(_Files(Path(root), notes), _Commands(run), live or LiveApis(), notes)
 
-    cpu = _guarded(notes, "the CPU", lambda: _read_cpu(os_name, ctx), _Cpu())
+    cpu = _guarded(notes, "the CPU", lambda: _read_cpu(os_name, ctx, arch), _Cpu())
     memory = _guarded(notes, "the memory", lambda: _read_memory(os_name, ctx), _Memory())
     gpus = _guarded(notes, "the GPUs", lambda: _read_gpus(os_name, arch, memory, ctx), [])
     if os_name == "macos" and arch == "x86_64" and ctx.sysctl("hw").get("hw.optional.arm64") == "1":

@@ -1,14 +1,16 @@
 """The CPU: model name, feature flags (in /proc/cpuinfo spelling), physical and logical cores.
 
 Linux reads /proc/cpuinfo and the sysfs topology (arm64 cpuinfo has no model name, hence the Arm
-implementer/part tables), macOS reads sysctl, Windows asks LiveApis.windows_cpu. A core count the
+implementer/part tables; arm64 features come from the process's own hardware capabilities, as
+ggml reads them), macOS reads sysctl, Windows asks LiveApis.windows_cpu. A core count the
 OS reader could not find comes from psutil, then from the other count.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 
 from kit.hardware.seams import _Context, _describe, _Files, _positive
 
@@ -21,9 +23,11 @@ class _Cpu:
     logical: int = 1
 
 
-def _read_cpu(os_name: str, ctx: _Context) -> _Cpu:
+def _read_cpu(os_name: str, ctx: _Context, arch: str = "") -> _Cpu:
     if os_name == "linux":
         cpu = _linux_cpu(ctx)
+        if arch == "arm64":
+            cpu = _with_arm_hwcaps(cpu, ctx)
     elif os_name == "macos":
         cpu = _macos_cpu(ctx)
     elif os_name == "windows":
@@ -67,6 +71,38 @@ def _linux_cpu(ctx: _Context) -> _Cpu:
     flags = frozenset(set.intersection(*flag_sets)) if flag_sets else frozenset()
     physical = _cores_from_cpuinfo(processors) or _cores_from_sysfs(ctx.files)
     return _Cpu(_linux_cpu_name(blocks, processors), flags, physical or 0, len(processors))
+
+
+# arm64 AT_HWCAP and AT_HWCAP2 bits (Linux arch/arm64/include/uapi/asm/hwcap.h), named as
+# /proc/cpuinfo's Features line names them.
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_ARM_HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc"
+              " dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg").split()
+_ARM_HWCAP2 = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm"
+               " svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme smei16i64 smef64f64 smei8i32"
+               " smef16f32 smeb16f32 smef32f32 smefa64 wfxt ebf16 sveebf16 cssc rprfm sve2p1 sme2 sme2p1").split()
+
+
+def _with_arm_hwcaps(cpu: _Cpu, ctx: _Context) -> _Cpu:
+    """The features the kernel grants this process (the auxiliary vector), which ggml's ARM variants
+    test too. /proc/cpuinfo names the same on a real ARM machine, but under an emulator (qemu-user)
+    it shows the host's CPU, not the emulated one."""
+    words = _auxv(ctx.files.read_bytes("proc/self/auxv") or b"")
+    if _AT_HWCAP not in words:
+        return cpu
+    flags = {name for bit, name in enumerate(_ARM_HWCAP) if words[_AT_HWCAP] >> bit & 1}
+    flags |= {name for bit, name in enumerate(_ARM_HWCAP2) if words.get(_AT_HWCAP2, 0) >> bit & 1}
+    return replace(cpu, flags=frozenset(flags))
+
+
+def _auxv(data: bytes) -> dict[int, int]:
+    """A 64-bit auxiliary vector's (type, value) pairs, up to AT_NULL."""
+    words = {}
+    for kind, value in struct.iter_unpack("=QQ", data[: len(data) // 16 * 16]):
+        if kind == 0:
+            break
+        words[kind] = value
+    return words
 
 
 def _cpuinfo_blocks(text: str) -> list[dict[str, str]]:

@@ -234,6 +234,15 @@ class _Files:
             self.notes.append(f"Could not read /{rel.lstrip('/')} ({_describe(exc)}).")
             return None
 
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            return self.path(rel).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.notes.append(f"Could not read /{rel.lstrip('/')} ({_describe(exc)}).")
+            return None
+
     def read_int(self, rel: str) -> int | None:
         """An integer file (sysfs, cgroup); garbage is None plus a note."""
         text = self.read(rel)
