@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The one native build of this Linux platform, made inside an old Debian root (glibc 2.31).
+"""The one native build of each platform; on Linux made inside an old Debian root (glibc 2.31).
 
 PyInstaller takes libpython, libstdc++ and every other shared library from the machine that
 freezes, and a library linked against a newer glibc does not load on an older one. So what goes
@@ -123,6 +123,10 @@ IN_ROOT_VULKAN = "/opt/vulkan-sdk"  # include/ (headers), bin/glslc (a wrapper),
 VULKAN_LOADER = "libvulkan.so.1"  # carried in llama_cpp/lib/vulkan/ (kit.ggml.carried_vulkan_loader)
 
 IN_ROOT_PYTHON = "/opt/python/bin/python3.11"
+# the pinned cmake in the x86_64 root's own venv (the Vulkan backend and the cross build need it)
+INSTALL_ROOT_CMAKE = (f"rm -rf {IN_ROOT_TOOLS} && {IN_ROOT_PYTHON} -m venv {IN_ROOT_TOOLS}"
+                      f" && echo '{ROOT_CMAKE}' > /tmp/cmake-pinned.txt"
+                      f" && {IN_ROOT_TOOLS}/bin/python -m pip install -q --require-hashes -r /tmp/cmake-pinned.txt")
 
 # The arm64 root (ARM64): Debian's CPython 3.11 and numpy (reference BLAS, a few MB: no OpenBLAS on
 # the stick) with what its shared library needs frozen; gcc because pip's build of llama-cpp-python's
@@ -153,8 +157,11 @@ class Target:
     across: bool  # built on an x86_64 host: llama.cpp cross-compiled, the root run by qemu-user
 
 
+# spelled as kit.builder.freeze.host_platform() spells it (kit.hardware's normalise_os/_arch)
+_OS = {"linux": "linux", "darwin": "macos", "windows": "windows"}
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
-HOST = Target(f"linux-{_ARCH.get(platform.machine().lower(), platform.machine().lower())}", platform.machine(),
+HOST = Target(f"{_OS.get(platform.system().lower(), platform.system().lower())}-"
+              f"{_ARCH.get(platform.machine().lower(), platform.machine().lower())}", platform.machine(),
               SUITE, across=False)
 ARM64 = Target("linux-arm64", "aarch64", "bookworm", across=True)
 TARGET = HOST  # main() sets it from --platform; `targeting` switches it for a step
@@ -459,8 +466,9 @@ def ensure_qemu() -> None:
         run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(QEMU_BINFMT.parent)])
     run(["update-binfmts", "--enable", "qemu-aarch64"], stdout=subprocess.DEVNULL)
     if not _binfmt_ready():
-        raise BaseError(f"qemu-user is not registered for arm64 programs ({QEMU_BINFMT}): install "
-                        "qemu-user-static and binfmt-support, then `update-binfmts --enable qemu-aarch64`")
+        raise BaseError(f"qemu-user is not registered for arm64 programs with the fix-binary flag F"
+                        f" ({QEMU_BINFMT}): install Debian's qemu-user-static and binfmt-support, which register"
+                        " it so, or register it yourself with F")
 
 
 def _binfmt_ready() -> bool:
@@ -533,9 +541,7 @@ def ensure_vulkan_sdk() -> None:
                            f'{IN_ROOT_VULKAN}/glslc/glslc "$@"\n')
         in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
                 f" {' '.join(VULKAN_ROOT_PACKAGES)} >/dev/null"
-                f" && rm -rf {IN_ROOT_TOOLS} && {IN_ROOT_PYTHON} -m venv {IN_ROOT_TOOLS}"
-                f" && echo '{ROOT_CMAKE}' > /tmp/cmake-pinned.txt"
-                f" && {IN_ROOT_TOOLS}/bin/python -m pip install -q --require-hashes -r /tmp/cmake-pinned.txt")
+                f" && {INSTALL_ROOT_CMAKE}")
     else:
         wrapper.write_text(f'#!/bin/sh\nexec {glslc} "$@"\n')
     wrapper.chmod(0o755)
@@ -641,11 +647,12 @@ def relative_dev_links(sysroot: Path) -> None:
 
 def ensure_cross_tools() -> None:
     """CROSS_PACKAGES in the x86_64 root (TARGET is HOST here)."""
-    inputs = {"packages": list(CROSS_PACKAGES)}
+    inputs = {"packages": list(CROSS_PACKAGES), "cmake": ROOT_CMAKE.split()[0]}
     if stamped("cross-tools", inputs):
         return
     in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
-            f" {' '.join(CROSS_PACKAGES)} >/dev/null")
+            f" {' '.join(CROSS_PACKAGES)} >/dev/null"
+            f" && {{ test -x {IN_ROOT_TOOLS}/bin/cmake || {{ {INSTALL_ROOT_CMAKE}; }}; }}")
     stamp("cross-tools", inputs)
 
 
@@ -830,9 +837,13 @@ def ensure_venv() -> None:
     stamp("venv", inputs)
 
 
+NEEDS_A_ROOT = ("needs a Debian root made here: run it as root on Debian or Ubuntu, without KIT_BASE=host, "
+                "where `unshare --mount` is allowed")
+
+
 def ensure() -> None:
     if TARGET.across and not can_make_root() and not root_dir().joinpath(".kit-complete").exists():
-        raise BaseError(f"building the {TARGET.platform} runtime needs root on Debian (debootstrap, qemu-user)")
+        raise BaseError(f"building the {TARGET.platform} runtime {NEEDS_A_ROOT}")
     if not uses_root():
         ensure_llama()
         return
@@ -847,8 +858,10 @@ def ensure() -> None:
                             + ("" if TARGET.across else ", or set KIT_BASE=host"))
         return
     if TARGET.across:
-        with targeting(HOST):  # its clang cross-compiles llama.cpp
-            ensure_root()
+        # the x86_64 root's clang, CPython and cmake cross-compile llama.cpp; kept whole and current
+        # (a changed root is remade from nothing, and this host's kit needs all of it anyway)
+        with targeting(HOST):
+            ensure()
     ensure_root()
     share_host_network_settings()
     ensure_python()
@@ -862,8 +875,7 @@ def freeze(work: Path, python: str) -> None:
     In the root when it is ready (the checkout mounted read-only), else on this host with python.
     """
     if TARGET.across and not root_ready():
-        raise BaseError(f"the {TARGET.platform} build root is not ready: run `python3 build/base.py ensure"
-                        f" --platform {TARGET.platform}` as root (~15 min the first time)")
+        raise BaseError(not_ready_reason())
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "pyinstaller.log", "wb") as log:
         if root_ready():
@@ -879,6 +891,13 @@ def freeze(work: Path, python: str) -> None:
                  str(work / "work"), str(ROOT / "build" / "kit.spec")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             run([python, str(ROOT / "build" / "notices.py"), str(work / "dist" / "kit"), str(work / "work" / "kit")],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def not_ready_reason() -> str:
+    if os.geteuid() != 0:
+        return f"freezing the {TARGET.platform} runtime runs PyInstaller in its build root: run it as root"
+    return (f"the {TARGET.platform} build root is not ready: run `python3 build/base.py ensure --platform"
+            f" {TARGET.platform}` as root (~15 min the first time)")
 
 
 def root_ready() -> bool:
@@ -905,7 +924,10 @@ def main(argv: list[str]) -> int:
         elif argv[:1] == ["install-llama-cpp"] and len(argv) == 2:
             install_llama_cpp(argv[1])
         elif argv[:1] == ["ready"]:  # exit 0 when runtimes are frozen in the root
-            return 0 if root_ready() else 1
+            if root_ready():
+                return 0
+            print(f"base: {not_ready_reason()}", file=sys.stderr)
+            return 1
         elif argv[:1] == ["freeze"] and len(argv) == 3:
             freeze(Path(argv[1]).resolve(), argv[2])
         else:

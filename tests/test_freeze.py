@@ -401,11 +401,9 @@ def test_a_link_leaving_the_frozen_runtime_is_refused(tmp_path):
 
 def test_the_platforms_to_freeze_are_checked_before_the_stick_is_touched(tmp_path):
     target = tmp_path / "stick"
-    proc = run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--platform", "macos-arm64")
-    assert proc.returncode != 0 and "cannot freeze a macos-arm64 runtime" in proc.stderr, proc.stderr
+    proc = run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--platform", "linux-riscv64")
+    assert proc.returncode != 0 and "cannot freeze a linux-riscv64 runtime" in proc.stderr, proc.stderr
     assert "--runtime" in proc.stderr and not target.exists()
     proc = run_kit("build", "--profile", "manifests/demo.toml", "--target", str(target), "--no-freeze",
                    "--platform", "linux-x86_64")
     assert proc.returncode != 0 and "contradict" in proc.stderr and not target.exists()
-    host = freeze.host_platform()
-    assert freeze.freezable_platforms() == ([host, "linux-arm64"] if host == "linux-x86_64" else [host])

@@ -163,24 +163,21 @@ def _root_entries(target: Path) -> tuple[FileEntry, ...]:
 def _platforms_to_freeze(platforms: list[str], freeze: bool) -> list[str]:
     """The platforms to freeze runtimes for here: --platform's (checked before the stick is touched),
     else this host's; none with --no-freeze."""
-    from kit.builder.freeze import freezable_platforms, host_platform
+    from kit.builder.freeze import check_can_freeze, host_platform
 
     if not freeze:
         if platforms:
             raise BuildError("--no-freeze and --platform contradict each other", "drop one of them")
         return []
     for name in platforms:
-        if name not in freezable_platforms():
-            raise BuildError(f"this computer cannot freeze a {name} runtime (it freezes "
-                             f"{', '.join(freezable_platforms())})",
-                             "import one built by .github/workflows/runtimes.yml with --runtime PATH")
+        check_can_freeze(name)
     return list(dict.fromkeys(platforms)) or [host_platform()]
 
 
 def _runtimes(imported: list[Path], platforms: list[str], cache: Path, report: Report) -> list:
     """Runtimes built elsewhere (checked against their own hash lists), then those frozen here for
     platforms, but for a platform an imported runtime already covers (one runtime per platform)."""
-    from kit.builder.freeze import freeze_runtime, import_runtime
+    from kit.builder.freeze import freeze_runtime, host_platform, import_runtime
 
     found = [import_runtime(path, cache / "imported") for path in imported]
     have = [rt.platform for rt in found]
@@ -191,7 +188,8 @@ def _runtimes(imported: list[Path], platforms: list[str], cache: Path, report: R
         if name in have:
             report(f"using the imported {name} runtime instead of freezing one here")
         else:
-            found.append(freeze_runtime(cache / f"freeze-{name}", report=report, platform_name=name))
+            work = cache / ("freeze" if name == host_platform() else f"freeze-{name}")  # PyInstaller's cache
+            found.append(freeze_runtime(work, report=report, platform_name=name))
     return found
 
 

@@ -77,15 +77,24 @@ def freezable_platforms() -> list[str]:
     return [host, "linux-arm64"] if host == "linux-x86_64" else [host]
 
 
+def check_can_freeze(platform_name: str) -> None:
+    """Before a build touches the stick: platform_name is one this host freezes, and for another
+    CPU its build root is ready and this process may enter it."""
+    if platform_name not in freezable_platforms():
+        raise BuildError(f"this computer cannot freeze a {platform_name} runtime (it freezes "
+                         f"{', '.join(freezable_platforms())})",
+                         "import one built by .github/workflows/runtimes.yml with --runtime PATH")
+    if platform_name != host_platform():
+        _base("ready", "--platform", platform_name)
+
+
 # ---------------------------------------------------------------- freezing for this host
 
 def freeze_runtime(work_dir: Path, report: Report = print, platform_name: str | None = None) -> RuntimeDir:
     """Freeze the runtime for this host, or for platform_name (one of freezable_platforms()), into
     work_dir/dist/kit (work_dir is reused between builds)."""
     platform_name = platform_name or host_platform()
-    if platform_name not in freezable_platforms():
-        raise BuildError(f"this {host_platform()} computer cannot freeze a {platform_name} runtime",
-                         "import one built by .github/workflows/runtimes.yml with --runtime PATH")
+    check_can_freeze(platform_name)
     across = platform_name != host_platform()
     source_variants = _base_variants(platform_name) if across else _require_variants()
     dist, log = work_dir / "dist", work_dir / "pyinstaller.log"
@@ -133,7 +142,11 @@ def _base_variants(platform_name: str) -> list[str]:
     listed by name: they do not load here)."""
     folder = Path(_base("llama-dir", "--platform", platform_name).stdout.strip())
     prefix, suffix = "libggml-cpu-", ".so"
-    return sorted(p.name[len(prefix):-len(suffix)] for p in folder.glob(f"{prefix}*{suffix}"))
+    names = sorted(p.name[len(prefix):-len(suffix)] for p in folder.glob(f"{prefix}*{suffix}"))
+    if not names:
+        raise BuildError(f"the {platform_name} llama.cpp build in {folder} has no CPU variant libraries",
+                         f"run `python3 build/base.py ensure --platform {platform_name}` as root")
+    return names
 
 
 def _base(*args: str) -> subprocess.CompletedProcess:
@@ -142,9 +155,9 @@ def _base(*args: str) -> subprocess.CompletedProcess:
         raise BuildError(f"the runtime spec {SPEC} is missing", "freeze from a source checkout of the kit")
     proc = subprocess.run([sys.executable, str(BASE), *args], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, cwd=SPEC.parent.parent)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # base.py's last line says what went wrong and what to do
         said = (proc.stderr or "no output").strip().splitlines()[-1:] or ["no output"]
-        raise BuildError(said[0].removeprefix("base: ")[:300], "read build/base.py's help: python3 build/base.py")
+        raise BuildError(said[0].removeprefix("base: ")[:300])
     return proc
 
 
@@ -152,8 +165,9 @@ def _run_pyinstaller(work_dir: Path, log: Path, platform_name: str) -> None:
     """build/base.py freezes: in the build root of platform_name when it is ready, else (this host's
     platform only) with this Python."""
     log.unlink(missing_ok=True)  # a log left by an earlier freeze must not explain this one
+    across = [] if platform_name == host_platform() else ["--platform", platform_name]
     try:
-        _base("freeze", str(work_dir), sys.executable, "--platform", platform_name)
+        _base("freeze", str(work_dir), sys.executable, *across)
     except BuildError:
         lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
         if not lines:  # base.py stopped before PyInstaller ran: its own sentence says why

@@ -87,6 +87,8 @@ def _with_arm_hwcaps(cpu: _Cpu, ctx: _Context) -> _Cpu:
     """The features the kernel grants this process (the auxiliary vector), which ggml's ARM variants
     test too. /proc/cpuinfo names the same on a real ARM machine, but under an emulator (qemu-user)
     it shows the host's CPU, not the emulated one."""
+    if struct.calcsize("P") != 8:  # a 32-bit process's auxiliary vector has 32-bit words
+        return cpu
     words = _auxv(ctx.files.read_bytes("proc/self/auxv") or b"")
     if _AT_HWCAP not in words:
         return cpu
