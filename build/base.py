@@ -418,6 +418,12 @@ def host_apt_install(*packages: str) -> None:
     run(["apt-get", "install", "-y", "-qq", *packages], env=env, stdout=subprocess.DEVNULL)
 
 
+def root_apt_install(packages: tuple[str, ...], *options: str) -> str:
+    """The shell command that installs Debian packages in a root (for in_root)."""
+    return (f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
+            f" {' '.join([*options, *packages])} >/dev/null")
+
+
 def ensure_root() -> None:
     root = root_dir()
     packages = ARM64_PACKAGES if TARGET.across else PACKAGES
@@ -446,8 +452,7 @@ def ensure_root() -> None:
     if TARGET.across:
         (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {TARGET.suite} main\n")
         share_host_network_settings()
-        in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
-                f" --no-install-recommends {' '.join(packages)} >/dev/null")
+        in_root(root_apt_install(packages, "--no-install-recommends"))
     (root / ".kit-complete").write_text(json.dumps(inputs))
 
 
@@ -539,9 +544,7 @@ def ensure_vulkan_sdk() -> None:
         loader = next(name for name in closure if name.startswith("ld-linux"))
         wrapper.write_text(f'#!/bin/sh\nexec {IN_ROOT_VULKAN}/glslc/{loader} --library-path {IN_ROOT_VULKAN}/glslc '
                            f'{IN_ROOT_VULKAN}/glslc/glslc "$@"\n')
-        in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
-                f" {' '.join(VULKAN_ROOT_PACKAGES)} >/dev/null"
-                f" && {INSTALL_ROOT_CMAKE}")
+        in_root(f"{root_apt_install(VULKAN_ROOT_PACKAGES)} && {INSTALL_ROOT_CMAKE}")
     else:
         wrapper.write_text(f'#!/bin/sh\nexec {glslc} "$@"\n')
     wrapper.chmod(0o755)
@@ -552,9 +555,7 @@ def _host_glslc_version() -> str:
     """The host's glslc (Debian's package, installed here when missing): it compiles the shaders."""
     if shutil.which("glslc") is None:
         if os.geteuid() == 0 and Path("/etc/debian_version").exists():
-            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
-            run(["apt-get", "install", "-y", "-qq", *VULKAN_HOST_PACKAGES], env=env, stdout=subprocess.DEVNULL)
+            host_apt_install(*VULKAN_HOST_PACKAGES)
         else:
             raise BaseError("glslc is missing (it compiles ggml's Vulkan shaders): install your system's "
                             "glslc package, or drop -DGGML_VULKAN=ON from build/llama-cpp.env")
@@ -650,8 +651,7 @@ def ensure_cross_tools() -> None:
     inputs = {"packages": list(CROSS_PACKAGES), "cmake": ROOT_CMAKE.split()[0]}
     if stamped("cross-tools", inputs):
         return
-    in_root(f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
-            f" {' '.join(CROSS_PACKAGES)} >/dev/null"
+    in_root(f"{root_apt_install(CROSS_PACKAGES)}"
             f" && {{ test -x {IN_ROOT_TOOLS}/bin/cmake || {{ {INSTALL_ROOT_CMAKE}; }}; }}")
     stamp("cross-tools", inputs)
 

@@ -18,11 +18,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_notices_complete, run_kit
-from test_e2e_stick import CACHE, STICK_NAME, debian_mirror, require_root_tools, run_on_bare_host
+from conftest import assert_notices_complete, run_kit
+from test_e2e_stick import STICK_NAME, minbase_root, run_on_bare_host
 
 from kit.builder.elfglibc import glibc_floor
-from kit.builder.freeze import walk_regular_files
+from kit.builder.freeze import check_can_freeze, walk_regular_files
+from kit.errors import BuildError
 
 ARM = "linux-arm64"
 QEMU_BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
@@ -38,31 +39,15 @@ pytestmark = [
 ]
 
 
-def _base(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([shutil.which("python3") or "python3", str(ROOT / "build" / "base.py"), *args],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
-
-
 @pytest.fixture(scope="module")
 def arm_root() -> Path:
     """A minimal arm64 Debian root without Python (kept under CACHE), run through qemu-user."""
-    require_root_tools()
-    if _base("ready", "--platform", ARM).returncode != 0:
-        pytest.fail("the linux-arm64 build root is not ready: run `bash build/install.sh --test` as root")
+    try:  # the check kit build makes: the arm64 build root is ready and we may enter it
+        check_can_freeze(ARM)
+    except BuildError as exc:
+        pytest.fail(f"{exc} (`bash build/install.sh --test` as root makes it)")
     assert "F" in re.search(r"^flags: (\S*)", QEMU_BINFMT.read_text(), re.M).group(1)
-    root = CACHE / "bookworm-arm64-minbase"
-    if not (root / ".kit-complete").exists():
-        partial = root.with_name(root.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        proc = subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase", "bookworm", str(partial),
-                               debian_mirror()], capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            pytest.fail(f"debootstrap arm64 failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
-        shutil.rmtree(root, ignore_errors=True)
-        partial.rename(root)
-        (root / ".kit-complete").write_text("debootstrap --arch=arm64 --variant=minbase bookworm\n")
-    return root
+    return minbase_root("bookworm", "arm64")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +62,8 @@ def two_runtime_stick(tmp_path_factory):
 
 
 def _elf_machine(path: Path) -> int | None:
-    head = path.read_bytes()[:20]
+    with open(path, "rb") as f:
+        head = f.read(20)
     return int.from_bytes(head[18:20], "little") if head[:4] == b"\x7fELF" else None
 
 
@@ -89,7 +75,8 @@ def test_the_stick_lists_both_runtimes_and_each_is_built_for_its_cpu(two_runtime
     folder = stick / "KIT" / "runtimes" / ARM
     files = list(walk_regular_files(folder))
     assert {f"runtimes/{ARM}/{rel}" for rel in files} <= listed  # every file hashed in the manifest
-    elves = {rel: _elf_machine(folder / rel) for rel in files if _elf_machine(folder / rel) is not None}
+    machines = {rel: _elf_machine(folder / rel) for rel in files}
+    elves = {rel: machine for rel, machine in machines.items() if machine is not None}
     assert elves and set(elves.values()) == {EM_AARCH64}, {r: m for r, m in elves.items() if m != EM_AARCH64}
     variants = sorted(p.name for p in (folder / "_internal/llama_cpp/lib").glob("libggml-cpu-*.so"))
     assert variants == [f"libggml-cpu-{v}.so" for v in ("armv8.0_1", "armv8.2_1", "armv8.2_2", "armv8.2_3",

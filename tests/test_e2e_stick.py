@@ -62,26 +62,31 @@ def require_root_tools() -> None:
             pytest.fail(f"{tool} is missing; install util-linux / coreutils")
 
 
-@pytest.fixture(scope="session", params=sorted(SUITES))
-def debian_root(request) -> Path:
-    """A minimal Debian root without Python, made once per release and kept under CACHE."""
+def minbase_root(suite: str, arch: str | None = None) -> Path:
+    """A minimal Debian root without Python (another CPU's: run by qemu-user), made once and kept
+    under CACHE."""
     require_root_tools()
-    suite = request.param
-    root = CACHE / f"{suite}-minbase"
+    root = CACHE / (f"{suite}-{arch}-minbase" if arch else f"{suite}-minbase")
     if (root / ".kit-complete").exists():
         return root
-    partial = CACHE / f"{suite}-minbase.partial"
+    partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     mirror = debian_mirror()
-    proc = subprocess.run(["debootstrap", "--variant=minbase", suite, str(partial), mirror],
-                          capture_output=True, text=True, timeout=1800)
+    argv = ["debootstrap", "--variant=minbase", *([f"--arch={arch}"] if arch else []), suite, str(partial), mirror]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        pytest.fail(f"debootstrap {suite} from {mirror} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        pytest.fail(f"{' '.join(argv[:-2])} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
-    (root / ".kit-complete").write_text(f"debootstrap --variant=minbase {suite} {mirror}\n")
+    (root / ".kit-complete").write_text(" ".join(argv[:-2]) + f" {mirror}\n")
     return root
+
+
+@pytest.fixture(scope="session", params=sorted(SUITES))
+def debian_root(request) -> Path:
+    """A minimal Debian root without Python per release, kept under CACHE."""
+    return minbase_root(request.param)
 
 
 @pytest.fixture(scope="session")
