@@ -213,7 +213,7 @@ def test_a_software_device_is_not_probed_unless_asked(lavapipe, gpu_stick):
 @pytest.mark.slow
 def test_forced_gpu_layers_answer_through_lavapipe(lavapipe, gpu_stick):
     done = run_kit("ask", "--stick", str(gpu_stick), "--gpu-layers", "99", "--no-knowledge", "--max-tokens", "6",
-                   "Name one fruit.", check=True, timeout=900)
+                   "--temperature", "0", "Name one fruit.", check=True, timeout=900)
     assert "probed GPU llvmpipe" in done.stderr and ": ok" in done.stderr, done.stderr
     loading = [line for line in done.stderr.splitlines() if line.startswith("loading ")]
     assert loading and "GPU layers" in loading[-1], done.stderr

@@ -481,8 +481,8 @@ def test_read_only_stick_runs(read_only_view, warm_copy):
     """State stays in memory: the answer comes, nothing is written, the stick is untouched."""
     assert subprocess.run(["touch", str(read_only_view / "x")], capture_output=True).returncode != 0
     before = snapshot(warm_copy)
-    done = run_kit("ask", "--stick", str(read_only_view), "--max-tokens", "16", "How do I purify water?",
-                   timeout=900)
+    done = run_kit("ask", "--stick", str(read_only_view), "--max-tokens", "16", "--temperature", "0",
+                   "How do I purify water?", timeout=900)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) >= 3 and "tok/s" in done.stderr
     assert snapshot(warm_copy) == before
