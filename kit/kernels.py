@@ -337,6 +337,8 @@ def max_rounds() -> int:
         return min(MAX_ROUNDS, max(1, int(os.environ.get(ROUNDS_SETTING, MAX_ROUNDS))))
     except ValueError:
         return MAX_ROUNDS
+
+
 # From round 2 on, a variant whose best round is this much slower than the leader's best cannot
 # win. Never after one round: a busy moment on a shared machine has cost one round 15x here.
 DROP = 1.15

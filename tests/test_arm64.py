@@ -21,7 +21,7 @@ import pytest
 from conftest import assert_notices_complete, run_kit
 from test_e2e_stick import STICK_NAME, minbase_root, run_on_bare_host
 
-from kit.builder.elfglibc import glibc_floor
+from kit.builder.elfglibc import ELF_MAGIC, glibc_floor
 from kit.builder.freeze import check_can_freeze, walk_regular_files
 from kit.errors import BuildError
 
@@ -64,7 +64,7 @@ def two_runtime_stick(tmp_path_factory):
 def _elf_machine(path: Path) -> int | None:
     with open(path, "rb") as f:
         head = f.read(20)
-    return int.from_bytes(head[18:20], "little") if head[:4] == b"\x7fELF" else None
+    return int.from_bytes(head[18:20], "little") if head[:4] == ELF_MAGIC else None
 
 
 def test_the_stick_lists_both_runtimes_and_each_is_built_for_its_cpu(two_runtime_stick):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import struct
 import sys
 import time
 from dataclasses import replace
@@ -233,9 +235,6 @@ def test_raspberry_pi5_features_and_name():
 def test_arm_features_come_from_the_process_hwcaps_not_an_emulators_cpuinfo(tmp_path):
     """Under qemu-user /proc/cpuinfo is the x86 host's; the auxiliary vector is the emulated CPU's
     (here a Neoverse N1: dot product and fp16 arithmetic, no SVE), as ggml's ARM variants read it."""
-    import shutil
-    import struct
-
     folder = tmp_path / "qemu-neoverse-n1"
     shutil.copytree(FIXTURES / "rpi5-8gb", folder)
     root = folder / "root"

@@ -226,20 +226,17 @@ class _Files:
         return self.root / rel.lstrip("/")
 
     def read(self, rel: str) -> str | None:
+        return self._guarded(rel, lambda path: path.read_text(encoding="utf-8", errors="replace"))
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        return self._guarded(rel, Path.read_bytes)
+
+    def _guarded(self, rel: str, reader):
         try:
-            return self.path(rel).read_text(encoding="utf-8", errors="replace")
+            return reader(self.path(rel))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            self.notes.append(f"Could not read /{rel.lstrip('/')} ({_describe(exc)}).")
-            return None
-
-    def read_bytes(self, rel: str) -> bytes | None:
-        try:
-            return self.path(rel).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
             self.notes.append(f"Could not read /{rel.lstrip('/')} ({_describe(exc)}).")
             return None
 
